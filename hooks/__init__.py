@@ -1,0 +1,1 @@
+"""Capture utilities for Owl models (attention mass, gates, abstractor maps)."""

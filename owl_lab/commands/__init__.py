@@ -1,0 +1,1 @@
+"""Implementations of the ``owl-lab`` subcommands (one module each)."""

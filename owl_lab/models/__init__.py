@@ -1,0 +1,1 @@
+"""Checkpoint-faithful implementations of the Owl families (one sub-package per family)."""

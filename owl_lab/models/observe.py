@@ -1,0 +1,142 @@
+"""Observation points shared by every Owl model and read by the ``hooks`` package.
+
+The models never compute interpretability statistics themselves. At a few named places they hand
+the *exact* tensors they are about to use to a :class:`HookPoint` — an identity ``nn.Module`` that
+does nothing unless someone registered a forward hook on it (TransformerLens style). Building the
+event objects below is skipped entirely when no hook is attached, so observation costs nothing
+when it is off, and because hooks only *read* what they are given, it never changes the numbers.
+
+Hook points every family provides (names follow the math):
+
+=============================  ==========================  ===========================================
+module path (suffix)            receives                    when
+=============================  ==========================  ===========================================
+``<root>.hook_layout``          :class:`SequenceLayout`     once per top-level forward (= one decode step)
+``...self_attn.hook_attn``      :class:`AttentionEvent`     every decoder attention softmax (kind
+                                                             ``self``, ``cross`` or ``joint``)
+``...self_attn.hook_gate``      :class:`GateEvent`          Owl3 gated hyper layers only
+``...attention.hook_attn``      :class:`AttentionEvent`     Owl2 abstractor attention (kind ``abstractor``)
+=============================  ==========================  ===========================================
+
+Which module paths exist for a family is data: see ``hooks/mapping.py``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+# Codes for SequenceLayout.token_kind (per position of the sequence the decoder sees).
+TOKEN_PAD = -1  # padding (attention_mask == 0)
+TOKEN_TEXT = 0  # ordinary prompt text
+TOKEN_IMAGE = 1  # an image row inside the sequence (Owl2: 65 rows per image, vit_eos included)
+TOKEN_PLACEHOLDER = 2  # Owl3: a token of a `<|image|>` placeholder (text token standing for an image)
+TOKEN_GENERATED = 3  # a token fed back during generate() (decode steps)
+
+
+class HookPoint(nn.Module):
+    """Identity module marking a place to observe. ``hook(module, (event,), event)`` sees the event."""
+
+    def forward(self, event):  # noqa: D401 - identity
+        return event
+
+    @property
+    def active(self) -> bool:
+        """True when a forward (pre-)hook is registered; models build events only then."""
+        return bool(self._forward_hooks or self._forward_pre_hooks)
+
+
+@dataclass
+class SequenceLayout:
+    """What the decoder sees in one forward call (one prefill or one decode step).
+
+    Shapes use B = batch, L = positions added by this call, P = ``past_length``.
+
+    Attributes:
+        past_length: number of sequence positions already in the KV cache before this call.
+        token_kind: [B, L] long, one of the ``TOKEN_*`` codes for the new positions.
+        image_index: [B, L] long, sample-relative image index of positions that belong to an image
+            (Owl2 image rows; Owl3 placeholder tokens), else -1.
+        attention_mask: [B, P + L] long/bool over the decoder's whole sequence, 1 = real token,
+            or None when nothing is padded.
+        images_per_sample: number of images of each sample (len B).
+        image_starts: per sample, a 1-D long tensor of the sequence index where each image begins
+            (Owl2: first of its rows; Owl3: first placeholder token, ``s_n``).
+        tokens_per_image: rows/keys one image contributes (Owl2: queries + 1; Owl3: patches).
+    """
+
+    past_length: int
+    token_kind: torch.Tensor
+    image_index: torch.Tensor
+    attention_mask: Optional[torch.Tensor]
+    images_per_sample: list[int]
+    image_starts: list[torch.Tensor]
+    tokens_per_image: int
+    family: str = ""
+
+
+@dataclass
+class AttentionEvent:
+    """The inputs of one attention softmax, exactly as the model uses them.
+
+    The probabilities are ``softmax(scale * query @ key^T)`` over the keys that ``allowed`` permits
+    (GQA: query head h uses key head ``h // (H // H_kv)``). Hooks reduce them in query chunks and
+    never need the full [B, H, Lq, Lk] tensor.
+
+    Attributes:
+        layer: decoder layer index (0-based); abstractor layer index for kind ``abstractor``.
+        kind: ``self`` (text/sequence keys), ``cross`` (Owl3 240728 image keys only),
+            ``joint`` (Owl3 241101: [image keys ; sequence keys]) or ``abstractor`` (Owl2).
+        query: [B, H, Lq, D] after RoPE.
+        key: [B, H_kv, Lk, D] after (MI-)RoPE.
+        scale: softmax scale (usually D ** -0.5).
+        query_index: [Lq] long, absolute sequence index of each query (past_length + i).
+        key_position: [B, Lk] long, sequence index of each key, -1 for keys that are image tokens
+            outside the sequence (Owl3 cross/joint image keys; Owl2 abstractor keys).
+        key_image: [B, Lk] long, sample-relative image index of image keys, -1 for sequence keys.
+            For kind ``abstractor`` it is -1 for query keys, -2 for CLS, and the patch index
+            (row-major) for patch keys.
+        allowed: function ``(q0, q1) -> bool [B, q1 - q0, Lk]`` giving, for queries q0..q1-1, which
+            keys the softmax may use (True = attend). Rows with no allowed key (e.g. Owl3 tokens
+            before the first image in a ``cross`` call) are not a softmax and must be skipped.
+        probs: [B, H, Lq, Lk] when the model already materialised them (eager path), else None.
+    """
+
+    layer: int
+    kind: str
+    query: torch.Tensor
+    key: torch.Tensor
+    scale: float
+    query_index: torch.Tensor
+    key_position: torch.Tensor
+    key_image: torch.Tensor
+    allowed: Callable[[int, int], torch.Tensor]
+    probs: Optional[torch.Tensor] = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class GateEvent:
+    """Owl3 240728 adaptive gate of one hyper layer (fusion happens before ``o_proj``).
+
+    Attributes:
+        layer: decoder layer index.
+        gate: [B, L, H, D] post-sigmoid gate g for every token (computed for all rows).
+        applied: [B, L] bool, rows where the fusion ``self*(1-g) + cross*g`` was applied (tokens
+            that see at least one image); other rows keep the self-attention output unchanged.
+        self_context: [B, L, H, D] self-attention context before fusion.
+        cross_context: [B, L, H, D] cross-attention context (zeros where not applied).
+        o_proj: the layer's output projection (linear, no bias), so the exact text/vision split of
+            the attention output is ``o_proj(self*(1-g))`` and ``o_proj(cross*g)``.
+        query_index: [L] absolute sequence index of each row.
+    """
+
+    layer: int
+    gate: torch.Tensor
+    applied: torch.Tensor
+    self_context: torch.Tensor
+    cross_context: torch.Tensor
+    o_proj: nn.Module
+    query_index: torch.Tensor

@@ -1,0 +1,56 @@
+"""The conda environment.yml must install exactly the runtime dependencies of pyproject.toml."""
+from __future__ import annotations
+
+import re
+import tomllib
+
+import yaml
+
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _name(req: str) -> str:
+    return re.split(r"[<>=!~ \[;]", req.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def _pyproject_deps() -> dict[str, str]:
+    data = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
+    return {_name(r): r.replace(" ", "") for r in data["project"]["dependencies"]}
+
+
+def _environment_pip() -> tuple[dict[str, str], list[str]]:
+    env = yaml.safe_load((PROJECT_ROOT / "environment.yml").read_text())
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    reqs = {}
+    other = []
+    for entry in pip_section:
+        if entry.startswith("-"):
+            other.append(entry)
+        else:
+            reqs[_name(entry)] = entry.replace(" ", "")
+    return reqs, other
+
+
+def test_environment_matches_pyproject():
+    pyproject = _pyproject_deps()
+    env, _ = _environment_pip()
+    missing = sorted(set(pyproject) - set(env))
+    extra = sorted(set(env) - set(pyproject))
+    assert not missing and not extra, f"environment.yml drifted: missing {missing}, extra {extra}"
+    differing = {k: (pyproject[k], env[k]) for k in pyproject if pyproject[k] != env[k]}
+    assert not differing, f"version specifiers differ (pyproject, environment.yml): {differing}"
+
+
+def test_environment_installs_the_project_and_python_311():
+    env = yaml.safe_load((PROJECT_ROOT / "environment.yml").read_text())
+    assert "python=3.11" in env["dependencies"]
+    _, other = _environment_pip()
+    assert "-e ." in other
+
+
+def test_torch_requirement_is_a_range_the_cpu_build_satisfies():
+    # `make` installs torch==2.13.0 first; the project must not force another build over it.
+    torch_req = _pyproject_deps()["torch"]
+    assert "==" not in torch_req, torch_req
