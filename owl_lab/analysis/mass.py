@@ -1,0 +1,80 @@
+"""Attention-mass tables from ``rec.attention_mass`` (columns: batch, step, layer, head, query, kind,
+level, group, mass).
+
+Head aggregation is a *choice* the papers never state (Owl2 Fig. 4/5): every function here averages
+over heads unless told otherwise, and says so in its output's name.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pandas as pd
+
+
+def _select(df: pd.DataFrame, *, kind=None, level=None, steps=None, queries=None, batch=None, layers=None):
+    mask = pd.Series(True, index=df.index)
+    if kind is not None:
+        mask &= df["kind"].isin([kind] if isinstance(kind, str) else kind)
+    if level is not None and "level" in df:
+        mask &= df["level"] == level
+    for column, wanted in (("step", steps), ("query", queries), ("batch", batch), ("layer", layers)):
+        if wanted is None:
+            continue
+        if callable(wanted):
+            mask &= wanted(df[column])
+        else:
+            mask &= df[column].isin(list(wanted) if isinstance(wanted, Iterable) else [wanted])
+    out = df[mask]
+    if out.empty:
+        raise ValueError(
+            f"No attention-mass rows match kind={kind!r} level={level!r} steps={steps!r} "
+            f"queries={queries!r} batch={batch!r} layers={layers!r}; available kinds "
+            f"{sorted(df['kind'].unique())}, layers {sorted(df['layer'].unique())}."
+        )
+    return out
+
+
+def layer_mass(
+    df: pd.DataFrame,
+    *,
+    kind: str | list[str] = "self",
+    level: str = "modality",
+    steps=None,
+    queries=None,
+    batch=None,
+    groups: list[str] | None = None,
+) -> pd.DataFrame:
+    """Mean attention mass per layer and group: a [layers × groups] table.
+
+    Averages over batch, step, head and query (in that order of irrelevance: every row is one
+    softmax, so the mean is the average share of attention one query-head spends on the group).
+
+    Args:
+        df: ``rec.attention_mass``.
+        kind: attention kind(s) to keep (``self``, ``cross``, ``joint``).
+        level: ``modality`` (visual/text) or ``token`` (bos, question, image:i, generated, ...).
+        steps, queries, batch: values (or a predicate on the column) to keep; None = all.
+        groups: columns to keep, in this order (missing groups become 0).
+    """
+    rows = _select(df, kind=kind, level=level, steps=steps, queries=queries, batch=batch)
+    # Every softmax contributes one row per group, so a plain mean per (layer, group) is the
+    # mean share; groups absent from some softmax (e.g. image:1 before image 1) count as 0.
+    keys = ["batch", "step", "layer", "head", "query", "kind", "group"]
+    per_softmax = rows.groupby(keys)["mass"].sum().unstack("group", fill_value=0.0)
+    table = per_softmax.groupby(level="layer").mean()
+    table.columns.name = "group"
+    if groups is not None:
+        table = table.reindex(columns=groups, fill_value=0.0)
+    return table
+
+
+def modality_share(df: pd.DataFrame, *, kind="self", steps=None, queries=None, batch=None) -> pd.Series:
+    """Visual share of attention per layer (mean over batch, steps, heads and queries)."""
+    table = layer_mass(df, kind=kind, level="modality", steps=steps, queries=queries, batch=batch)
+    return table.get("visual", pd.Series(0.0, index=table.index)).rename("visual_share")
+
+
+def query_mass(df: pd.DataFrame, *, layer: int, kind="self", level="modality", batch: int = 0, steps=None):
+    """Mass per (step, query) and group for one layer, averaged over heads: a tidy table to plot."""
+    rows = _select(df, kind=kind, level=level, batch=batch, layers=[layer], steps=steps)
+    return rows.groupby(["step", "query", "group"], as_index=False)["mass"].mean()

@@ -1,0 +1,51 @@
+"""owl_lab.analysis.mass: per-layer tables are means of per-softmax group masses."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from owl_lab.analysis import layer_mass, modality_share, query_mass
+
+
+def _frame(rng, layers=3, heads=2, queries=4, image_groups=("image:0",)):
+    rows = []
+    for layer in range(layers):
+        for head in range(heads):
+            for q in range(queries):
+                v = rng.random()
+                rows += [
+                    dict(batch=0, step=0, layer=layer, head=head, query=q, kind="self", level="modality",
+                         group="visual", mass=v),
+                    dict(batch=0, step=0, layer=layer, head=head, query=q, kind="self", level="modality",
+                         group="text", mass=1 - v),
+                ]
+                # a token-level group that only exists for later queries (counts as 0 before)
+                gen = 0.5 if q >= 2 else 0.0
+                if q >= 2:
+                    rows.append(dict(batch=0, step=0, layer=layer, head=head, query=q, kind="self",
+                                     level="token", group="generated", mass=gen))
+                rows.append(dict(batch=0, step=0, layer=layer, head=head, query=q, kind="self",
+                                 level="token", group="question", mass=1 - gen))
+    return pd.DataFrame(rows)
+
+
+def test_layer_mass_rows_sum_to_one_and_match_direct_mean():
+    df = _frame(np.random.default_rng(0))
+    table = layer_mass(df)
+    np.testing.assert_allclose(table.sum(axis=1), 1.0, atol=1e-12)
+    direct = df[(df.layer == 1) & (df.group == "visual")].mass.mean()
+    assert table.loc[1, "visual"] == pytest.approx(direct)
+    assert modality_share(df).loc[1] == pytest.approx(direct)
+
+
+def test_missing_groups_count_as_zero_in_the_mean():
+    table = layer_mass(_frame(np.random.default_rng(1)), level="token")
+    assert table.loc[0, "generated"] == pytest.approx(0.25)  # 0.5 on half of the queries
+
+
+def test_filters_and_clear_error_when_nothing_matches():
+    df = _frame(np.random.default_rng(2))
+    assert set(query_mass(df, layer=2)["query"]) == {0, 1, 2, 3}
+    with pytest.raises(ValueError, match="available kinds"):
+        layer_mass(df, kind="cross")
