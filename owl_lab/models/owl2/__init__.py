@@ -1,0 +1,23 @@
+"""mPLUG-Owl2 family: checkpoint-compatible config, model, processor and loader."""
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .configuration_owl2 import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX, Owl2Config
+from .loading_owl2 import load_checkpoint, read_state_dict
+from .modeling_owl2 import Owl2ForCausalLM, Owl2Model, Owl2PreTrainedModel
+from .processing_owl2 import Owl2Processor
+
+AutoConfig.register(Owl2Config.model_type, Owl2Config, exist_ok=True)
+AutoModelForCausalLM.register(Owl2Config, Owl2ForCausalLM, exist_ok=True)
+
+__all__ = [
+    "Owl2Config",
+    "Owl2ForCausalLM",
+    "Owl2Model",
+    "Owl2PreTrainedModel",
+    "Owl2Processor",
+    "load_checkpoint",
+    "read_state_dict",
+    "IMAGE_TOKEN_INDEX",
+    "IGNORE_INDEX",
+    "DEFAULT_IMAGE_TOKEN",
+]

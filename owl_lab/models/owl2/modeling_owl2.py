@@ -1,0 +1,349 @@
+"""mPLUG-Owl2: LLaMA decoder with the modality-adaptive module (MAM), plus the vision side.
+
+Per token t with modality m_t (0 text, 1 vision), one pre-norm LLaMA block (SPEC §3.5):
+
+    a = RMSNorm_in^{m}(h);  q = W_q a;  k = W_k^{m} a;  v = W_v^{m} a;  RoPE(q, k)
+    h = h + W_o · softmax(q kᵀ/√hd + mask) v          (one causal softmax over both modalities)
+    h = h + MLP(RMSNorm_post^{m}(h))                 (MLP, W_q, W_o shared)
+
+Per-modality modules hold two copies under ``.multiway.{0,1}`` (official key names); a token uses
+copy m_t (per-token select). With ``config.modality_adaptive=False`` they are single stock modules.
+
+Shapes: B batch, L positions in this call, P cached positions, H heads, Hkv KV heads, hd head dim.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.llama.modeling_llama import (
+    LlamaMLP,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    repeat_kv,
+)
+
+from ..observe import AttentionEvent, HookPoint
+from .configuration_owl2 import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Owl2Config
+from .modeling_owl2_vision import (
+    Owl2AbstractorAttention,
+    Owl2VisionEmbeddings,
+    Owl2VisionModel,
+    Owl2VisualAbstractor,
+)
+from .sequence_owl2 import Owl2Sequence, build_sequence, remember_on_cache
+
+
+class Owl2Multiway(nn.Module):
+    """Two copies of a module; ``multiway.0`` serves text tokens, ``multiway.1`` image rows."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.multiway = nn.ModuleList([make(), make()])
+
+    def forward(self, x: torch.Tensor, modality: torch.Tensor | None) -> torch.Tensor:
+        if modality is None:  # no image row in this call: the text branch alone
+            return self.multiway[0](x)
+        # per-token select: exactly equal to the official gather/scatter routing
+        return torch.where(modality[..., None].bool(), self.multiway[1](x), self.multiway[0](x))
+
+
+def _route(module: nn.Module, x: torch.Tensor, modality: torch.Tensor | None) -> torch.Tensor:
+    return module(x, modality) if isinstance(module, Owl2Multiway) else module(x)
+
+
+def _per_modality(config: Owl2Config, make):
+    return Owl2Multiway(make) if config.modality_adaptive else make()
+
+
+class Owl2Attention(nn.Module):
+    """Causal self-attention; K/V projections per modality, Q/O shared, GQA supported."""
+
+    def __init__(self, config: Owl2Config, layer_idx: int):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        D, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(D, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = _per_modality(config, lambda: nn.Linear(D, self.num_kv_heads * self.head_dim, bias=bias))
+        self.v_proj = _per_modality(config, lambda: nn.Linear(D, self.num_kv_heads * self.head_dim, bias=bias))
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, D, bias=bias)
+        self.hook_attn = HookPoint()
+
+    def forward(self, x, modality, cos_sin, seq: Owl2Sequence, cache=None, output_attentions=False):
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, L, hd]
+        k = _route(self.k_proj, x, modality).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = _route(self.v_proj, x, modality).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, *cos_sin)  # rotate-half RoPE; k: [B, Hkv, L, hd]
+        if cache is not None:  # cached K/V are already modality-specific (image rows: vision branch)
+            k, v = cache.update(k, v, self.layer_idx)  # [B, Hkv, P+L, hd]
+        n_rep = self.num_heads // self.num_kv_heads
+        k_rep, v_rep = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # [B, H, P+L, hd]
+
+        probs = None
+        if output_attentions or self.config._attn_implementation == "eager":
+            # manual path: explicit probabilities (softmax upcast to fp32 as in HF LLaMA)
+            scores = (q @ k_rep.transpose(-1, -2)) * self.scale  # [B, H, L, P+L]
+            mask = seq.eager_mask(scores.dtype)
+            if mask is not None:
+                scores = scores + mask
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            ctx = probs @ v_rep  # [B, H, L, hd]
+        else:
+            # fast path: fused kernel; no mask tensor at all for unpadded prefill / single-token decode
+            mask, is_causal = seq.sdpa_mask(q.dtype)
+            ctx = F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=mask, is_causal=is_causal,
+                                                 scale=self.scale)
+        if self.hook_attn.active:
+            self.hook_attn(self._event(q, k, seq, probs))
+        ctx = ctx.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim)  # [B, L, H*hd]
+        return self.o_proj(ctx), probs
+
+    def _event(self, q, k, seq: Owl2Sequence, probs) -> AttentionEvent:
+        B, Lk, P, dev = q.shape[0], k.shape[2], seq.past_length, q.device
+        return AttentionEvent(
+            layer=self.layer_idx, kind="self", query=q, key=k, scale=self.scale,
+            query_index=torch.arange(P, P + q.shape[2], device=dev),
+            key_position=torch.arange(Lk, device=dev).expand(B, -1),
+            key_image=seq.key_image, allowed=seq.allowed, probs=probs,
+        )
+
+
+class Owl2DecoderLayer(nn.Module):
+    def __init__(self, config: Owl2Config, layer_idx: int):
+        super().__init__()
+        norm = lambda: LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)  # noqa: E731
+        self.self_attn = Owl2Attention(config, layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = _per_modality(config, norm)
+        self.post_attention_layernorm = _per_modality(config, norm)
+
+    def forward(self, h, modality, cos_sin, seq, cache=None, output_attentions=False):
+        attn, probs = self.self_attn(_route(self.input_layernorm, h, modality), modality, cos_sin, seq,
+                                     cache, output_attentions)
+        h = h + attn
+        h = h + self.mlp(_route(self.post_attention_layernorm, h, modality))
+        return h, probs
+
+
+class Owl2PreTrainedModel(PreTrainedModel):
+    config_class = Owl2Config
+    config: Owl2Config
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = False
+    _supports_sdpa = True
+    _no_split_modules = ["Owl2DecoderLayer", "Owl2VisionLayer", "Owl2AbstractorLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, Owl2VisionEmbeddings):
+            init.normal_(module.position_embedding, std=std)
+            if hasattr(module, "cls_token"):
+                init.normal_(module.cls_token, std=std)
+        elif isinstance(module, Owl2VisualAbstractor):
+            init.normal_(module.query_embeds, std=std)
+            init.normal_(module.vit_eos, std=std)
+        elif isinstance(module, Owl2AbstractorAttention):  # deterministic tables, not weights
+            q_pos, k_pos = module.position_tables()
+            init.copy_(module.q_pos_embed, q_pos)
+            init.copy_(module.k_pos_embed, k_pos)
+
+    def rebuild_buffers(self, device=None) -> None:
+        """Recompute every non-persistent buffer (RoPE inv_freq, abstractor sin-cos tables) on
+        ``device`` — needed after building on the meta device and loading weights with assign."""
+        for module in self.modules():
+            if isinstance(module, Owl2AbstractorAttention):
+                q_pos, k_pos = module.position_tables()
+                module.register_buffer("q_pos_embed", q_pos.to(device), persistent=False)
+                module.register_buffer("k_pos_embed", k_pos.to(device), persistent=False)
+            elif isinstance(module, LlamaRotaryEmbedding):
+                init_fn = (module.compute_default_rope_parameters if module.rope_type == "default"
+                           else ROPE_INIT_FUNCTIONS[module.rope_type])
+                inv_freq, module.attention_scaling = init_fn(module.config)
+                module.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+                module.register_buffer("original_inv_freq", inv_freq.clone().to(device), persistent=False)
+
+
+class Owl2Model(Owl2PreTrainedModel):
+    """``model.*``: embeddings, MAM decoder, final norm, and the vision tower + abstractor."""
+
+    def __init__(self, config: Owl2Config):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([Owl2DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)  # shared, not multiway
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.vision_model = Owl2VisionModel(config)
+        self.visual_abstractor = Owl2VisualAbstractor(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [N, 3, S, S] → [N, Q+1, D]: ViT → abstractor → visual_fc, then vit_eos."""
+        image_embeds = self.vision_model(pixel_values).last_hidden_state  # [N, T, Dv]
+        return self.visual_abstractor(image_embeds).features
+
+    def build_sequence(self, input_ids=None, pixel_values=None, attention_mask=None, labels=None,
+                       position_ids=None, inputs_embeds=None, modality_indicators=None,
+                       past_key_values=None) -> Owl2Sequence:
+        """The expanded decoder input (embeds, modality indicators, mask, positions); see sequence_owl2."""
+        return build_sequence(self, input_ids, pixel_values, attention_mask, labels, position_ids,
+                              inputs_embeds, modality_indicators, past_key_values)
+
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
+                past_key_values=None, inputs_embeds=None, modality_indicators=None, use_cache=None,
+                output_attentions=False, output_hidden_states=False, images=None,
+                sequence: Owl2Sequence | None = None) -> BaseModelOutputWithPast:
+        """Decoder forward. Returns last_hidden_state [B, L, D] (after ``norm``) over the expanded
+        sequence; hidden_states follow the official (transformers 4.31) convention: the input of every
+        layer, then the final normed output."""
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if sequence is None:
+            sequence = self.build_sequence(input_ids, _pixels(pixel_values, images), attention_mask, None,
+                                           position_ids, inputs_embeds, modality_indicators, past_key_values)
+        cache = past_key_values if use_cache else None
+        remember_on_cache(cache, sequence)
+
+        h = sequence.inputs_embeds
+        modality = sequence.modality_indicators if sequence.has_vision else None
+        cos_sin = self.rotary_emb(h, position_ids=sequence.position_ids)  # 2 × [B, L, hd]
+        hidden, attns = [], []
+        for layer in self.layers:
+            hidden.append(h)
+            h, probs = layer(h, modality, cos_sin, sequence, cache, output_attentions)
+            attns.append(probs)
+        h = self.norm(h)
+        hidden.append(h)  # official convention: layer inputs, then the final normed output
+        return BaseModelOutputWithPast(
+            last_hidden_state=h,
+            past_key_values=cache,
+            hidden_states=tuple(hidden) if output_hidden_states else None,
+            attentions=tuple(attns) if output_attentions else None,
+        )
+
+
+def _pixels(pixel_values, images):
+    """``images=`` is the official name of ``pixel_values=``."""
+    if images is not None and pixel_values is not None:
+        raise ValueError("Pass images either as pixel_values= or as images=, not both.")
+    return pixel_values if pixel_values is not None else images
+
+
+class Owl2ForCausalLM(Owl2PreTrainedModel, GenerationMixin):
+    """mPLUG-Owl2 (``MPLUGOwl2LlamaForCausalLM``): logits over the expanded sequence, image rows included."""
+
+    def __init__(self, config: Owl2Config):
+        super().__init__(config)
+        self.model = Owl2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.hook_layout = HookPoint()
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, pixel_values=None, images=None,
+                modality_indicators=None, logits_to_keep=0, **kwargs) -> CausalLMOutputWithPast:
+        """input_ids [B, Lt] with -200 markers; pixel_values (alias images) [N_img, 3, S, S];
+        attention_mask [B, Lt]; labels [B, Lt] → logits [B, L, V] over the expanded sequence."""
+        if kwargs:
+            raise TypeError(f"Unexpected arguments for Owl2ForCausalLM.forward: {sorted(kwargs)}")
+        output_attentions = bool(output_attentions if output_attentions is not None else self.config.output_attentions)
+        output_hidden_states = bool(output_hidden_states if output_hidden_states is not None
+                                    else self.config.output_hidden_states)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+
+        seq = self.model.build_sequence(input_ids, _pixels(pixel_values, images), attention_mask, labels,
+                                        position_ids, inputs_embeds, modality_indicators, past_key_values)
+        if self.hook_layout.active:
+            self.hook_layout(seq.layout())
+        out = self.model(past_key_values=past_key_values, use_cache=use_cache, sequence=seq,
+                         output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        h = out.last_hidden_state
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else h[:, logits_to_keep]
+        logits = self.lm_head(h)  # [B, L, V]
+
+        loss = None
+        if seq.labels is not None:  # next-token CE over the expanded sequence (image rows are -100)
+            shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+            loss = F.cross_entropy(shift_logits, seq.labels[:, 1:].reshape(-1).to(logits.device),
+                                   ignore_index=IGNORE_INDEX)
+        result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                        hidden_states=out.hidden_states, attentions=out.attentions)
+        return result if return_dict is None or return_dict else result.to_tuple()
+
+    # ---- generation ---------------------------------------------------------------------------
+    def generate(self, input_ids=None, attention_mask=None, pixel_values=None, images=None, **kwargs):
+        """HF generate with the image alias and right padding handled: right-padded prompts are
+        moved to left padding for decoding (the returned prompt part is the caller's input_ids)."""
+        pixel_values = _pixels(pixel_values, images)
+        original = None
+        if input_ids is not None and attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
+            original = input_ids
+            order = torch.argsort(attention_mask.to(torch.int), dim=1, stable=True)  # pads first
+            input_ids, attention_mask = input_ids.gather(1, order), attention_mask.gather(1, order)
+        if pixel_values is not None:
+            kwargs["pixel_values"] = pixel_values
+        out = super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if original is not None:
+            sequences = out if isinstance(out, torch.Tensor) else out.sequences
+            sequences = torch.cat([original.to(sequences.device), sequences[:, original.shape[1]:]], dim=1)
+            if isinstance(out, torch.Tensor):
+                return sequences
+            out.sequences = sequences
+        return out
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        # generate derives position ids in *input* space (-200 counted once); ours come from the
+        # expanded mask remembered on the cache, so drop them
+        inputs.pop("position_ids", None)
+        return inputs
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None,
+                                      **model_kwargs):
+        """Beams / num_return_sequences: repeat each *sample's* block of images, not each image."""
+        pixel_values = model_kwargs.pop("pixel_values", None)
+        if pixel_values is not None and expand_size > 1 and input_ids is not None:
+            counts = (input_ids == IMAGE_TOKEN_INDEX).sum(1).tolist()
+            blocks = pixel_values.split(counts)
+            pixel_values = torch.cat([b for b in blocks for _ in range(expand_size)])
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+        if pixel_values is not None:
+            model_kwargs["pixel_values"] = pixel_values
+        return input_ids, model_kwargs
+
+
+__all__ = ["Owl2ForCausalLM", "Owl2Model", "Owl2PreTrainedModel"]

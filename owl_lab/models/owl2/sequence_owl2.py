@@ -1,0 +1,259 @@
+"""Building the decoder's multimodal sequence (SPEC §3.4) and its masks, positions and layout.
+
+Each ``-200`` marker in ``input_ids`` becomes the Q+1 rows of the next image (abstractor queries,
+then ``vit_eos``), all with modality 1. Unlike the official code:
+
+* images are consumed per marker, so a text-only row in a multimodal batch consumes no image;
+* rows that expand to different lengths are padded with zero rows (mask 0) on the side the batch is
+  padded on: left when every row ends with a real token (what ``generate`` needs), else right;
+* position ids come from the attention mask (``cumsum - 1``), so left, right or inner padding is
+  harmless; pad rows keep their own index as position (equal to the official value for right pads);
+* the expanded mask and per-position image index are remembered on the KV cache
+  (``owl2_attention_mask`` / ``owl2_key_image``), so decode steps keep the padding information
+  (the official code resets the mask to all ones) and hooks can label cached image keys.
+
+Shapes: B batch, Lt = input_ids length, L = expanded length of this call, P = cached positions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..observe import TOKEN_GENERATED, TOKEN_IMAGE, TOKEN_PAD, TOKEN_TEXT, SequenceLayout
+from .configuration_owl2 import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+
+@dataclass
+class Owl2Sequence:
+    """What the decoder consumes in one forward call (one prefill or one decode step)."""
+
+    inputs_embeds: torch.Tensor  # [B, L, D]
+    modality_indicators: torch.Tensor  # [B, L] long, 0 text / 1 vision
+    has_vision: bool  # any modality 1 in this call (else the text branch alone is run)
+    attention_mask: torch.Tensor  # [B, P+L] long over the whole decoder sequence, 1 = real
+    padded: bool  # any 0 in attention_mask
+    position_ids: torch.Tensor  # [B, L]
+    labels: torch.Tensor | None  # [B, L], -100 on image rows and expansion pads
+    image_index: torch.Tensor  # [B, L] sample-relative image index of image rows, else -1
+    key_image: torch.Tensor  # [B, P+L] same over the whole sequence (cache included)
+    past_length: int
+    tokens_per_image: int
+    _masks: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def length(self) -> int:
+        return self.inputs_embeds.shape[1]
+
+    # ---- masks ----------------------------------------------------------------------------------
+    def allowed(self, q0: int, q1: int) -> torch.Tensor:
+        """bool [B, q1-q0, P+L]: key j is visible to query i iff j <= P+i and key j is not padding."""
+        P, dev = self.past_length, self.attention_mask.device
+        keys = torch.arange(self.attention_mask.shape[1], device=dev)
+        queries = torch.arange(P + q0, P + q1, device=dev)
+        causal = keys[None, :] <= queries[:, None]  # [q, P+L]
+        return causal[None] & self.attention_mask[:, None, :].bool()
+
+    def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """[B, 1, L, P+L]: 0 where allowed, finfo.min elsewhere (never -inf, so no NaN rows)."""
+        if dtype not in self._masks:
+            allowed = self.allowed(0, self.length)[:, None]
+            zero = torch.zeros((), dtype=dtype, device=allowed.device)
+            self._masks[dtype] = torch.where(allowed, zero, torch.finfo(dtype).min)
+        return self._masks[dtype]
+
+    def sdpa_mask(self, dtype: torch.dtype):
+        """(attn_mask or None, is_causal) for F.scaled_dot_product_attention — no mask when possible."""
+        if not self.padded:
+            if self.length == 1:
+                return None, False  # one query sees the whole cache
+            if self.past_length == 0:
+                return None, True  # plain causal prefill: the kernel's own causal path
+        return self.additive_mask(dtype), False
+
+    def eager_mask(self, dtype: torch.dtype) -> torch.Tensor | None:
+        if not self.padded and self.length == 1:
+            return None
+        return self.additive_mask(dtype)
+
+    # ---- observation ----------------------------------------------------------------------------
+    def layout(self) -> SequenceLayout:
+        P = self.past_length
+        new_mask = self.attention_mask[:, P:]
+        kind = torch.full_like(self.image_index, TOKEN_GENERATED if P > 0 else TOKEN_TEXT)
+        kind = kind.masked_fill(self.modality_indicators == 1, TOKEN_IMAGE)
+        kind = kind.masked_fill(new_mask == 0, TOKEN_PAD)
+        ki = self.key_image
+        prev = torch.cat([torch.full_like(ki[:, :1], -1), ki[:, :-1]], dim=1)
+        first_rows = (ki >= 0) & (ki != prev)  # [B, P+L] first row of each image
+        return SequenceLayout(
+            past_length=P,
+            token_kind=kind,
+            image_index=self.image_index,
+            attention_mask=self.attention_mask if self.padded else None,
+            images_per_sample=(ki.max(dim=1).values + 1).clamp(min=0).tolist(),
+            image_starts=[row.nonzero().flatten() for row in first_rows],
+            tokens_per_image=self.tokens_per_image,
+            family="owl2",
+        )
+
+
+def _past_memory(cache, B: int, P: int, device):
+    """(mask [B, P], key_image [B, P]) remembered on the cache, or defaults for an unknown cache."""
+    mask = getattr(cache, "owl2_attention_mask", None) if cache is not None else None
+    key_image = getattr(cache, "owl2_key_image", None) if cache is not None else None
+    if mask is None or mask.shape != (B, P):
+        mask = None
+    if key_image is None or key_image.shape != (B, P):
+        key_image = torch.full((B, P), -1, dtype=torch.long, device=device)
+    return mask, key_image
+
+
+def _expand_images(model, input_ids, new_mask, labels, pixel_values):
+    """Splice Q+1 image rows at every marker. Returns embeds, mask, modality, image_index, labels."""
+    cfg = model.config
+    Q1 = cfg.tokens_per_image
+    B, Lt = input_ids.shape
+    markers = input_ids == IMAGE_TOKEN_INDEX  # [B, Lt]
+    n_images = int(markers.sum())
+    if pixel_values is None or pixel_values.shape[0] != n_images:
+        got = 0 if pixel_values is None else pixel_values.shape[0]
+        raise ValueError(
+            f"input_ids hold {n_images} image markers ({IMAGE_TOKEN_INDEX}) but {got} images were "
+            f"given; pass pixel_values [N_img, 3, S, S] in order of appearance, one per marker."
+        )
+    feats = model.encode_images(pixel_values)  # [N, Q1, D]
+
+    lens = torch.where(markers, Q1, 1)  # [B, Lt] rows each input token becomes
+    starts = lens.cumsum(1) - lens  # [B, Lt] first expanded row of each input token
+    row_len = lens.sum(1)  # [B]
+    L = int(row_len.max())
+    if bool(new_mask[:, -1].all()):  # left-padded or unpadded batch: pad short rows on the left
+        starts = starts + (L - row_len)[:, None]
+
+    text_embeds = model.embed_tokens(input_ids.masked_fill(markers, 0))  # [B, Lt, D]
+    tb, tt = (~markers).nonzero(as_tuple=True)  # text tokens
+    dest = starts[tb, tt]
+    ib, it = markers.nonzero(as_tuple=True)  # row-major = order of appearance = image order
+    rows = starts[ib, it][:, None] + torch.arange(Q1, device=input_ids.device)  # [N, Q1]
+    rb = ib[:, None].expand_as(rows)
+
+    embeds = text_embeds.new_zeros(B, L, text_embeds.shape[-1])  # [B, L, D]
+    embeds[tb, dest] = text_embeds[tb, tt]
+    embeds[rb, rows] = feats.to(embeds.dtype)
+    mask = new_mask.new_zeros(B, L)
+    mask[tb, dest] = new_mask[tb, tt]
+    mask[rb, rows] = new_mask[ib, it][:, None].expand_as(rows)
+    modality = torch.zeros(B, L, dtype=torch.long, device=input_ids.device)
+    modality[rb, rows] = 1
+    image_index = torch.full((B, L), -1, dtype=torch.long, device=input_ids.device)
+    image_index[rb, rows] = (markers.cumsum(1) - 1)[ib, it][:, None].expand_as(rows)
+    new_labels = None
+    if labels is not None:
+        new_labels = torch.full((B, L), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
+        new_labels[tb, dest] = labels[tb, tt]
+    return embeds, mask, modality, image_index, new_labels
+
+
+def build_sequence(
+    model,
+    input_ids: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    modality_indicators: torch.Tensor | None = None,
+    past_key_values=None,
+) -> Owl2Sequence:
+    """Turn one call's inputs into an :class:`Owl2Sequence` (``model`` is an ``Owl2Model``).
+
+    Args:
+        input_ids: [B, Lt] with -200 image markers; or inputs_embeds [B, L, D] (already expanded,
+            modality_indicators [B, L] optional, default text).
+        pixel_values: [N_img, 3, S, S], one image per marker in order of appearance over the batch.
+        attention_mask: [B, Lt] for this call's tokens, or [B, P+Lt] (HF incremental convention), or
+            already expanded [B, P+L]. Decode steps reuse the expanded mask remembered on the cache.
+        labels: [B, Lt] (or expanded [B, L]); image rows get -100.
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+    ref = input_ids if input_ids is not None else inputs_embeds
+    B, Lt, dev = ref.shape[0], ref.shape[1], ref.device
+    P = past_key_values.get_seq_length() if past_key_values is not None else 0
+    past_mask, past_key_image = _past_memory(past_key_values, B, P, dev)
+
+    # this call's mask in input space; an already-expanded full mask is only possible without markers
+    full_given = None
+    if attention_mask is None:
+        new_mask = torch.ones(B, Lt, dtype=torch.long, device=dev)
+    else:
+        attention_mask = attention_mask.to(device=dev, dtype=torch.long)
+        m = attention_mask.shape[1]
+        if P > 0 and m == P + Lt:
+            full_given = attention_mask
+        elif not (m == Lt or (P > 0 and m > Lt and past_mask is not None)):
+            # (the last case is generate's mask in input space; the cache remembers the expanded past)
+            raise ValueError(
+                f"attention_mask has length {m}; expected {Lt} (this call's tokens)"
+                + (f" or {P + Lt} (cached + new positions)." if P > 0 else ".")
+            )
+        new_mask = attention_mask[:, -Lt:]
+
+    has_markers = input_ids is not None and bool((input_ids == IMAGE_TOKEN_INDEX).any())
+    if has_markers:
+        embeds, new_mask, modality, image_index, labels = _expand_images(
+            model, input_ids, new_mask, labels, pixel_values)
+        full_given = None  # the given mask was in input space
+        has_vision = True
+    else:
+        if P == 0 and pixel_values is not None and pixel_values.shape[0] > 0:
+            raise ValueError(
+                f"{pixel_values.shape[0]} images were given but input_ids hold no image markers "
+                f"({IMAGE_TOKEN_INDEX}); add one `<|image|>` per image to the prompt."
+            )  # (after prefill, images passed again by generate-style loops are ignored)
+        embeds = model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if modality_indicators is None:
+            modality = torch.zeros(B, Lt, dtype=torch.long, device=dev)
+            has_vision = False
+        else:
+            modality = modality_indicators.to(device=dev, dtype=torch.long)
+            has_vision = bool(modality.any())
+        image_index = torch.full((B, Lt), -1, dtype=torch.long, device=dev)
+    L = embeds.shape[1]
+
+    if full_given is not None:
+        full_mask = full_given
+    else:
+        if past_mask is None:
+            past_mask = torch.ones(B, P, dtype=torch.long, device=dev)
+        full_mask = torch.cat([past_mask, new_mask], dim=1)  # [B, P+L]
+    padded = not bool(full_mask.all())
+
+    if position_ids is not None:
+        if position_ids.shape[-1] != L:
+            raise ValueError(f"position_ids must cover the expanded sequence ({L}), got {position_ids.shape[-1]}.")
+        position_ids = position_ids.to(dev).expand(B, -1)
+    else:
+        arange = torch.arange(P, P + L, device=dev)[None].expand(B, -1)  # [B, L]
+        if padded:  # real tokens count only real predecessors; pads keep their own index
+            from_mask = full_mask.cumsum(1)[:, P:] - 1
+            position_ids = torch.where(full_mask[:, P:].bool(), from_mask, arange)
+        else:
+            position_ids = arange
+
+    if labels is not None and labels.shape[1] != L:
+        raise ValueError(f"labels must have length {Lt} (input ids) or {L} (expanded), got {labels.shape[1]}.")
+    return Owl2Sequence(
+        inputs_embeds=embeds, modality_indicators=modality, has_vision=has_vision,
+        attention_mask=full_mask, padded=padded, position_ids=position_ids, labels=labels,
+        image_index=image_index, key_image=torch.cat([past_key_image, image_index], dim=1),
+        past_length=P, tokens_per_image=model.config.tokens_per_image,
+    )
+
+
+def remember_on_cache(cache, seq: Owl2Sequence) -> None:
+    """Store the expanded mask and image index of every cached position on the cache object."""
+    if cache is not None:
+        cache.owl2_attention_mask = seq.attention_mask
+        cache.owl2_key_image = seq.key_image
