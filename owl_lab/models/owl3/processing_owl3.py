@@ -1,0 +1,242 @@
+"""Owl3 processor: chat template, chunk-wise tokenization around ``<|image|>``, images, media_offset.
+
+Follows the official processor (SPEC §3.1–3.5) and adds what it lacks: batches (right padding +
+attention_mask), ``answers=`` → labels, and correct per-image cutting for several images.
+
+* Prompt: ``<|im_start|>system\\n<|im_end|>`` + ``\\n<|im_start|>user\\n{text}<|im_end|>`` +
+  ``\\n<|im_start|>assistant\\n``; each piece between ``<|image|>`` placeholders is tokenized on its
+  own (BPE never merges across a placeholder), and the first token of each placeholder is s_n.
+* Images: bicubic resize to S×S (S = vision ``image_size``: 384, or 378 for 241101), [0, 1],
+  normalised with mean = std = 0.5. Optional cutting (off by default): best ``grid_squ_6`` anchor,
+  rows×cols tiles + a global view, each a separate ``<|image|>`` in the cut prompt (template "v2" for
+  240728-style models, "v3" for 241101).
+* media_offset: dense [B, L, 2] with batch-global bases (gated/static/sum) or a list of per-sample
+  start tensors (fused), as the model expects.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoTokenizer, BatchFeature
+
+from owl_lab.models.owl3.media_owl3 import NO_IMAGE_MARKER
+
+IMAGE_TOKEN = "<|image|>"
+SYSTEM = "<|im_start|>system\n<|im_end|>"
+USER = "\n<|im_start|>user\n{}<|im_end|>"
+ASSISTANT = "\n<|im_start|>assistant\n"
+ANSWER_END = "<|im_end|>"
+GRID_SQU_6 = ((2, 2), (1, 3), (1, 4), (3, 1), (4, 1), (2, 3), (3, 2))  # (rows, cols); no (1, 1)
+CONFIG_NAME = "processor_config.json"
+
+
+def cut_prompt(rows: int, cols: int, template: str) -> str:
+    """Text replacing one ``<|image|>`` of a cut image (rows*cols tiles + global view)."""
+    lines = "\n".join(" ".join((f"subimg({i},{j})" if template == "v2" else "") + IMAGE_TOKEN
+                               for j in range(cols)) for i in range(rows))
+    if template == "v2":
+        return f"Cut to {rows} rows {cols} columns with a global view\n{lines}\nglobal_view{IMAGE_TOKEN}"
+    return f"<|start_cut|>{rows}*{cols}\n{lines}\n{IMAGE_TOKEN}<|end_cut|>"
+
+
+def select_anchor(width: int, height: int, size: int, anchors=GRID_SQU_6) -> tuple[int, int]:
+    """'docowl' anchor choice: argmax of 100·IoU(anchor, aspect-matched box) + IoU(anchor, image)."""
+    boxes = torch.tensor([[0, 0, c * size, r * size] for r, c in anchors])  # x1 y1 x2 y2, int64
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+    def iou(other: torch.Tensor) -> torch.Tensor:
+        wh = (torch.minimum(boxes[:, 2:], other[:, 2:]) - torch.maximum(boxes[:, :2], other[:, :2])).clamp(min=0)
+        inter = wh[:, 0] * wh[:, 1]
+        other_area = (other[:, 2] - other[:, 0]) * (other[:, 3] - other[:, 1])
+        return inter / (area + other_area - inter + 1e-5)
+
+    image_box = torch.tensor([[0, 0, width, height]]).expand_as(boxes)
+    shaped = boxes.clone()
+    shaped[:, 3] = (height / width * boxes[:, 2].double()).long()  # aspect-matched height (int, truncated)
+    return anchors[int(torch.argmax(iou(shaped) * 100 + iou(image_box)))]
+
+
+class Owl3Processor:
+    """Turns chat text with ``<|image|>`` placeholders and PIL images into an Owl3 batch."""
+
+    def __init__(self, tokenizer, image_size: int = 384, template: str = "v2", media_offset_format: str = "dense",
+                 cut_enable: bool = False, padding_side: str = "right"):
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left'; got {padding_side!r}.")
+        if template not in ("v2", "v3") or media_offset_format not in ("dense", "list"):
+            raise ValueError(f"template must be v2/v3 and media_offset_format dense/list; got {template}, "
+                             f"{media_offset_format}.")
+        self.tokenizer = tokenizer
+        self.image_size = int(image_size)
+        self.template = template
+        self.media_offset_format = media_offset_format
+        self.cut_enable = bool(cut_enable)
+        self.padding_side = padding_side
+
+    @classmethod
+    def from_config(cls, config, tokenizer, **kwargs) -> Owl3Processor:
+        fused = config.hyper_attention == "fused"
+        defaults = {"image_size": config.vision_config.image_size, "template": "v3" if fused else "v2",
+                    "media_offset_format": "list" if fused else "dense"}
+        return cls(tokenizer, **{**defaults, **kwargs})
+
+    # ---- images -----------------------------------------------------------------------------------
+    def _to_tensor(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
+        """Bicubic resize → [3, height, width] in [-1, 1] (ToTensor then Normalize(0.5, 0.5))."""
+        array = np.asarray(image.resize((width, height), Image.BICUBIC), dtype=np.uint8)
+        x = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(255)
+        return (x - 0.5) / 0.5
+
+    def process_image(self, image, cut: bool) -> tuple[list[torch.Tensor], str]:
+        """One image → its pixel tensors [3, S, S] and the prompt text standing for it."""
+        if isinstance(image, np.ndarray):
+            image = Image.fromarray(image)
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"images must be PIL images (or HxWx3 uint8 arrays); got {type(image).__name__}.")
+        image, s = image.convert("RGB"), self.image_size
+        if not cut:
+            return [self._to_tensor(image, s, s)], IMAGE_TOKEN
+        rows, cols = select_anchor(image.width, image.height, s)
+        big = self._to_tensor(image, cols * s, rows * s)  # [3, rows*S, cols*S]
+        tiles = big.view(3, rows, s, cols, s).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, s, s)  # row-major
+        return [*tiles, self._to_tensor(image, s, s)], cut_prompt(rows, cols, self.template)
+
+    # ---- text -------------------------------------------------------------------------------------
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def tokenize(self, content: str, apply_template: bool) -> tuple[list[int], list[int]]:
+        """Chunk-wise tokenization → (ids, placeholder start indices)."""
+        chunks = [SYSTEM, USER.format(content), ASSISTANT] if apply_template else [content]
+        ids, starts = [], []
+        for chunk in chunks:
+            for k, piece in enumerate(chunk.split(IMAGE_TOKEN)):
+                if k > 0:
+                    starts.append(len(ids))
+                    ids += self._encode(IMAGE_TOKEN)
+                ids += self._encode(piece)
+        return ids, starts
+
+    def _split_images(self, texts: list[str], images) -> list[list]:
+        counts = [t.count(IMAGE_TOKEN) for t in texts]
+        if images is None:
+            images = []
+        if isinstance(images, (Image.Image, np.ndarray)):
+            images = [images]
+        nested = len(images) > 0 and all(isinstance(x, (list, tuple)) for x in images)
+        if nested:
+            per = [list(x) for x in images]
+            if len(per) != len(texts):
+                raise ValueError(f"images has {len(per)} per-sample lists for {len(texts)} texts.")
+        else:
+            if sum(counts) != len(images):
+                raise ValueError(f"The text has {sum(counts)} {IMAGE_TOKEN} placeholders but {len(images)} images "
+                                 "were given.")
+            per, i = [], 0
+            for c in counts:
+                per.append(list(images[i:i + c]))
+                i += c
+        for b, (c, imgs) in enumerate(zip(counts, per, strict=True)):
+            if c != len(imgs):
+                raise ValueError(f"Sample {b} has {c} {IMAGE_TOKEN} placeholders but {len(imgs)} images.")
+        return per
+
+    def __call__(self, text, images=None, answers=None, apply_template: bool = True, return_tensors="pt",
+                 cut_enable: bool | None = None) -> BatchFeature:
+        """See the module docstring; returns input_ids, attention_mask, pixel_values, media_offset(, labels)."""
+        if return_tensors not in ("pt", None):
+            raise ValueError(f"Only return_tensors='pt' is supported; got {return_tensors!r}.")
+        texts = [text] if isinstance(text, str) else list(text)
+        if answers is not None:
+            answers = [answers] if isinstance(answers, str) else list(answers)
+            if len(answers) != len(texts):
+                raise ValueError(f"{len(answers)} answers for {len(texts)} texts.")
+        cut = self.cut_enable if cut_enable is None else cut_enable
+        pixels, rows = [], []
+        for b, (content, imgs) in enumerate(zip(texts, self._split_images(texts, images), strict=True)):
+            parts = content.split(IMAGE_TOKEN)
+            new_content = parts[0]
+            for img, rest in zip(imgs, parts[1:], strict=True):
+                tensors, prompt = self.process_image(img, cut)
+                pixels += tensors
+                new_content += prompt + rest
+            ids, starts = self.tokenize(new_content, apply_template)
+            labels = [-100] * len(ids)
+            if answers is not None:
+                answer_ids = self._encode(answers[b] + ANSWER_END)
+                ids, labels = ids + answer_ids, labels + answer_ids
+            rows.append((ids, starts, labels))
+        return self._collate(rows, pixels, answers is not None)
+
+    def _collate(self, rows, pixels, with_labels: bool) -> BatchFeature:
+        length = max(len(ids) for ids, _, _ in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        batch = len(rows)
+        input_ids = torch.full((batch, length), pad, dtype=torch.long)
+        attention_mask = torch.zeros((batch, length), dtype=torch.long)
+        labels = torch.full((batch, length), -100, dtype=torch.long)
+        dense = torch.zeros((batch, length, 2), dtype=torch.long)
+        starts_list, base = [], 0
+        for b, (ids, starts, lab) in enumerate(rows):
+            n = len(ids)
+            o = length - n if self.padding_side == "left" else 0  # first real position
+            input_ids[b, o:o + n] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[b, o:o + n] = 1
+            labels[b, o:o + n] = torch.tensor(lab, dtype=torch.long)
+            s = torch.tensor(starts, dtype=torch.long) + o
+            starts_list.append(s)
+            if len(starts):
+                t = torch.arange(o, o + n)
+                counts = (s[None, :] < t[:, None]).sum(1)  # c_t = #{n : s_n < t}
+                dense[b, :, 0] = base
+                dense[b, o:o + n, 1] = base + counts
+                dense[b, o + n:] = dense[b, o + n - 1]  # right padding repeats the last row
+                dense[b, :o, 1] = base  # left padding sees nothing
+                base += len(starts)
+            else:
+                dense[b, :, 1] = NO_IMAGE_MARKER
+        data = {"input_ids": input_ids, "attention_mask": attention_mask,
+                "media_offset": dense if self.media_offset_format == "dense" else starts_list}
+        if pixels:
+            data["pixel_values"] = torch.stack(pixels)
+        if with_labels:
+            data["labels"] = labels
+        return BatchFeature(data=data)
+
+    # ---- tokenizer passthrough + persistence -------------------------------------------------------
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def to_dict(self) -> dict:
+        return {"processor_class": type(self).__name__, "image_size": self.image_size, "template": self.template,
+                "media_offset_format": self.media_offset_format, "cut_enable": self.cut_enable,
+                "padding_side": self.padding_side}
+
+    def save_pretrained(self, directory) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(str(directory))
+        (directory / CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory, config=None) -> Owl3Processor:
+        """Tokenizer files + ``processor_config.json`` (else settings derived from the model config)."""
+        directory = Path(directory)
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        saved = directory / CONFIG_NAME
+        if saved.is_file():
+            settings = json.loads(saved.read_text())
+            settings.pop("processor_class", None)
+            return cls(tokenizer, **settings)
+        if config is None:
+            from owl_lab.models.owl3.loading_owl3 import load_config
+
+            config = load_config(directory)
+        return cls.from_config(config, tokenizer)
