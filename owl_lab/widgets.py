@@ -1,0 +1,324 @@
+"""The notebook-12 explorer: pick a model, a synthetic scene and a prompt; see where attention goes.
+
+Design rule: everything the widgets show comes from one pure function, so tests (and nbval, where no
+JavaScript runs) call it directly::
+
+    state = ExplorerState(model="owl2-tiny", task="color", scene=3, layer=2)
+    view = explore(state)          # ExplorerView: answer, numbers, plotly figures
+    view.figures["layer_mass"].show()
+
+``explorer_app()`` only wires ipywidgets controls to ``ExplorerState`` and renders ``explore``'s
+result into Output widgets as plain display data (no FigureWidget, so no frontend is needed to
+build or update it). Models are loaded lazily through :func:`owl_lab.load_owl` and cached.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+
+from owl_lab.analysis.mass import layer_mass, query_mass
+from owl_lab.viz import abstractor_map_figure, gate_heatmap_figure, layer_mass_figure, query_mass_figure
+
+IMAGE_MARKER = -200
+
+
+@dataclass
+class ExplorerState:
+    """Everything the explorer's controls set.
+
+    Attributes:
+        model: a shipped checkpoint name (``owl_lab.list_checkpoints()``) or a checkpoint directory.
+        task, scene, seed: the example ``owl_lab.synth.eval_set(task, scene + 1, seed)[scene]``.
+        prompt: the user message; empty = the example's question. Missing ``<|image|>`` placeholders
+            for the example's images are prepended.
+        layer: decoder layer; head: attention head or None (mean over heads).
+        token: query position in the sequence the decoder sees (Owl2: image rows included), or None
+            for the last prompt position (the one that predicts the answer).
+        kind: attention kind at ``layer`` ('self', 'cross', 'joint'), None = the one that sees images.
+        max_new_tokens: answer length limit (greedy decoding).
+    """
+
+    model: str = ""
+    task: str = "color"
+    scene: int = 0
+    seed: int = 0
+    prompt: str = ""
+    layer: int = 0
+    head: int | None = None
+    token: int | None = None
+    kind: str | None = None
+    max_new_tokens: int = 8
+
+
+@dataclass
+class ExplorerView:
+    """What :func:`explore` returns: the answer, printable numbers and plotly figures.
+
+    ``figures`` keys: ``layer_mass`` (mass per layer), ``token_mass`` (per query, chosen layer/head),
+    ``token_keys`` (the chosen token's attention over every key), plus ``abstractor`` (Owl2 with an
+    image) or ``gates`` (Owl3 gated hyper layers).
+    """
+
+    state: ExplorerState
+    family: str
+    prompt: str
+    answer: str
+    expected: str
+    labels: list[str]
+    numbers: dict
+    figures: dict[str, go.Figure]
+    images: list = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line a notebook can print (rounded numbers)."""
+        nums = ", ".join(f"{k}={round(v, 3) if isinstance(v, float) else v}" for k, v in self.numbers.items())
+        return f"answer {self.answer!r} (expected {self.expected!r}); {nums}"
+
+
+class ModelCache:
+    """Lazily loaded (model, processor) pairs keyed by resolved checkpoint directory."""
+
+    def __init__(self):
+        self._models: dict[Path, tuple] = {}
+
+    def get(self, name_or_path: str):
+        from owl_lab.zoo import load_owl, resolve_checkpoint
+
+        if not str(name_or_path).strip():
+            raise ValueError("choose a model: a shipped checkpoint name or a checkpoint directory.")
+        key = resolve_checkpoint(name_or_path).resolve()
+        if key not in self._models:
+            model, processor = load_owl(key)
+            if processor is None:
+                raise ValueError(f"{key} has no tokenizer files; the explorer needs a processor.")
+            self._models[key] = (model.eval(), processor)
+        return self._models[key]
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+
+DEFAULT_CACHE = ModelCache()
+
+
+@lru_cache(maxsize=64)
+def example(task: str, scene: int, seed: int = 0):
+    """The seeded synthetic example ``scene`` of ``task`` (cached)."""
+    from owl_lab.synth import eval_set
+
+    if scene < 0:
+        raise ValueError(f"scene must be >= 0; got {scene}.")
+    return eval_set(task, scene + 1, seed=seed)[scene]
+
+
+def _family(model) -> str:
+    return {"mplug_owl2": "owl2", "mplugowl3": "owl3"}[model.config.model_type]
+
+
+def sequence_labels(family: str, input_ids: torch.Tensor, tokenizer, tokens_per_image: int) -> list[str]:
+    """Label of every position the decoder sees: token strings; Owl2 image rows as ``img0:q3`` /
+    ``img0:eos`` (input_ids [L] with -200 markers)."""
+    labels, n = [], 0
+    for i in input_ids.tolist():
+        if i == IMAGE_MARKER:
+            labels += [f"img{n}:q{j}" for j in range(tokens_per_image - 1)] + [f"img{n}:eos"]
+            n += 1
+        else:
+            labels.append(tokenizer.convert_ids_to_tokens(i))
+    return labels
+
+
+def _pick_kind(df: pd.DataFrame, layer: int, kind: str | None) -> str:
+    have = set(df.loc[df["layer"] == layer, "kind"].astype(str))
+    if not have:
+        raise ValueError(f"layer {layer} does not exist; layers are {sorted(df['layer'].unique())}.")
+    if kind is not None:
+        if kind not in have:
+            raise ValueError(f"layer {layer} has attention kinds {sorted(have)}; got kind={kind!r}.")
+        return kind
+    return next(k for k in ("joint", "cross", "self") if k in have)
+
+
+def _key_figure(full_map, head, labels: list[str], title: str) -> tuple[go.Figure, float]:
+    probs = full_map.probs[0, :, 0]  # [H, Lk] one query
+    p = probs.mean(0) if head is None else probs[head]
+    names, n_seen = [], {}
+    for pos, img in zip(full_map.key_position[0].tolist(), full_map.key_image[0].tolist(), strict=True):
+        if pos >= 0:
+            names.append(f"{pos}:{labels[pos]}")
+        else:  # Owl3 image key outside the sequence: image n, patch j
+            j = n_seen[img] = n_seen.get(img, -1) + 1
+            names.append(f"img{img}:p{j}")
+    groups = [full_map.groups[g] if g >= 0 else "pad" for g in full_map.key_group[0].tolist()]
+    visual = float(sum(v for v, g in zip(p.tolist(), groups, strict=True) if g.startswith("image")))
+    colors = ["#f28e2b" if g.startswith("image") else "#4e79a7" for g in groups]
+    fig = go.Figure(go.Bar(x=list(range(len(names))), y=p.tolist(), marker_color=colors, hovertext=names))
+    fig.update_xaxes(tickvals=list(range(len(names))), ticktext=names, tickangle=-60)
+    fig.update_layout(title=title, template="plotly_white", height=360, yaxis_title="attention probability")
+    return fig, visual
+
+
+def explore(state: ExplorerState, cache: ModelCache | None = None) -> ExplorerView:
+    """Run the model on the state's example and build every figure and number (no widgets involved)."""
+    from hooks.capture import capture  # (module import: robust to a stale editable install of `hooks`)
+
+    model, processor = (cache if cache is not None else DEFAULT_CACHE).get(state.model)
+    family = _family(model)
+    ex = example(state.task, int(state.scene), int(state.seed))
+    prompt = state.prompt.strip() or ex.text
+    missing = len(ex.images) - prompt.count("<|image|>")
+    if missing > 0:
+        prompt = "<|image|>" * missing + prompt
+    batch = processor(text=prompt, images=list(ex.images) or None)
+    ids = batch["input_ids"]
+
+    n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    if not 0 <= state.layer < n_layers:
+        raise ValueError(f"layer must be in [0, {n_layers}); got {state.layer}.")
+    if state.head is not None and not 0 <= state.head < n_heads:
+        raise ValueError(f"head must be None (mean) or in [0, {n_heads}); got {state.head}.")
+    if family == "owl2":
+        labels = sequence_labels(family, ids[0], processor.tokenizer, model.config.tokens_per_image)
+    else:
+        labels = processor.tokenizer.convert_ids_to_tokens(ids[0].tolist())
+    token = len(labels) - 1 if state.token is None or state.token < 0 else int(state.token)
+    if token >= len(labels):
+        raise ValueError(f"token must be a position in [0, {len(labels)}) (or None = last); got {state.token}.")
+
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=int(state.max_new_tokens), do_sample=False)
+        answer = processor.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        with capture(model, full_maps={state.layer: [token]}) as rec:
+            model(**batch)
+    df = rec.attention_mass
+    kind = _pick_kind(df, state.layer, state.kind)
+    figures, numbers = {}, {"correct": answer == ex.answer}
+
+    # attention mass by layer (modality level); gated Owl3 has no image keys in `self`: add the gate share
+    decoder_kinds = [k for k in ("self", "joint") if k in set(df["kind"].astype(str))]
+    tables = {"decoder attention mass": layer_mass(df, kind=decoder_kinds, groups=["visual", "text"])}
+    if len(rec.gate_records):
+        split = rec.gate_split
+        share = split[split["applied"]].groupby("layer")["vision_share"].mean()
+        tables["gated fusion: vision share of output"] = pd.DataFrame({"visual": share, "text": 1 - share})
+        numbers["gate_vision_share"] = float(share.mean())
+    figures["layer_mass"] = layer_mass_figure(tables, title="where attention goes, by layer")
+    numbers["visual_share_layer"] = float(tables["decoder attention mass"].loc[state.layer, "visual"])
+
+    # per-token mass at the chosen layer / head / kind
+    rows = df if state.head is None else df[df["head"] == state.head]
+    tq = query_mass(rows, layer=state.layer, kind=kind, level="token")
+    who = "mean over heads" if state.head is None else f"head {state.head}"
+    figures["token_mass"] = query_mass_figure(tq, title=f"layer {state.layer} ({kind}), {who}: mass per query")
+    fm = rec.full_maps.get((0, state.layer, kind))
+    if fm is not None and fm.probs.shape[2] == 1:
+        figures["token_keys"], visual = _key_figure(
+            fm, state.head, labels, f"token {token} {labels[token]!r}: attention over keys ({kind}, {who})")
+        numbers["token_visual_mass"] = visual
+
+    if family == "owl2" and len(rec.abstractor_records):
+        figures["abstractor"] = abstractor_map_figure(rec.abstractor_maps, image=ex.images[0],
+                                                      title="abstractor queries → patches (last layer)")
+    if len(rec.gate_records):
+        hyper = sorted(rec.gates["layer"].unique())
+        layer = state.layer if state.layer in hyper else int(hyper[0])
+        figures["gates"] = gate_heatmap_figure(rec.gates, layer=layer, token_labels=labels)
+    return ExplorerView(state=state, family=family, prompt=prompt, answer=answer, expected=ex.answer,
+                        labels=labels, numbers=numbers, figures=figures, images=list(ex.images))
+
+
+# ---------------------------------------------------------------------------------------------
+# the ipywidgets app (a thin shell over explore)
+# ---------------------------------------------------------------------------------------------
+
+
+def figure_output(fig: go.Figure) -> dict:
+    """A notebook display-data output for a plotly figure (plotly mimetype + static HTML fallback)."""
+    return {"output_type": "display_data", "metadata": {},
+            "data": {"application/vnd.plotly.v1+json": fig.to_plotly_json(),
+                     "text/html": fig.to_html(full_html=False, include_plotlyjs="cdn"),
+                     "text/plain": f"<plotly figure: {fig.layout.title.text or ''}>"}}
+
+
+class ExplorerApp:
+    """Controls + outputs. ``state()`` reads the controls, ``update()`` runs :func:`explore` and
+    renders; tests drive both directly. ``widget`` is the ipywidgets box to display."""
+
+    def __init__(self, model: str | None = None, cache: ModelCache | None = None):
+        import ipywidgets as w
+
+        from owl_lab.synth import ALL_TASKS
+        from owl_lab.zoo import list_checkpoints
+
+        self.cache = cache if cache is not None else DEFAULT_CACHE
+        names = list_checkpoints()
+        self.model = w.Combobox(value=str(model or (names[0] if names else "")), options=names,
+                                description="model", placeholder="name or checkpoint dir", ensure_option=False)
+        self.task = w.Dropdown(options=sorted(ALL_TASKS), value="color", description="task")
+        self.scene = w.BoundedIntText(value=0, min=0, max=9999, description="scene")
+        self.prompt = w.Text(value="", description="prompt", placeholder="(the example's question)")
+        self.layer = w.IntSlider(value=0, min=0, max=0, description="layer", continuous_update=False)
+        self.head = w.Dropdown(options=[("mean", None)], value=None, description="head")
+        self.token = w.IntText(value=-1, description="token", tooltip="-1 = last prompt position")
+        self.text = w.HTML()
+        self.outputs = {k: w.Output() for k in ("layer_mass", "token_mass", "token_keys", "abstractor", "gates")}
+        self.view: ExplorerView | None = None
+        self._busy = False  # control changes made by update() itself must not re-enter it
+        controls = [self.model, self.task, self.scene, self.prompt, self.layer, self.head, self.token]
+        for c in controls:
+            c.observe(self._changed, names="value")
+        self.widget = w.VBox([w.HBox(controls[:4]), w.HBox(controls[4:]), self.text, *self.outputs.values()])
+
+    def state(self) -> ExplorerState:
+        return ExplorerState(model=self.model.value, task=self.task.value, scene=int(self.scene.value),
+                             prompt=self.prompt.value, layer=int(self.layer.value), head=self.head.value,
+                             token=None if self.token.value < 0 else int(self.token.value))
+
+    def _sync_model_controls(self) -> None:
+        """Layer/head ranges follow the loaded model's config."""
+        model, _ = self.cache.get(self.model.value)
+        n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
+        self.layer.max = n_layers - 1
+        self.head.options = [("mean", None)] + [(str(h), h) for h in range(n_heads)]
+
+    def update(self) -> ExplorerView | None:
+        """Read controls → explore → render. Errors are shown in the app (and returned as None)."""
+        if self._busy:
+            return self.view
+        self._busy = True
+        try:
+            self._sync_model_controls()
+            view = explore(self.state(), self.cache)
+        except (ValueError, FileNotFoundError, KeyError) as err:
+            self.text.value = f"<b style='color:#c0392b'>error:</b> {err}"
+            for out in self.outputs.values():
+                out.outputs = ()
+            return None
+        finally:
+            self._busy = False
+        self.view = view
+        self.text.value = f"<b>{view.family}</b> prompt <code>{view.prompt}</code> — {view.summary()}"
+        for key, out in self.outputs.items():
+            fig = view.figures.get(key)
+            out.outputs = (figure_output(fig),) if fig is not None else ()
+        return view
+
+    def _changed(self, change) -> None:
+        self.update()
+
+
+def explorer_app(model: str | None = None, cache: ModelCache | None = None, run: bool = True) -> ExplorerApp:
+    """Build the explorer (``display(app.widget)`` in a notebook); ``run`` renders the first view."""
+    app = ExplorerApp(model, cache)
+    if run and app.model.value:
+        app.update()
+    return app
+
+
+__all__ = ["ExplorerState", "ExplorerView", "ExplorerApp", "ModelCache", "explore", "explorer_app",
+           "example", "sequence_labels", "figure_output"]

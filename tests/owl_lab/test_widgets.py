@@ -1,0 +1,114 @@
+"""owl_lab.widgets: the explorer's pure function on tiny saved checkpoints, and the app without a frontend."""
+from __future__ import annotations
+
+import ipywidgets as w
+import pytest
+import torch
+
+from owl_lab.widgets import ExplorerState, ModelCache, explore, explorer_app
+
+VISION = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, image_size=28, patch_size=7)
+CONFIGS = {  # tiny: 2 decoder layers, 28-px images, 4×4 patches
+    "owl2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, max_position_embeddings=256,
+                 visual_config={"visual_model": dict(VISION, num_hidden_layers=1, hidden_act="quick_gelu"),
+                                "visual_abstractor": dict(hidden_size=16, encoder_hidden_size=16, num_hidden_layers=1,
+                                                          num_attention_heads=2, intermediate_size=32,
+                                                          num_learnable_queries=4, grid_size=4)}),
+    "owl3": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, hyper_layers=[1], hyper_attention="gated", projector="linear",
+                 tie_word_embeddings=False, vision_config=dict(VISION, num_hidden_layers=2)),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """A data dir with checkpoints/owl2-mini and checkpoints/owl3-mini (random weights, real format)."""
+    from owl_lab.train import build
+
+    root = tmp_path_factory.mktemp("data")
+    for family, config in CONFIGS.items():
+        model, processor = build({"family": family, "seed": 0, "config": config})
+        out = root / "checkpoints" / f"{family}-mini"
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache():
+    return ModelCache()
+
+
+def _bars(fig):
+    return torch.tensor(fig.data[0].y, dtype=torch.float64)
+
+
+def test_explore_owl2_directory(data_root, cache):
+    path = str(data_root / "checkpoints" / "owl2-mini")
+    view = explore(ExplorerState(model=path, task="color", scene=2, layer=1), cache)
+    assert view.family == "owl2" and isinstance(view.answer, str) and view.expected
+    assert set(view.figures) == {"layer_mass", "token_mass", "token_keys", "abstractor"}
+    assert sum(lab.startswith("img0:") for lab in view.labels) == 5  # 4 queries + vit_eos rows
+    keys = _bars(view.figures["token_keys"])  # the last position's distribution over all keys
+    assert len(keys) == len(view.labels) and keys.sum().item() == pytest.approx(1.0, abs=1e-5)
+    assert 0 < view.numbers["token_visual_mass"] < 1 and 0 <= view.numbers["visual_share_layer"] <= 1
+    # the per-query table agrees with the key view: visual mass of the last query (mean over heads)
+    last = len(view.labels) - 1
+    visual = sum(float(t.y[list(t.x).index(last)]) for t in view.figures["token_mass"].data
+                 if t.name.startswith("image") and last in list(t.x))
+    assert visual == pytest.approx(view.numbers["token_visual_mass"], abs=1e-5)
+    # a chosen head and token give that head's row
+    head = explore(ExplorerState(model=path, task="color", scene=2, layer=1, head=2, token=3), cache)
+    assert "token 3" in head.figures["token_keys"].layout.title.text
+    assert not torch.allclose(_bars(head.figures["token_keys"])[:4], keys[:4])
+    assert len(cache) == 1  # loaded once
+
+
+def test_explore_owl3_by_name_with_gates(data_root, cache, monkeypatch):
+    monkeypatch.setenv("OWL_LAB_DATA", str(data_root))
+    view = explore(ExplorerState(model="owl3-mini", task="color", layer=0), cache)  # layer 0 is the hyper layer
+    assert view.family == "owl3" and "gates" in view.figures and "abstractor" not in view.figures
+    assert "(cross)" in view.figures["token_mass"].layout.title.text  # the kind that sees the image
+    assert 0 <= view.numbers["gate_vision_share"] <= 1
+    panels = [a.text for a in view.figures["layer_mass"].layout.annotations]
+    assert any("gated fusion" in p for p in panels)
+    text_only = explore(ExplorerState(model="owl3-mini", task="add", layer=1, kind="self"), cache)
+    assert set(text_only.figures) == {"layer_mass", "token_mass", "token_keys"}
+    assert text_only.numbers["token_visual_mass"] == 0.0
+
+
+def test_explore_clear_errors(data_root, cache):
+    path = str(data_root / "checkpoints" / "owl2-mini")
+    for bad, match in [(dict(layer=7), "layer must be"), (dict(head=9), "head must be"),
+                       (dict(token=10_000), "token must be"), (dict(kind="cross"), "kinds")]:
+        with pytest.raises(ValueError, match=match):
+            explore(ExplorerState(model=path, **bad), cache)
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        explore(ExplorerState(model="no-such-model"), cache)
+    with pytest.raises(ValueError, match="choose a model"):
+        explore(ExplorerState(model=""), cache)
+
+
+def test_app_builds_and_updates_without_frontend(data_root, cache, monkeypatch):
+    monkeypatch.setenv("OWL_LAB_DATA", str(data_root))
+    app = explorer_app(cache=cache)  # default: the first shipped checkpoint
+    assert isinstance(app.widget, w.VBox) and set(app.model.options) == {"owl2-mini", "owl3-mini"}
+    assert app.view is not None and app.view.family == "owl2"
+    assert len(app.head.options) == 1 + 4 and app.layer.max == 1
+    outs = {k: o.outputs for k, o in app.outputs.items()}
+    assert "application/vnd.plotly.v1+json" in outs["layer_mass"][0]["data"] and outs["gates"] == ()
+    app.layer.value = 1  # a control change re-runs explore through the observer
+    assert app.view.state.layer == 1
+    app.model.value = "owl3-mini"
+    assert app.view.family == "owl3" and app.outputs["gates"].outputs and not app.outputs["abstractor"].outputs
+    app.model.value = "nope"  # errors are shown in the app, not raised into the frontend
+    assert "error" in app.text.value and all(o.outputs == () for o in app.outputs.values())
