@@ -1,1 +1,27 @@
-"""Capture utilities for Owl models (attention mass, gates, abstractor maps)."""
+"""Capture utilities for Owl models (attention mass, gates, abstractor maps).
+
+    from hooks import capture
+    with capture(model) as rec:
+        model(**batch)
+    rec.attention_mass   # DataFrame: batch, step, layer, head, query, kind, level, group, mass
+
+See :mod:`hooks.capture` for the arguments, :mod:`hooks.groups` for the token groups and
+:mod:`hooks.mapping` for where each component lives in each family.
+"""
+from hooks.attention import MassResult, grouped_mass
+from hooks.capture import capture
+from hooks.groups import group_vocabulary
+from hooks.mapping import HOOK_PATHS, detect_family
+from hooks.recording import AttentionRecord, FullMap, Recording
+
+__all__ = [
+    "capture",
+    "Recording",
+    "AttentionRecord",
+    "FullMap",
+    "grouped_mass",
+    "MassResult",
+    "group_vocabulary",
+    "HOOK_PATHS",
+    "detect_family",
+]

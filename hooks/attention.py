@@ -1,0 +1,203 @@
+"""Exact attention mass per key group, computed by query chunks without materialising [B, H, L, L].
+
+For one softmax ``P = softmax(scale · q kᵀ masked by allowed)`` and a partition of the keys into G
+groups (``key_group`` [B, Lk]), the mass of query i on group g is ``Σ_{k in g} P[i, k]``. We compute
+it chunk by chunk over queries. For c queries:
+
+1. scores S [B, H, c, Lk'] = scale · q kᵀ, only over the key range Lk' any of the c queries may see
+   (causal ⇒ about half of the keys on average);
+2. masked with -inf, but only on the columns where ``allowed`` is ragged (for a causal chunk that is
+   the c×c diagonal block; fully visible columns are left alone);
+3. softmax in place (same buffer);
+4. reduced into the groups: keys of a group usually form a few contiguous runs (BOS, text, one
+   image's rows …), so we sum each run; with many runs we fall back to one matmul with a one-hot.
+
+Only one chunk tensor is alive at a time. Its default size is the event's own q tensor clamped to
+[1 MB, 8 MB] (small enough to stay in cache, large enough for efficient matmuls).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+_MIN_AUTO_BYTES = 1 << 20
+_MAX_AUTO_BYTES = 8 << 20
+_MAX_RUNS = 24  # above this many contiguous runs per sample, reduce with a one-hot matmul instead
+
+
+@dataclass
+class MassResult:
+    """Result of :func:`grouped_mass`.
+
+    Attributes:
+        mass: [B, H, Lq, G] softmax mass of every query on every group (0 on rows without keys
+            and on rows outside ``row_mask``).
+        has_keys: [B, Lq] bool, rows with at least one allowed key (the others are not a softmax).
+        seen: [B, Lk] bool, keys allowed for at least one counted row (``row_mask`` & ``has_keys``).
+        maps: [B, H, n_sel, Lk] full probabilities of the selected query rows, or None.
+    """
+
+    mass: torch.Tensor
+    has_keys: torch.Tensor
+    seen: torch.Tensor
+    maps: Optional[torch.Tensor] = None
+
+
+def chunk_rows(batch: int, heads: int, n_keys: int, budget_bytes: int, elem_bytes: int = 4) -> int:
+    """Queries per chunk so that one [batch, heads, rows, n_keys] score tensor fits ``budget_bytes``."""
+    per_row = max(1, batch * heads * n_keys * elem_bytes)
+    return max(1, budget_bytes // per_row)
+
+
+def group_runs(key_group: torch.Tensor) -> list[list[tuple[int, int, int]]]:
+    """Per sample, the maximal runs ``(start, end, group)`` of equal group id (group ≥ 0 only)."""
+    runs = []
+    for row in key_group.tolist():
+        out, start = [], 0
+        for k in range(1, len(row) + 1):
+            if k == len(row) or row[k] != row[start]:
+                if row[start] >= 0:
+                    out.append((start, k, row[start]))
+                start = k
+        runs.append(out)
+    return runs
+
+
+def _reduce_runs(p, runs_b, k0, k1, out_b):
+    """out_b [H, c, G] += Σ over each run of p [H, c, Lk'] (columns k0..k1 of the keys)."""
+    for s, e, g in runs_b:
+        s, e = max(s, k0), min(e, k1)
+        if s < e:
+            out_b[..., g] += p[..., s - k0 : e - k0].sum(-1)
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    # fp16/bf16 scores are upcast (the models' softmax runs in fp32 too); fp64 stays fp64.
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+@torch.no_grad()
+def grouped_mass(
+    query: torch.Tensor,
+    key: Optional[torch.Tensor],
+    scale: float,
+    allowed: Callable[[int, int], torch.Tensor],
+    key_group: torch.Tensor,
+    n_groups: int,
+    *,
+    probs: Optional[torch.Tensor] = None,
+    row_mask: Optional[torch.Tensor] = None,
+    select: Optional[torch.Tensor] = None,
+    chunk_bytes: Optional[int] = None,
+    max_runs: int = _MAX_RUNS,
+) -> MassResult:
+    """Softmax mass per key group for every query, exact and query-chunked.
+
+    Args:
+        query: [B, H, Lq, D] queries after RoPE (only its shape is used when ``probs`` is given).
+        key: [B, H_kv, Lk, D] keys; query head h uses key head ``h // (H // H_kv)`` (GQA).
+        scale: softmax scale applied to q·k.
+        allowed: ``(q0, q1) -> bool [B, q1 - q0, Lk]``, True = the softmax may use that key.
+        key_group: [B, Lk] long group id of every key in ``0..n_groups-1`` (-1 = in no group).
+        n_groups: G.
+        probs: [B, H, Lq, Lk] probabilities the model already materialised (eager); then they are
+            reduced directly instead of being recomputed.
+        row_mask: [B, Lq] bool, rows that count (e.g. real, non-pad queries): only they mark keys
+            as ``seen``, and the mass of the other rows is set to 0.
+        select: [n_sel] long local query rows whose full probability rows are returned in ``maps``.
+        chunk_bytes: size budget of one score chunk; default = the size of ``query`` clamped to
+            [1 MB, 8 MB].
+        max_runs: reduce by contiguous runs when no sample has more than this many, else by a
+            one-hot matmul (both exact; the knob exists for tests and tuning).
+
+    Returns:
+        :class:`MassResult` with ``mass`` [B, H, Lq, G] in fp32 (fp64 for fp64 inputs).
+    """
+    B, H, Lq, _ = query.shape
+    Lk = key_group.shape[1]
+    device = query.device
+    if probs is None:
+        if key is None or key.shape[0] != B or key.shape[2] != Lk or H % key.shape[1]:
+            raise ValueError(
+                f"key must be [B={B}, H_kv dividing H={H}, Lk={Lk}, D], got "
+                f"{None if key is None else tuple(key.shape)}"
+            )
+    elif tuple(probs.shape) != (B, H, Lq, Lk):
+        raise ValueError(f"probs must be [B, H, Lq, Lk] = {(B, H, Lq, Lk)}, got {tuple(probs.shape)}")
+    cdtype = _compute_dtype(query if probs is None else probs)
+    G = int(n_groups)
+    runs = group_runs(key_group.cpu())
+    use_runs = max((len(r) for r in runs), default=0) <= max_runs
+    onehot = None
+    if not use_runs:  # [B, G, Lk]: keys with group -1 get an all-zero column
+        kg = key_group.to(device, torch.long)
+        onehot = torch.zeros(B, G + 1, Lk, dtype=cdtype, device=device)
+        onehot.scatter_(1, torch.where(kg < 0, G, kg).unsqueeze(1), 1.0)
+        onehot = onehot[:, :G]
+    mass = torch.zeros(B, H, Lq, G, dtype=cdtype, device=device)
+    has_keys = torch.zeros(B, Lq, dtype=torch.bool, device=device)
+    seen = torch.zeros(B, Lk, dtype=torch.bool, device=device)
+    sel = None if select is None else select.to(device, torch.long)
+    maps = None if sel is None else torch.zeros(B, H, sel.numel(), Lk, dtype=cdtype, device=device)
+
+    if chunk_bytes is None:
+        chunk_bytes = min(max(query.numel() * query.element_size(), _MIN_AUTO_BYTES), _MAX_AUTO_BYTES)
+    rows = chunk_rows(B, H, Lk, chunk_bytes, torch.finfo(cdtype).bits // 8)
+    if probs is None:
+        Hkv, D = key.shape[1], key.shape[3]
+        rep = H // Hkv
+        key_t = key.detach().transpose(-1, -2)  # [B, H_kv, D, Lk] (view)
+
+    for q0 in range(0, Lq, rows):
+        q1 = min(Lq, q0 + rows)
+        c = q1 - q0
+        allow = allowed(q0, q1).to(device=device, dtype=torch.bool)  # [B, c, Lk]
+        if tuple(allow.shape) != (B, c, Lk):
+            raise ValueError(f"allowed({q0}, {q1}) returned {tuple(allow.shape)}, expected {(B, c, Lk)}")
+        allow_u8 = allow.view(torch.uint8)  # reductions on uint8 are much faster than bool any/all on CPU
+        row_any = allow_u8.amax(-1).bool()  # [B, c] rows with at least one key
+        has_keys[:, q0:q1] = row_any
+        counted = row_any if row_mask is None else row_any & row_mask[:, q0:q1].to(device)
+        col_any = allow_u8.amax(1)  # [B, Lk] keys some query of the chunk may see
+        seen.logical_or_(col_any.bool() if bool(counted.all()) else
+                         (allow_u8 & counted.unsqueeze(-1).to(torch.uint8)).amax(1).bool())
+        cols = col_any.amax(0).nonzero()
+        if cols.numel() == 0:
+            continue
+        k0, k1 = int(cols[0]), int(cols[-1]) + 1  # contiguous key range (causal ⇒ k1 ≈ q1 + past)
+        sub = allow[..., k0:k1]  # [B, c, Lk']
+        ragged = (allow_u8[..., k0:k1].amin(1).amin(0) == 0).nonzero()  # columns some query may not see
+        if probs is not None:
+            p = probs[:, :, q0:q1, k0:k1].detach().to(cdtype)  # [B, H, c, Lk']
+            if ragged.numel():
+                a, b = int(ragged[0]), int(ragged[-1]) + 1
+                p = p.clone()
+                p[..., a:b].masked_fill_(~sub[:, None, :, a:b], 0.0)
+        else:
+            qc = query[:, :, q0:q1].detach().to(cdtype).reshape(B, Hkv, rep * c, D)  # head h = j*rep + r
+            p = torch.matmul(qc * scale, key_t[..., k0:k1].to(cdtype))  # [B, H_kv, rep*c, Lk']
+            p = p.view(B, H, c, k1 - k0)  # [B, H, c, Lk']
+            if ragged.numel():
+                a, b = int(ragged[0]), int(ragged[-1]) + 1
+                p[..., a:b].masked_fill_(~sub[:, None, :, a:b], float("-inf"))
+            # In place (out= aliases the input): the row-wise kernel reads a row before writing it;
+            # tests compare against a materialised softmax. Rows without keys become NaN, zeroed below.
+            torch.softmax(p, dim=-1, out=p)
+        if use_runs:
+            for b in range(B):
+                _reduce_runs(p[b], runs[b], k0, k1, mass[b, :, q0:q1])
+        else:
+            sums = torch.matmul(onehot[:, :, k0:k1], p.reshape(B, H * c, k1 - k0).transpose(1, 2))  # [B, G, H*c]
+            mass[:, :, q0:q1] = sums.view(B, G, H, c).permute(0, 2, 3, 1)
+        if sel is not None:
+            inside = (sel >= q0) & (sel < q1)
+            if inside.any():
+                maps[:, :, inside.nonzero().squeeze(-1), k0:k1] = p[:, :, sel[inside] - q0]
+        del p
+    kept = has_keys if row_mask is None else has_keys & row_mask.to(device)
+    mass.masked_fill_(~kept[:, None, :, None], 0.0)
+    if maps is not None:
+        maps.nan_to_num_(0.0)
+    return MassResult(mass=mass, has_keys=has_keys, seen=seen, maps=maps)

@@ -1,0 +1,259 @@
+"""``hooks.capture``: observe an Owl model's attention, gates and abstractor inside a ``with`` block.
+
+    with capture(model) as rec:
+        model(**batch)                      # or model.generate(**batch, max_new_tokens=8)
+    rec.attention_mass                      # batch, step, layer, head, query, kind, level, group, mass
+
+The model hands its exact attention inputs to ``HookPoint`` modules (:mod:`owl_lab.models.observe`);
+capture registers forward hooks on them for the duration of the block, reduces each event on the
+spot (query-chunked, see :mod:`hooks.attention`) and keeps only the small results. All hooks are
+removed when the block ends, also when it raises. Hooks only read, so the numbers never change.
+
+Arguments ``gates`` and ``abstractor``: ``None`` (default) = capture it if the model has it,
+``True`` = required (ValueError if the model has none, e.g. gates on Owl2 or fused Owl3 241101),
+``False`` = off.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Optional, Union
+
+import torch
+
+from hooks.abstractor import summarize_abstractor
+from hooks.attention import grouped_mass
+from hooks.gates import summarize_gate
+from hooks.groups import (
+    N_TOKEN_FIXED,
+    SequenceHistory,
+    coarsen_to_modality,
+    group_vocabulary,
+    key_groups,
+    token_groups,
+)
+from hooks.mapping import detect_family, find_sites
+from hooks.recording import AttentionRecord, FullMap, Recording
+from owl_lab.models.observe import AttentionEvent, GateEvent, SequenceLayout
+
+DECODER_KINDS = ("self", "cross", "joint")
+QuerySelector = Union[None, int, slice, Iterable]
+
+
+def _gated(model, family: str, gate_sites) -> tuple[bool, str]:
+    """(has a gate?, why not). Owl3 240728-style hyper layers only (``hyper_attention`` 'gated', or
+    'static_gate' whose g is a parameter); not Owl2, not fused 241101, not the 'sum' ablation."""
+    if family != "owl3":
+        return False, f"{family} has no adaptive gate (only mPLUG-Owl3 240728 gated hyper layers do)"
+    kind = getattr(model.config, "hyper_attention", None)
+    if kind is not None and kind not in ("gated", "static_gate"):
+        how = "one fused softmax over image and text keys" if kind == "fused" else f"{kind!r} mixing"
+        return False, f"its hyper layers use {how} (hyper_attention={kind!r}), there is no gate g"
+    if not gate_sites:
+        return False, "it has no hook_gate points (no gated hyper layer among the captured layers)"
+    return True, ""
+
+
+def _parse_full_maps(full_maps, layers: list[int]) -> dict[int, QuerySelector]:
+    if full_maps is None:
+        return {}
+    if isinstance(full_maps, int):
+        full_maps = [full_maps]
+    chosen = dict(full_maps) if isinstance(full_maps, dict) else {int(i): None for i in full_maps}
+    unknown = sorted(set(chosen) - set(layers))
+    if unknown:
+        raise ValueError(f"full_maps asks for layers {unknown}; captured decoder layers are {layers}")
+    return chosen
+
+
+def _select_rows(selector: QuerySelector, query_index: torch.Tensor) -> torch.Tensor:
+    """Local rows of ``query_index`` (absolute positions [Lq]) picked by a full_maps selector."""
+    qi = query_index.cpu()
+    if selector is None:
+        return torch.arange(qi.numel())
+    if isinstance(selector, slice):
+        lo = selector.start or 0
+        hi = selector.stop if selector.stop is not None else int(qi.max()) + 1 if qi.numel() else 0
+        keep = (qi >= lo) & (qi < hi)
+        if selector.step not in (None, 1):
+            keep &= (qi - lo) % selector.step == 0
+        return keep.nonzero().squeeze(-1)
+    wanted = torch.tensor([selector] if isinstance(selector, int) else list(selector), dtype=torch.long)
+    return torch.isin(qi, wanted).nonzero().squeeze(-1)
+
+
+class capture:
+    """Context manager recording attention mass, gates and abstractor maps of an Owl model.
+
+    Args:
+        model: an Owl2 or Owl3 model (``config.model_type`` 'mplug_owl2' / 'mplugowl3').
+        attention: record attention mass per token group for every decoder layer / head / query.
+        gates: Owl3 240728 gate values and text/vision output split (None = if present).
+        abstractor: Owl2 abstractor query→patch maps (None = if present).
+        layers: decoder layers to observe (default: all); others are not even hooked.
+        full_maps: layers whose full probabilities to keep: an int, a list of layers (all queries)
+            or ``{layer: queries}`` with queries None (all), an absolute position, a slice or a list
+            of positions. Stored in ``rec.full_maps[(step, layer, kind)]``.
+        gate_vectors: also keep full gate vectors [B, L, H, D] and both output parts.
+        chunk_bytes: size budget of one score chunk (default: the size of the event's q tensor,
+            clamped to [1 MB, 64 MB]).
+    """
+
+    def __init__(
+        self,
+        model,
+        attention: bool = True,
+        gates: Optional[bool] = None,
+        abstractor: Optional[bool] = None,
+        layers: Optional[Iterable[int]] = None,
+        full_maps=None,
+        gate_vectors: bool = False,
+        chunk_bytes: Optional[int] = None,
+    ):
+        self.model = model
+        self.family = detect_family(model)
+        self._layout_sites = find_sites(model, self.family, "layout")
+        if not self._layout_sites:
+            raise ValueError(f"{type(model).__name__} has no hook_layout point; is it an owl_lab model?")
+        attn_sites = find_sites(model, self.family, "attention")
+        available = [s.index for s in attn_sites]
+        if layers is None:
+            chosen = available
+        else:
+            chosen = sorted({int(i) for i in ([layers] if isinstance(layers, int) else layers)})
+            missing = sorted(set(chosen) - set(available))
+            if missing:
+                raise ValueError(f"layers {missing} do not exist; the decoder has layers {available}")
+        self.layers = chosen
+        self._attn_sites = [s for s in attn_sites if s.index in chosen] if attention else []
+
+        gate_sites = [s for s in find_sites(model, self.family, "gate") if s.index in chosen]
+        has_gates, why = _gated(model, self.family, gate_sites)
+        if gates and not has_gates:
+            raise ValueError(f"gates=True, but the model has no gate to capture: {why}.")
+        self._gate_sites = gate_sites if (gates is not False and has_gates) else []
+
+        abs_sites = find_sites(model, self.family, "abstractor")
+        if abstractor and not abs_sites:
+            raise ValueError(
+                f"abstractor=True, but the model has no visual abstractor ({self.family}; only "
+                "mPLUG-Owl2 has one)."
+            )
+        self._abs_sites = abs_sites if abstractor is not False else []
+        self._full_maps = _parse_full_maps(full_maps, chosen)
+        self.gate_vectors = gate_vectors
+        self.chunk_bytes = chunk_bytes
+        self._handles: list = []
+        self.recording: Optional[Recording] = None
+
+    # ------------------------------------------------------------------ context manager
+    def __enter__(self) -> Recording:
+        if self._handles:
+            raise RuntimeError("this capture is already active")
+        self.recording = Recording(self.family)
+        self._history = SequenceHistory()
+        self._step = -1
+        self._groups: dict = {}
+        try:
+            for site in self._layout_sites:
+                self._handles.append(site.module.register_forward_hook(self._hook_layout))
+            for site in self._attn_sites:
+                self._handles.append(site.module.register_forward_hook(self._hook_attention))
+            for site in self._gate_sites:
+                self._handles.append(site.module.register_forward_hook(self._hook_gate))
+            for site in self._abs_sites:
+                self._handles.append(site.module.register_forward_hook(self._hook_abstractor))
+        except BaseException:
+            self._remove()
+            raise
+        return self.recording
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._remove()
+        rec = self.recording
+        rec.token_kind, rec.image_index = self._history.kind, self._history.image
+        rec._changed()
+        self._history, self._groups = None, {}
+        return False
+
+    def _remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    # ------------------------------------------------------------------ hook bodies
+    def _hook_layout(self, module, args, output):
+        layout = args[0]
+        if not isinstance(layout, SequenceLayout):
+            raise TypeError(f"hook_layout expects a SequenceLayout, got {type(layout).__name__}")
+        self._history.update(layout)
+        self._step += 1
+        self._groups = {}
+        self.recording.n_steps = self._step + 1
+
+    def _hook_attention(self, module, args, output):
+        event = args[0]
+        if not isinstance(event, AttentionEvent) or event.kind not in DECODER_KINDS:
+            raise TypeError(f"decoder hook_attn expects an AttentionEvent of kind {DECODER_KINDS}, got {event!r:.80}")
+        if self._step < 0:
+            raise RuntimeError("an attention event arrived before the model emitted its SequenceLayout")
+        hist = self._history
+        n_img = max(
+            [0, *hist.images_per_sample, int(hist.image.max()) + 1, int(event.key_image.max()) + 1]
+        )
+        cache_key = (event.kind, tuple(event.key_position.shape), n_img)
+        cached = self._groups.get(cache_key)
+        kp, ki = event.key_position.detach().cpu(), event.key_image.detach().cpu()
+        if cached is not None and torch.equal(cached[0], kp) and torch.equal(cached[1], ki):
+            kg = cached[2]
+        else:
+            kg = key_groups(hist, kp, ki, n_img)  # [B, Lk] token-level group ids
+            self._groups[cache_key] = (kp, ki, kg)
+        n_tok = N_TOKEN_FIXED + n_img
+        valid_q = hist.valid_queries(event.query_index)  # [B, Lq]
+        selector_given = event.layer in self._full_maps
+        select = _select_rows(self._full_maps[event.layer], event.query_index) if selector_given else None
+        res = grouped_mass(
+            event.query, event.key, event.scale, event.allowed, kg.to(event.query.device), n_tok,
+            probs=event.probs, row_mask=valid_q, select=select, chunk_bytes=self.chunk_bytes,
+        )
+        coarse = coarsen_to_modality(n_img)  # [G_tok, 3]
+        tok = res.mass.float().cpu()  # [B, H, Lq, G_tok]
+        mass = torch.cat([tok @ coarse, tok], dim=-1)  # [B, H, Lq, 3 + G_tok]: modality level, token level
+        seen_tok = torch.zeros(kg.shape[0], n_tok + 1)
+        seen_tok.scatter_add_(1, torch.where(kg < 0, n_tok, kg), res.seen.cpu().float())
+        seen_tok = seen_tok[:, :n_tok] > 0  # [B, G_tok] groups with a key some valid query may see
+        present = torch.cat([(seen_tok.float() @ coarse) > 0, seen_tok], dim=-1)  # [B, 3 + G_tok]
+        levels, names = group_vocabulary(n_img)
+        rec = self.recording
+        rec.attention_records.append(AttentionRecord(
+            step=self._step, layer=int(event.layer), kind=event.kind, mass=mass,
+            query_index=event.query_index.detach().cpu().long(),
+            valid=valid_q & res.has_keys.cpu(), present=present, levels=levels, groups=names,
+        ))
+        if selector_given:
+            rec.full_maps[(self._step, int(event.layer), event.kind)] = FullMap(
+                probs=res.maps.float().cpu(), query_index=event.query_index.detach().cpu()[select],
+                key_position=kp, key_image=ki, key_group=kg, groups=token_groups(n_img),
+            )
+        rec._changed()
+
+    def _hook_gate(self, module, args, output):
+        event = args[0]
+        if not isinstance(event, GateEvent):
+            raise TypeError(f"hook_gate expects a GateEvent, got {type(event).__name__}")
+        if self._step < 0:
+            valid = torch.ones(event.gate.shape[:2], dtype=torch.bool)
+        else:
+            valid = self._history.valid_queries(event.query_index)
+        self.recording.gate_records.append(summarize_gate(event, max(self._step, 0), valid, self.gate_vectors))
+        self.recording._changed()
+
+    def _hook_abstractor(self, module, args, output):
+        event = args[0]
+        if not isinstance(event, AttentionEvent) or event.kind != "abstractor":
+            raise TypeError(f"abstractor hook_attn expects an AttentionEvent of kind 'abstractor', got {event!r:.80}")
+        calls = self.recording.abstractor_records
+        if not calls or event.layer == 0 or any(r.layer == event.layer for r in calls[-1]):
+            calls.append([])
+        calls[-1].append(summarize_abstractor(event, self.chunk_bytes))
+        self.recording._changed()
+

@@ -1,0 +1,91 @@
+"""Owl3 (240728) adaptive gate: per-token/head gate values and the exact text-vs-vision split.
+
+A gated hyper layer fuses, before ``o_proj``, ``fused = self ⊙ (1 − g) + cross ⊙ g`` on rows that see
+an image (``applied``), and keeps ``fused = self`` elsewhere. ``o_proj`` is linear without bias, so
+the attention output splits exactly into a text part ``o_proj(self ⊙ (1 − g))`` and a vision part
+``o_proj(cross ⊙ g)`` (on non-applied rows: ``o_proj(self)`` and 0), in residual-stream units.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from owl_lab.models.observe import GateEvent
+
+
+@dataclass
+class GateRecord:
+    """What one gated layer produced in one forward call (B = batch, L = rows, H = heads, D = head dim).
+
+    Attributes:
+        step, layer: decode step and decoder layer.
+        query_index: [L] absolute sequence index of each row.
+        valid: [B, L] bool, real (non-pad) rows.
+        applied: [B, L] bool, rows where the fusion was applied.
+        mean: [B, L, H] gate g averaged over the D channels.
+        text_norm, vision_norm: [B, L] L2 norms of ``o_proj(self ⊙ (1 − g))`` and ``o_proj(cross ⊙ g)``.
+        gate: [B, L, H, D] full gate vectors (only with ``gate_vectors=True``).
+        text_out, vision_out: [B, L, hidden] the two parts of the attention output (``gate_vectors=True``).
+    """
+
+    step: int
+    layer: int
+    query_index: torch.Tensor
+    valid: torch.Tensor
+    applied: torch.Tensor
+    mean: torch.Tensor
+    text_norm: torch.Tensor
+    vision_norm: torch.Tensor
+    gate: Optional[torch.Tensor] = None
+    text_out: Optional[torch.Tensor] = None
+    vision_out: Optional[torch.Tensor] = None
+
+
+def _o_proj_linear(o_proj: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # Apply the weight directly: calling the module would run any forward hooks a user put on it.
+    weight = getattr(o_proj, "weight", None)
+    if weight is None:
+        raise ValueError(f"GateEvent.o_proj must be a linear layer with .weight, got {type(o_proj).__name__}")
+    if getattr(o_proj, "bias", None) is not None:
+        raise ValueError("GateEvent.o_proj has a bias: the text/vision split is only exact without one")
+    return F.linear(x, weight.detach().to(x.dtype))
+
+
+@torch.no_grad()
+def summarize_gate(event: GateEvent, step: int, valid: torch.Tensor, keep_vectors: bool = False) -> GateRecord:
+    """Reduce a :class:`GateEvent` to per-head channel means and the text/vision output split.
+
+    Args:
+        event: the gate event (gate, contexts [B, L, H, D], applied [B, L]).
+        step: decode step of the forward call.
+        valid: [B, L] bool real rows (from the layout).
+        keep_vectors: also keep the full gate [B, L, H, D] and both output parts [B, L, hidden].
+    """
+    g = event.gate.detach().float()  # [B, L, H, D]
+    B, L, H, D = g.shape
+    applied = event.applied.detach().bool()  # [B, L]
+    skip = ~applied[..., None, None]  # [B, L, 1, 1] rows where the fusion was not applied
+    # One part at a time, in place, so at most two [B, L, hidden] temporaries are alive.
+    part = torch.sub(1.0, g).mul_(event.self_context.detach().float())  # self ⊙ (1 − g)
+    part = torch.where(skip, event.self_context.detach().float(), part).reshape(B, L, H * D)
+    text_out = _o_proj_linear(event.o_proj, part)  # [B, L, hidden]
+    del part
+    part = (event.cross_context.detach().float() * g).masked_fill_(skip, 0.0).reshape(B, L, H * D)  # cross ⊙ g
+    vision_out = _o_proj_linear(event.o_proj, part)  # [B, L, hidden]
+    del part
+    return GateRecord(
+        step=step,
+        layer=int(event.layer),
+        query_index=event.query_index.detach().cpu().long(),
+        valid=valid.cpu(),
+        applied=applied.cpu(),
+        mean=g.mean(-1).cpu(),
+        text_norm=text_out.norm(dim=-1).cpu(),
+        vision_norm=vision_out.norm(dim=-1).cpu(),
+        gate=g.cpu().clone() if keep_vectors else None,
+        text_out=text_out.cpu() if keep_vectors else None,
+        vision_out=vision_out.cpu() if keep_vectors else None,
+    )
