@@ -1,0 +1,150 @@
+"""The shapes world: a few coloured, patterned objects on a 3 × 3 board, rendered with PIL.
+
+A :class:`Scene` is pure data (what is where); :func:`render` draws it at a *native* resolution
+(default 112 px). Models see it through their processor, which resizes to the model's
+``image_size`` — so a low-resolution model really loses the fine detail, as in the Owl2
+resolution ablation.
+
+Fine detail by construction: ``striped`` and ``checkered`` objects alternate two tones, ``c + d``
+and ``c − d``, in 2-pixel bands (native pixels). Their *mean* colour equals the ``plain``
+colour ``c``, so once an image is downsampled enough (28 px from 112) the three patterns become
+indistinguishable while colour, shape and position survive.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from owl_lab.synth.vocab import COLORS, GRID, PATTERNS, SHAPES, SIZES, position_name
+
+NATIVE_SIZE = 112
+BACKGROUND = (16, 16, 16)
+# mid-range RGB so that c ± PATTERN_DELTA stays inside 0..255 (the pattern's mean stays exactly c)
+RGB = {
+    "red": (210, 60, 60),
+    "green": (60, 170, 60),
+    "blue": (60, 90, 215),
+    "yellow": (215, 200, 50),
+    "purple": (150, 60, 190),
+    "orange": (215, 130, 45),
+    "gray": (150, 150, 150),
+}
+PATTERN_DELTA = 35
+PATTERN_BAND = 2  # native pixels per stripe / checker square
+SIZE_FRACTION = {"small": 0.45, "large": 0.8}  # object diameter as a fraction of a cell
+assert set(RGB) == set(COLORS)
+
+
+@dataclass(frozen=True)
+class Obj:
+    """One object on the board. ``row``/``col`` index the 3 × 3 grid; ``dx``/``dy`` jitter the
+    centre by a fraction of a cell (in [-0.1, 0.1]) so positions are not pixel-identical."""
+
+    shape: str
+    color: str
+    size: str
+    pattern: str
+    row: int
+    col: int
+    dx: float = 0.0
+    dy: float = 0.0
+
+    @property
+    def position(self) -> str:
+        return position_name(self.row, self.col)
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[Obj, ...]
+
+    def at(self, row: int, col: int) -> Obj | None:
+        for o in self.objects:
+            if (o.row, o.col) == (row, col):
+                return o
+        return None
+
+    def sorted(self) -> tuple[Obj, ...]:
+        """Objects in reading order (row-major), the order captions use."""
+        return tuple(sorted(self.objects, key=lambda o: (o.row, o.col)))
+
+
+def sample_scene(rng: random.Random, n_min: int = 1, n_max: int = 4, patterns=PATTERNS) -> Scene:
+    """A scene with ``n_min..n_max`` objects in distinct cells, attributes uniform."""
+    n = rng.randint(n_min, n_max)
+    cells = rng.sample([(r, c) for r in range(GRID) for c in range(GRID)], n)
+    objs = tuple(
+        Obj(
+            shape=rng.choice(SHAPES),
+            color=rng.choice(COLORS),
+            size=rng.choice(SIZES),
+            pattern=rng.choice(patterns),
+            row=r,
+            col=c,
+            dx=rng.uniform(-0.1, 0.1),
+            dy=rng.uniform(-0.1, 0.1),
+        )
+        for r, c in cells
+    )
+    return Scene(objs)
+
+
+def _shape_mask(obj: Obj, size: int) -> np.ndarray:
+    """Boolean [size, size] mask of one object's pixels."""
+    cell = size / GRID
+    cx = (obj.col + 0.5 + obj.dx) * cell
+    cy = (obj.row + 0.5 + obj.dy) * cell
+    r = SIZE_FRACTION[obj.size] * cell / 2
+    canvas = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(canvas)
+    if obj.shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+    elif obj.shape == "square":
+        s = r * 0.85  # same visual area as the circle, roughly
+        draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=255)
+    elif obj.shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=255)
+    elif obj.shape == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=255)
+    else:
+        raise ValueError(f"unknown shape {obj.shape!r}; expected one of {SHAPES}")
+    return np.asarray(canvas) > 127
+
+
+@lru_cache(maxsize=16)
+def _pattern_sign(pattern: str, size: int) -> np.ndarray:
+    """[size, size] int array of +1/-1 (0 for plain): which tone each pixel of a pattern takes."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    if pattern == "plain":
+        return np.zeros((size, size), dtype=np.int32)
+    if pattern == "striped":  # horizontal bands
+        return np.where((yy // PATTERN_BAND) % 2 == 0, 1, -1).astype(np.int32)
+    if pattern == "checkered":
+        return np.where(((yy // PATTERN_BAND) + (xx // PATTERN_BAND)) % 2 == 0, 1, -1).astype(np.int32)
+    raise ValueError(f"unknown pattern {pattern!r}; expected one of {PATTERNS}")
+
+
+def render(scene: Scene, size: int = NATIVE_SIZE) -> Image.Image:
+    """Draw a scene as an RGB PIL image of ``size × size`` pixels (deterministic).
+
+    Each object's pixels take its colour ``c`` plus ``PATTERN_DELTA × sign`` of its pattern
+    (sign ±1 in 2-pixel bands, 0 for plain), so the pattern's mean is exactly ``c``.
+    """
+    if size < 2 * GRID * PATTERN_BAND:
+        raise ValueError(f"render size must be at least {2 * GRID * PATTERN_BAND} px, got {size}")
+    img = np.empty((size, size, 3), dtype=np.int32)
+    img[:] = BACKGROUND
+    for obj in scene.objects:
+        mask = _shape_mask(obj, size)
+        sign = _pattern_sign(obj.pattern, size)[mask]  # [n_pixels]
+        img[mask] = np.asarray(RGB[obj.color], dtype=np.int32)[None, :] + PATTERN_DELTA * sign[:, None]
+    return Image.fromarray(img.clip(0, 255).astype(np.uint8), mode="RGB")
+
+
+def caption(scene: Scene) -> str:
+    """Reading-order caption, e.g. ``"red circle top left, blue square center"``."""
+    return ", ".join(f"{o.color} {o.shape} {o.position}" for o in scene.sorted())

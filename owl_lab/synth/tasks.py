@@ -1,0 +1,212 @@
+"""Question generators over the shapes world and the text-only tasks.
+
+Every generator takes a ``random.Random`` and returns an :class:`Example`: the raw user message
+(with one ``<|image|>`` placeholder per image; the processor adds the chat template), the PIL
+images, and the exact answer string. Answers are short closed-vocabulary strings, so exact match
+is well defined.
+
+Task families (names are the keys of :data:`TASKS`):
+
+* single-image questions — ``color shape count position exist size pattern caption`` on scenes
+  of 1–4 objects, ``dense_color dense_shape`` on crowded scenes of 5–8 objects (the setting
+  where few abstractor queries cannot carry every object);
+* ``pattern`` is the fine-detail task (needs resolution, see :mod:`owl_lab.synth.shapes`);
+* text-only — ``add sub compare greater next parity`` (the "text benchmark");
+* multi-image — ``multi`` (see :mod:`owl_lab.synth.multi`).
+"""
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from owl_lab.synth.shapes import NATIVE_SIZE, Scene, caption, render, sample_scene
+from owl_lab.synth.vocab import COLORS, GRID, IMAGE_PLACEHOLDER, SHAPES, position_name
+
+# scene sizes: ordinary scenes vs crowded ones
+N_OBJECTS = (1, 4)
+N_OBJECTS_DENSE = (5, 8)
+N_OBJECTS_CAPTION = (1, 3)
+
+
+@dataclass
+class Example:
+    """One prompt/answer pair. ``text`` is the user message (no template)."""
+
+    task: str
+    text: str
+    answer: str
+    images: list[Image.Image] = field(default_factory=list)
+    scenes: list[Scene] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+
+# --- scene questions (return (question, answer) for a scene, or None if not askable) ------------
+
+def _unique(scene: Scene, key) -> list:
+    counts = Counter(key(o) for o in scene.objects)
+    return [o for o in scene.objects if counts[key(o)] == 1]
+
+
+def q_color(rng, scene):
+    objs = _unique(scene, lambda o: o.shape)
+    if not objs:
+        return None
+    o = rng.choice(objs)
+    return f"What color is the {o.shape}?", o.color
+
+
+def q_shape(rng, scene):
+    empty = [(r, c) for r in range(GRID) for c in range(GRID) if scene.at(r, c) is None]
+    if empty and rng.random() < 0.2:  # sometimes ask about an empty cell ("nothing")
+        r, c = rng.choice(empty)
+    else:
+        o = rng.choice(scene.objects)
+        r, c = o.row, o.col
+    o = scene.at(r, c)
+    return f"What shape is at the {position_name(r, c)}?", (o.shape if o else "nothing")
+
+
+def q_count(rng, scene):
+    if rng.random() < 0.5:
+        return "How many objects are there?", str(len(scene.objects))
+    # mostly a colour that is present, so the answer is not usually 0
+    color = rng.choice(COLORS if rng.random() < 0.3 else sorted({o.color for o in scene.objects}))
+    return f"How many {color} objects are there?", str(sum(o.color == color for o in scene.objects))
+
+
+def q_position(rng, scene):
+    objs = _unique(scene, lambda o: (o.color, o.shape))
+    if not objs:
+        return None
+    o = rng.choice(objs)
+    return f"Where is the {o.color} {o.shape}?", o.position
+
+
+def q_exist(rng, scene):
+    present = {(o.color, o.shape) for o in scene.objects}
+    if rng.random() < 0.5:  # balanced yes / no
+        color, shape = rng.choice(sorted(present))
+    else:
+        absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
+        color, shape = rng.choice(absent)
+    return f"Is there a {color} {shape}?", ("yes" if (color, shape) in present else "no")
+
+
+def q_size(rng, scene):
+    objs = _unique(scene, lambda o: (o.color, o.shape))
+    if not objs:
+        return None
+    o = rng.choice(objs)
+    return f"What size is the {o.color} {o.shape}?", o.size
+
+
+def q_pattern(rng, scene):
+    objs = _unique(scene, lambda o: o.shape)
+    if not objs:
+        return None
+    o = rng.choice(objs)
+    return f"What pattern is the {o.shape}?", o.pattern
+
+
+def q_caption(rng, scene):
+    return "Describe the image.", caption(scene)
+
+
+def q_dense_color(rng, scene):
+    o = rng.choice(scene.objects)
+    return f"What color is the object at the {o.position}?", o.color
+
+
+SCENE_QUESTIONS = {
+    "color": (q_color, N_OBJECTS),
+    "shape": (q_shape, N_OBJECTS),
+    "count": (q_count, N_OBJECTS),
+    "position": (q_position, N_OBJECTS),
+    "exist": (q_exist, N_OBJECTS),
+    "size": (q_size, N_OBJECTS),
+    "pattern": (q_pattern, N_OBJECTS),
+    "caption": (q_caption, N_OBJECTS_CAPTION),
+    "dense_color": (q_dense_color, N_OBJECTS_DENSE),
+    "dense_shape": (q_shape, N_OBJECTS_DENSE),
+}
+
+
+def scene_question(rng: random.Random, kind: str, n_objects=None) -> tuple[Scene, str, str]:
+    """Sample a scene on which question ``kind`` is askable; return (scene, question, answer)."""
+    fn, default_n = SCENE_QUESTIONS[kind]
+    lo, hi = n_objects or default_n
+    while True:
+        scene = sample_scene(rng, lo, hi)
+        qa = fn(rng, scene)
+        if qa is not None:
+            return (scene, *qa)
+
+
+def make_image_task(kind: str):
+    def generate(rng: random.Random, render_size: int = NATIVE_SIZE, n_objects=None, **_) -> Example:
+        scene, question, answer = scene_question(rng, kind, n_objects)
+        return Example(kind, f"{IMAGE_PLACEHOLDER}{question}", answer, [render(scene, render_size)], [scene])
+
+    generate.__name__ = f"task_{kind}"
+    return generate
+
+
+# --- text-only tasks -----------------------------------------------------------------------------
+
+def t_add(rng):
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    return f"What is {a} plus {b}?", str(a + b)
+
+
+def t_sub(rng):
+    a = rng.randint(0, 18)
+    b = rng.randint(0, a)
+    return f"What is {a} minus {b}?", str(a - b)
+
+
+def t_compare(rng):
+    a, b = rng.sample(range(31), 2)
+    if rng.random() < 0.5:
+        return f"Which is larger, {a} or {b}?", str(max(a, b))
+    return f"Which is smaller, {a} or {b}?", str(min(a, b))
+
+
+def t_greater(rng):
+    a, b = rng.sample(range(31), 2)
+    if rng.random() < 0.5:
+        return f"Is {a} greater than {b}?", ("yes" if a > b else "no")
+    return f"Is {a} less than {b}?", ("yes" if a < b else "no")
+
+
+def t_next(rng):
+    if rng.random() < 0.5:
+        n = rng.randint(0, 63)
+        return f"What number comes after {n}?", str(n + 1)
+    n = rng.randint(1, 64)
+    return f"What number comes before {n}?", str(n - 1)
+
+
+def t_parity(rng):
+    n = rng.randint(0, 64)
+    return f"Is {n} even or odd?", ("even" if n % 2 == 0 else "odd")
+
+
+TEXT_QUESTIONS = {"add": t_add, "sub": t_sub, "compare": t_compare, "greater": t_greater,
+                  "next": t_next, "parity": t_parity}
+
+
+def make_text_task(kind: str):
+    def generate(rng: random.Random, **_) -> Example:
+        question, answer = TEXT_QUESTIONS[kind](rng)
+        return Example(kind, question, answer)
+
+    generate.__name__ = f"task_{kind}"
+    return generate
+
+
+IMAGE_TASKS = tuple(SCENE_QUESTIONS)
+TEXT_TASKS = tuple(TEXT_QUESTIONS)
+TASKS = {k: make_image_task(k) for k in IMAGE_TASKS} | {k: make_text_task(k) for k in TEXT_TASKS}
