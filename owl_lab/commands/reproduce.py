@@ -1,0 +1,29 @@
+"""``owl-lab reproduce``: retrain every shipped checkpoint from its recipe (one after another)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from owl_lab import zoo
+
+
+def add_arguments(parser):
+    parser.add_argument("names", nargs="*", help="recipes to retrain (default: every recipe with \"ship\": true)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write checkpoints under this folder instead of data/checkpoints")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args) -> int:
+    from owl_lab.train import load_recipe, shipped_recipes, train
+
+    names = args.names or shipped_recipes()
+    root = args.out or zoo.checkpoints_dir()
+    start = time.perf_counter()
+    for i, name in enumerate(names, 1):
+        recipe = load_recipe(name)
+        print(f"[{i}/{len(names)}] {name}")
+        m = train(recipe, root / recipe["name"], progress=not args.quiet)
+        print(f"  image {m.get('image_accuracy')}  text {m.get('text_accuracy')}  {m['train_seconds']} s")
+    print(f"retrained {len(names)} checkpoint(s) in {time.perf_counter() - start:.0f} s into {root}")
+    return 0

@@ -1,0 +1,222 @@
+"""Train a tiny Owl from a recipe (``data/recipes/<name>.json``) and ship it as a checkpoint.
+
+A recipe names the family, the model config, the world options, one or more training *stages*
+(task mix, steps, batch size, lr, schedule, frozen parameters) and the held-out evaluation. Variants
+``"extends"`` a base recipe and override only what differs (dicts merge recursively; lists and
+scalars replace). See ``data/recipes/README.md``.
+
+The loop is family-agnostic through the processor/model contract::
+
+    batch = processor(text=[...], images=[[...], ...], answers=[...])   # labels on answer + eos
+    loss = model(**batch).loss
+
+Reproducibility: ``torch.manual_seed(seed)`` before building the model, every example drawn from
+its own string-seeded RNG (:mod:`owl_lab.synth.data`), deterministic CPU kernels and a fixed thread
+count ⇒ two runs with one seed give the same losses.
+
+Outputs in the checkpoint directory: ``config.json``, ``model.safetensors``, tokenizer files
+(processor.save_pretrained), ``recipe.json`` (the resolved recipe), ``metrics.json``,
+``loss_curve.json``.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from owl_lab import zoo
+from owl_lab.evaluate import collate, evaluate
+from owl_lab.synth.data import Mixture
+from owl_lab.synth.tokenizer import build_tokenizer
+
+FAMILIES = ("owl2", "owl3")
+
+
+# --- recipes -----------------------------------------------------------------------------------
+
+def recipes_dir() -> Path:
+    return zoo.data_dir() / "recipes"
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def load_recipe(name_or_path: str | Path) -> dict:
+    """Read a recipe by name (``data/recipes/<name>.json``) or path and resolve ``extends``."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = recipes_dir() / f"{name_or_path}.json"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in recipes_dir().glob("*.json"))) or "(none)"
+        raise FileNotFoundError(f"No recipe {str(name_or_path)!r}; known recipes: {known}")
+    recipe = json.loads(path.read_text())
+    parent = recipe.pop("extends", None)
+    if parent:
+        recipe = _merge(load_recipe(path.parent / f"{parent}.json"), recipe)
+    recipe.setdefault("name", path.stem)
+    missing = [k for k in ("family", "config", "stages") if k not in recipe]
+    if missing or recipe["family"] not in FAMILIES:
+        raise ValueError(f"recipe {path}: needs keys family ∈ {FAMILIES}, config, stages; missing {missing}, "
+                         f"family={recipe.get('family')!r}")
+    return recipe
+
+
+def shipped_recipes() -> list[str]:
+    """Names of recipes whose checkpoints are shipped (``"ship": true``)."""
+    names = []
+    for p in sorted(recipes_dir().glob("*.json")):
+        if json.loads(p.read_text()).get("ship", False):
+            names.append(p.stem)
+    return names
+
+
+# --- the family plug-in ------------------------------------------------------------------------
+
+def family_classes(family: str):
+    """(Config, Model, Processor) classes exported by ``owl_lab.models.<family>``."""
+    module = importlib.import_module(f"owl_lab.models.{family}")
+    prefix = family.capitalize()  # Owl2 / Owl3
+    return (getattr(module, f"{prefix}Config"), getattr(module, f"{prefix}ForCausalLM"),
+            getattr(module, f"{prefix}Processor"))
+
+
+def build(recipe: dict):
+    """Fresh (model, processor) for a recipe: the config's vocab and special ids come from the tokenizer."""
+    family = recipe["family"]
+    Config, Model, Processor = family_classes(family)
+    tokenizer = build_tokenizer(family)
+    ids = dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    config = Config(**{**recipe["config"], **ids})
+    torch.manual_seed(recipe.get("seed", 0))
+    model = Model(config)
+    processor = Processor.from_config(config, tokenizer) if hasattr(Processor, "from_config") else \
+        Processor(tokenizer=tokenizer, image_size=config.image_size)
+    return model, processor
+
+
+# --- optimisation ------------------------------------------------------------------------------
+
+def lr_factor(step: int, steps: int, warmup: int, schedule: str, final: float) -> float:
+    """Linear warm-up, then ``cosine`` or ``linear`` decay to ``final`` × peak (or ``constant``)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    if schedule == "cosine":
+        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * t))
+    if schedule == "linear":
+        return final + (1 - final) * (1 - t)
+    if schedule == "constant":
+        return 1.0
+    raise ValueError(f"schedule must be cosine, linear or constant; got {schedule!r}")
+
+
+def _set_trainable(model, frozen: list[str]) -> list[torch.nn.Parameter]:
+    """Freeze parameters whose name matches any regex in ``frozen``; return the trainable ones."""
+    patterns = [re.compile(p) for p in frozen]
+    if patterns:
+        names = [n for n, _ in model.named_parameters()]
+        for p in patterns:
+            if not any(p.match(n) for n in names):
+                raise ValueError(f"freeze pattern {p.pattern!r} matches no parameter (e.g. {names[:3]})")
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(not any(pat.match(name) for pat in patterns))
+        if p.requires_grad:
+            params.append(p)
+    return params
+
+
+def train(recipe: dict, out_dir: Path | None = None, *, progress: bool = True, evaluate_after: bool = True,
+          steps_override: int | None = None, callback=None, callback_every: int = 0) -> dict:
+    """Run a recipe; save the checkpoint to ``out_dir`` (if given); return the metrics dict.
+
+    ``callback(global_step, model, processor)`` runs every ``callback_every`` steps (experiments,
+    e.g. a held-out accuracy curve); the model is put back in train mode afterwards.
+    """
+    torch.set_num_threads(recipe.get("threads", 1))  # 1 thread: tiny ops lose more to
+    # OpenMP synchronisation than they gain, badly so when other processes share the cores
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    seed = recipe.get("seed", 0)
+    model, processor = build(recipe)
+    world = recipe.get("world", {})
+    history: dict[str, list] = {"step": [], "loss": [], "lr": [], "stage": []}
+    global_step, start = 0, time.perf_counter()
+    model.train()
+    for si, stage in enumerate(recipe["stages"]):
+        steps = steps_override or stage["steps"]
+        params = _set_trainable(model, stage.get("freeze", []))
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": stage.get("weight_decay", 0.01)},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=stage["lr"], betas=tuple(stage.get("betas", (0.9, 0.98))), eps=1e-6,
+        )
+        warmup = min(stage.get("warmup", 100), steps // 4 or 1)
+        mix = Mixture(stage["tasks"], seed=f"{seed}.{si}", **{**world, **stage.get("world", {})})
+        bar = tqdm(mix.batches(stage["batch_size"], steps), total=steps, disable=not progress,
+                   desc=f"{recipe['name']} stage {si + 1}/{len(recipe['stages'])}", mininterval=2.0)
+        for step, examples in enumerate(bar):
+            for group in opt.param_groups:
+                group["lr"] = stage["lr"] * lr_factor(step, steps, warmup, stage.get("schedule", "cosine"),
+                                                      stage.get("final_lr_fraction", 0.05))
+            loss = model(**collate(processor, examples)).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, stage.get("grad_clip", 1.0))
+            opt.step()
+            history["step"].append(global_step)
+            history["loss"].append(round(loss.item(), 5))
+            history["lr"].append(float(f"{opt.param_groups[0]['lr']:.4g}"))
+            history["stage"].append(si)
+            global_step += 1
+            if callback is not None and callback_every and global_step % callback_every == 0:
+                model.eval()
+                callback(global_step, model, processor)
+                model.train()
+            if progress and step % 20 == 0:
+                bar.set_postfix(loss=f"{sum(history['loss'][-20:]) / len(history['loss'][-20:]):.4f}")
+    train_seconds = time.perf_counter() - start
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+    tail = history["loss"][-50:]
+    metrics = {
+        "name": recipe["name"],
+        "family": recipe["family"],
+        "steps": global_step,
+        "final_loss": round(sum(tail) / len(tail), 5),
+        "first_loss": history["loss"][0],
+        "params": sum(p.numel() for p in model.parameters()),
+        "train_seconds": round(train_seconds, 1),
+        "threads": torch.get_num_threads(),
+    }
+    if evaluate_after:
+        metrics.update(evaluate(model, processor, recipe, progress=progress))
+    if out_dir is not None:
+        save(model, processor, recipe, metrics, history, Path(out_dir))
+    metrics["_model"], metrics["_processor"], metrics["_history"] = model, processor, history
+    return metrics
+
+
+def save(model, processor, recipe: dict, metrics: dict, history: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    (out_dir / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    public = {k: v for k, v in metrics.items() if not k.startswith("_")}
+    (out_dir / "metrics.json").write_text(json.dumps(public, indent=2) + "\n")
+    (out_dir / "loss_curve.json").write_text(json.dumps(history) + "\n")
