@@ -51,7 +51,7 @@ def branch_divergence(model) -> "list[dict]":
     ``|W_vision - W_text| / |W_text|`` per multiway module (0 = identical branches)."""
     rows = []
     for name, m in multiway_modules(model):
-        a, b = m.multiway[0].weight, m.multiway[1].weight
+        a, b = m.multiway[0].weight.detach(), m.multiway[1].weight.detach()
         parts = name.split(".")
         layer = int(parts[parts.index("layers") + 1])
         rows.append({"layer": layer, "module": parts[-1],
