@@ -51,7 +51,6 @@ def summarize_abstractor(event: AttentionEvent, chunk_bytes=None) -> AbstractorR
     q = event.query
     N, H, Q, _ = q.shape
     key_image = event.key_image.detach().to("cpu", torch.long)  # [N, Lk]
-    Lk = key_image.shape[1]
     ids = key_image[0]
     if not bool((key_image == ids).all()):
         raise ValueError("abstractor key layout must be the same for every image")

@@ -17,14 +17,16 @@ Only one chunk tensor is alive at a time. Its default size is the event's own q 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 _MIN_AUTO_BYTES = 1 << 20
 _MAX_AUTO_BYTES = 8 << 20
-_MAX_RUNS = 24  # above this many contiguous runs per sample, reduce with a one-hot matmul instead
+_LOOP_RUNS = 8  # up to this many contiguous runs per sample: one sum per run; else reduceat / one-hot
+REDUCERS = ("auto", "loop", "reduceat", "onehot")
 
 
 @dataclass
@@ -42,7 +44,7 @@ class MassResult:
     mass: torch.Tensor
     has_keys: torch.Tensor
     seen: torch.Tensor
-    maps: Optional[torch.Tensor] = None
+    maps: torch.Tensor | None = None
 
 
 def chunk_rows(batch: int, heads: int, n_keys: int, budget_bytes: int, elem_bytes: int = 4) -> int:
@@ -51,26 +53,41 @@ def chunk_rows(batch: int, heads: int, n_keys: int, budget_bytes: int, elem_byte
     return max(1, budget_bytes // per_row)
 
 
-def group_runs(key_group: torch.Tensor) -> list[list[tuple[int, int, int]]]:
-    """Per sample, the maximal runs ``(start, end, group)`` of equal group id (group ≥ 0 only)."""
+def group_runs(key_group: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per sample, the maximal runs of equal group id (group ≥ 0 only) as arrays (start, end, group)."""
     runs = []
-    for row in key_group.tolist():
-        out, start = [], 0
-        for k in range(1, len(row) + 1):
-            if k == len(row) or row[k] != row[start]:
-                if row[start] >= 0:
-                    out.append((start, k, row[start]))
-                start = k
-        runs.append(out)
+    for row in key_group.cpu().numpy():
+        change = np.flatnonzero(np.diff(row)) + 1
+        starts = np.concatenate([[0], change])
+        ends = np.concatenate([change, [row.size]])
+        keep = row[starts] >= 0 if row.size else np.zeros(0, dtype=bool)
+        runs.append((starts[keep], ends[keep], row[starts[keep]]))
     return runs
 
 
-def _reduce_runs(p, runs_b, k0, k1, out_b):
-    """out_b [H, c, G] += Σ over each run of p [H, c, Lk'] (columns k0..k1 of the keys)."""
-    for s, e, g in runs_b:
-        s, e = max(s, k0), min(e, k1)
-        if s < e:
-            out_b[..., g] += p[..., s - k0 : e - k0].sum(-1)
+def _reduce_runs(p, runs_b, k0, k1, out_b, reducer: str) -> None:
+    """out_b [H, c, G] += Σ over each run of p [H, c, Lk'] (p holds key columns k0..k1-1).
+
+    ``loop``: one vectorised sum per run (best for a handful of runs). ``reduceat``: all runs in one
+    pass with numpy's ``add.reduceat`` over the run boundaries (CPU; many runs, e.g. 64 images).
+    """
+    starts, ends, groups = runs_b
+    s, e = np.maximum(starts, k0) - k0, np.minimum(ends, k1) - k0  # clip the runs to the chunk's keys
+    inside = s < e
+    s, e, groups = s[inside], e[inside], groups[inside]
+    if reducer == "auto":
+        reducer = "loop" if s.size <= _LOOP_RUNS else "reduceat"
+    if reducer == "loop":
+        for si, ei, gi in zip(s.tolist(), e.tolist(), groups.tolist(), strict=True):
+            out_b[..., gi] += p[..., si:ei].sum(-1)
+        return
+    if s.size == 0:
+        return
+    H, c, width = p.shape
+    bounds = np.unique(np.concatenate([s, e[e < width]]))  # every run starts a segment
+    sums = np.add.reduceat(p.reshape(H * c, width).numpy(), bounds, axis=1)  # [H*c, n_segments]
+    picked = torch.from_numpy(sums[:, np.searchsorted(bounds, s)])  # [H*c, n_runs]
+    out_b.index_add_(-1, torch.from_numpy(groups), picked.view(H, c, -1))
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -81,17 +98,17 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 @torch.no_grad()
 def grouped_mass(
     query: torch.Tensor,
-    key: Optional[torch.Tensor],
+    key: torch.Tensor | None,
     scale: float,
     allowed: Callable[[int, int], torch.Tensor],
     key_group: torch.Tensor,
     n_groups: int,
     *,
-    probs: Optional[torch.Tensor] = None,
-    row_mask: Optional[torch.Tensor] = None,
-    select: Optional[torch.Tensor] = None,
-    chunk_bytes: Optional[int] = None,
-    max_runs: int = _MAX_RUNS,
+    probs: torch.Tensor | None = None,
+    row_mask: torch.Tensor | None = None,
+    select: torch.Tensor | None = None,
+    chunk_bytes: int | None = None,
+    reduce: str = "auto",
 ) -> MassResult:
     """Softmax mass per key group for every query, exact and query-chunked.
 
@@ -109,8 +126,9 @@ def grouped_mass(
         select: [n_sel] long local query rows whose full probability rows are returned in ``maps``.
         chunk_bytes: size budget of one score chunk; default = the size of ``query`` clamped to
             [1 MB, 8 MB].
-        max_runs: reduce by contiguous runs when no sample has more than this many, else by a
-            one-hot matmul (both exact; the knob exists for tests and tuning).
+        reduce: how probabilities are summed into groups — ``loop`` (one sum per contiguous run),
+            ``reduceat`` (all runs at once, CPU), ``onehot`` (one matmul) or ``auto`` (loop for
+            few runs, else reduceat on CPU / onehot elsewhere). All exact; a knob for tests/tuning.
 
     Returns:
         :class:`MassResult` with ``mass`` [B, H, Lq, G] in fp32 (fp64 for fp64 inputs).
@@ -128,10 +146,13 @@ def grouped_mass(
         raise ValueError(f"probs must be [B, H, Lq, Lk] = {(B, H, Lq, Lk)}, got {tuple(probs.shape)}")
     cdtype = _compute_dtype(query if probs is None else probs)
     G = int(n_groups)
-    runs = group_runs(key_group.cpu())
-    use_runs = max((len(r) for r in runs), default=0) <= max_runs
+    runs = group_runs(key_group)
+    if reduce not in REDUCERS:
+        raise ValueError(f"reduce must be one of {REDUCERS}, got {reduce!r}")
+    if reduce in ("auto", "reduceat") and device.type != "cpu":
+        reduce = "onehot"  # reduceat runs in numpy
     onehot = None
-    if not use_runs:  # [B, G, Lk]: keys with group -1 get an all-zero column
+    if reduce == "onehot":  # [B, G, Lk]: keys with group -1 get an all-zero column
         kg = key_group.to(device, torch.long)
         onehot = torch.zeros(B, G + 1, Lk, dtype=cdtype, device=device)
         onehot.scatter_(1, torch.where(kg < 0, G, kg).unsqueeze(1), 1.0)
@@ -185,9 +206,9 @@ def grouped_mass(
             # In place (out= aliases the input): the row-wise kernel reads a row before writing it;
             # tests compare against a materialised softmax. Rows without keys become NaN, zeroed below.
             torch.softmax(p, dim=-1, out=p)
-        if use_runs:
+        if reduce != "onehot":
             for b in range(B):
-                _reduce_runs(p[b], runs[b], k0, k1, mass[b, :, q0:q1])
+                _reduce_runs(p[b], runs[b], k0, k1, mass[b, :, q0:q1], reduce)
         else:
             sums = torch.matmul(onehot[:, :, k0:k1], p.reshape(B, H * c, k1 - k0).transpose(1, 2))  # [B, G, H*c]
             mass[:, :, q0:q1] = sums.view(B, G, H, c).permute(0, 2, 3, 1)

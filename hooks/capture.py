@@ -16,7 +16,6 @@ Arguments ``gates`` and ``abstractor``: ``None`` (default) = capture it if the m
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Optional, Union
 
 import torch
 
@@ -24,6 +23,7 @@ from hooks.abstractor import summarize_abstractor
 from hooks.attention import grouped_mass
 from hooks.gates import summarize_gate
 from hooks.groups import (
+    MODALITY_GROUPS,
     N_TOKEN_FIXED,
     SequenceHistory,
     coarsen_to_modality,
@@ -36,7 +36,7 @@ from hooks.recording import AttentionRecord, FullMap, Recording
 from owl_lab.models.observe import AttentionEvent, GateEvent, SequenceLayout
 
 DECODER_KINDS = ("self", "cross", "joint")
-QuerySelector = Union[None, int, slice, Iterable]
+QuerySelector = None | int | slice | Iterable
 
 
 def _gated(model, family: str, gate_sites) -> tuple[bool, str]:
@@ -95,19 +95,19 @@ class capture:
             of positions. Stored in ``rec.full_maps[(step, layer, kind)]``.
         gate_vectors: also keep full gate vectors [B, L, H, D] and both output parts.
         chunk_bytes: size budget of one score chunk (default: the size of the event's q tensor,
-            clamped to [1 MB, 64 MB]).
+            clamped to [1 MB, 8 MB]).
     """
 
     def __init__(
         self,
         model,
         attention: bool = True,
-        gates: Optional[bool] = None,
-        abstractor: Optional[bool] = None,
-        layers: Optional[Iterable[int]] = None,
+        gates: bool | None = None,
+        abstractor: bool | None = None,
+        layers: Iterable[int] | None = None,
         full_maps=None,
         gate_vectors: bool = False,
-        chunk_bytes: Optional[int] = None,
+        chunk_bytes: int | None = None,
     ):
         self.model = model
         self.family = detect_family(model)
@@ -143,7 +143,7 @@ class capture:
         self.gate_vectors = gate_vectors
         self.chunk_bytes = chunk_bytes
         self._handles: list = []
-        self.recording: Optional[Recording] = None
+        self.recording: Recording | None = None
 
     # ------------------------------------------------------------------ context manager
     def __enter__(self) -> Recording:
@@ -207,22 +207,35 @@ class capture:
         else:
             kg = key_groups(hist, kp, ki, n_img)  # [B, Lk] token-level group ids
             self._groups[cache_key] = (kp, ki, kg)
-        n_tok = N_TOKEN_FIXED + n_img
+        # Compute only the token groups that have keys in this call (Owl3 self-attention has no
+        # image keys, so 64 images would otherwise mean 64 all-zero columns per layer).
+        used = torch.unique(kg[kg >= 0])  # sorted token-group ids present among the keys
+        compact = torch.full((N_TOKEN_FIXED + n_img,), -1, dtype=torch.long)
+        compact[used] = torch.arange(used.numel())
+        kg_used = torch.where(kg >= 0, compact[kg.clamp(min=0)], -1)  # [B, Lk] ids into `used`
         valid_q = hist.valid_queries(event.query_index)  # [B, Lq]
         selector_given = event.layer in self._full_maps
         select = _select_rows(self._full_maps[event.layer], event.query_index) if selector_given else None
         res = grouped_mass(
-            event.query, event.key, event.scale, event.allowed, kg.to(event.query.device), n_tok,
+            event.query, event.key, event.scale, event.allowed, kg_used.to(event.query.device), used.numel(),
             probs=event.probs, row_mask=valid_q, select=select, chunk_bytes=self.chunk_bytes,
         )
-        coarse = coarsen_to_modality(n_img)  # [G_tok, 3]
-        tok = res.mass.float().cpu()  # [B, H, Lq, G_tok]
-        mass = torch.cat([tok @ coarse, tok], dim=-1)  # [B, H, Lq, 3 + G_tok]: modality level, token level
-        seen_tok = torch.zeros(kg.shape[0], n_tok + 1)
-        seen_tok.scatter_add_(1, torch.where(kg < 0, n_tok, kg), res.seen.cpu().float())
-        seen_tok = seen_tok[:, :n_tok] > 0  # [B, G_tok] groups with a key some valid query may see
-        present = torch.cat([(seen_tok.float() @ coarse) > 0, seen_tok], dim=-1)  # [B, 3 + G_tok]
-        levels, names = group_vocabulary(n_img)
+        tok = res.mass.float().cpu()  # [B, H, Lq, G_used]
+        seen = torch.zeros(kg.shape[0], used.numel() + 1)
+        seen.scatter_add_(1, torch.where(kg_used < 0, used.numel(), kg_used), res.seen.cpu().float())
+        seen = seen[:, :-1] > 0  # [B, G_used] groups with a key some valid query may see
+        coarse = coarsen_to_modality(n_img)[used]  # [G_used, 3] token group → modality group
+        mod_used = coarse.sum(0) > 0
+        coarse = coarse[:, mod_used]
+        mass = torch.cat([tok @ coarse, tok], dim=-1)  # [B, H, Lq, G]: modality level, then token level
+        present = torch.cat([(seen.float() @ coarse) > 0, seen], dim=-1)  # [B, G]
+        all_levels, all_names = group_vocabulary(n_img)
+        n_mod = len(MODALITY_GROUPS)
+        cols = [i for i in range(n_mod) if mod_used[i]] + [n_mod + int(g) for g in used]
+        keep = present.any(0)  # drop groups no sample reports (e.g. pad keys nobody attends)
+        mass, present = mass[..., keep], present[:, keep]
+        levels = [all_levels[c] for c, k in zip(cols, keep.tolist(), strict=True) if k]
+        names = [all_names[c] for c, k in zip(cols, keep.tolist(), strict=True) if k]
         rec = self.recording
         rec.attention_records.append(AttentionRecord(
             step=self._step, layer=int(event.layer), kind=event.kind, mass=mass,

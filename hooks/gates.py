@@ -8,7 +8,6 @@ the attention output splits exactly into a text part ``o_proj(self ⊙ (1 − g)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,9 +38,9 @@ class GateRecord:
     mean: torch.Tensor
     text_norm: torch.Tensor
     vision_norm: torch.Tensor
-    gate: Optional[torch.Tensor] = None
-    text_out: Optional[torch.Tensor] = None
-    vision_out: Optional[torch.Tensor] = None
+    gate: torch.Tensor | None = None
+    text_out: torch.Tensor | None = None
+    vision_out: torch.Tensor | None = None
 
 
 def _o_proj_linear(o_proj: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

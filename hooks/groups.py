@@ -14,6 +14,11 @@ sum to 1 for every query):
   ``image:i`` (sample-relative image i: Owl2 rows, Owl3 image keys) · ``generated`` (tokens fed
   back during ``generate`` decode steps) · ``pad``.
 
+The token level is the finest partition; the modality level is computed from it (image:i → visual,
+pad → pad, everything else → text), so the two levels always agree. Owl3 placeholders: only the
+*first* token of each ``<|image|>`` placeholder is known to the model (``s_n``), so only that token
+is ``placeholder``; further BPE pieces of a multi-token placeholder count as ``question``.
+
 The group of a sequence position comes from the :class:`SequenceLayout` history (token kind, image
 index, first real token); keys outside the sequence (``key_position == -1``) are image keys whose
 image is ``key_image``.

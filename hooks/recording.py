@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -27,7 +26,8 @@ class AttentionRecord:
         valid: [B, Lq] bool, rows kept: real (non-pad) queries with at least one allowed key.
         present: [B, G] bool, groups reported for a sample (some key of the group was allowed for
             some valid query). Groups of one ``level`` partition those keys.
-        levels, groups: the G level and group names.
+        levels, groups: the G level and group names (only groups some sample reports, modality
+            level first: e.g. Owl3 self-attention has no ``visual``/``image:i`` column).
     """
 
     step: int
@@ -39,6 +39,14 @@ class AttentionRecord:
     present: torch.Tensor
     levels: list
     groups: list
+
+    def group_index(self, group: str, level: str | None = None) -> int:
+        """Index of ``group`` along the last axis of ``mass`` (``pad`` exists at both levels:
+        without ``level``, the modality-level one)."""
+        for i, (lv, name) in enumerate(zip(self.levels, self.groups, strict=True)):
+            if name == group and level in (None, lv):
+                return i
+        raise KeyError(f"no group {group!r} at level {level!r}; groups are {self.groups}")
 
 
 @dataclass
@@ -74,6 +82,9 @@ class Recording:
         abstractor_maps: [abstractor_layer, image, head, query, grid_h, grid_w] (Owl2).
         full_maps: {(step, layer, kind): FullMap}.
         token_kind / image_index: [B, S] the sequence as seen at the end (``TOKEN_*`` codes).
+
+    Note: ``head`` and ``query`` are also DataFrame method names, so select them as
+    ``df["head"]`` / ``df["query"]`` (``df.head`` is the method).
     """
 
     def __init__(self, family: str):
@@ -83,8 +94,8 @@ class Recording:
         self.abstractor_records: list[list[AbstractorRecord]] = []  # per forward call, per layer
         self.full_maps: dict[tuple[int, int, str], FullMap] = {}
         self.n_steps = 0
-        self.token_kind: Optional[torch.Tensor] = None
-        self.image_index: Optional[torch.Tensor] = None
+        self.token_kind: torch.Tensor | None = None
+        self.image_index: torch.Tensor | None = None
         self._cache: dict[str, object] = {}
 
     def __repr__(self) -> str:
@@ -160,7 +171,7 @@ class Recording:
         the order the abstractor saw them, over all forward calls)."""
         if not self.abstractor_records:
             raise ValueError("no abstractor maps were recorded (Owl2 with images and abstractor capture only)")
-        per_layer = zip(*[[r.patch_probs for r in call] for call in self.abstractor_records])
+        per_layer = zip(*[[r.patch_probs for r in call] for call in self.abstractor_records], strict=True)
         return torch.stack([torch.cat(maps, 0) for maps in per_layer])
 
     @property

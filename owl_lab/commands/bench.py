@@ -1,19 +1,31 @@
 """``owl-lab bench``: time and peak memory of ``hooks.capture`` vs a plain SDPA forward and vs eager
 ``output_attentions=True``, on mid-size random Owl2 / Owl3 configs. Prints a table, writes a CSV.
 
-Memory is the peak resident-set growth of this process during one forward call (Linux: the peak is
-reset through ``/proc/self/clear_refs`` before each call and read from ``VmHWM``; glibc is told to
-return freed blocks to the OS so RSS follows the tensors). Time is the process CPU time of one call
-(one intra-op thread by default, so CPU time = compute time, immune to being descheduled on a shared
-machine), best of ``--repeats``; the modes are interleaved round by round. The CSV also has the wall
-time. All three modes run the same inputs with ``use_cache=False`` and keep their outputs (logits,
-and for eager the probabilities) until measured.
+How it measures (so the numbers mean something on a shared CPU):
+
+* **time** — process CPU time of one forward call (one intra-op thread by default, so CPU time is
+  compute time and does not count the moments another process has the core), best of
+  ``--repeats``; the three modes are interleaved round by round after a warm-up round. The CSV also
+  has the wall time.
+* **memory** — peak resident-set growth during one forward call, measured in a fresh child process
+  per (config, mode): glibc is told to return freed blocks to the OS (so RSS follows the live
+  tensors), the peak is reset through ``/proc/self/clear_refs`` after a warm-up call and read from
+  ``VmHWM`` after the measured call. (Those malloc settings make every large allocation fault in
+  fresh pages, which would inflate CPU time, hence the separate processes.)
+
+All modes run the same inputs with ``use_cache=False`` and keep their outputs (logits, the recording,
+or the eager probabilities) until measured. Capture records attention mass (and gates/abstractor
+maps when the model has them); building the pandas table afterwards is not part of the forward.
 """
 from __future__ import annotations
 
 import csv
 import ctypes
 import gc
+import json
+import math
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +33,7 @@ import torch
 
 OWL2_LENGTHS = (512, 2048, 4096)
 OWL3_IMAGES = (8, 32, 64)
+MODES = ("plain", "capture", "eager")
 
 
 def add_arguments(parser):
@@ -29,6 +42,9 @@ def add_arguments(parser):
     parser.add_argument("--images", type=int, nargs="+", default=list(OWL3_IMAGES),
                         help="Owl3 image counts (default: 8 32 64)")
     parser.add_argument("--owl3-text", type=int, default=1024, help="Owl3 text length (default 1024)")
+    parser.add_argument("--hidden", type=int, default=512, help="decoder width (default 512)")
+    parser.add_argument("--heads", type=int, default=8, help="attention heads (default 8, head dim 64)")
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per mode (best is reported)")
     parser.add_argument("--families", nargs="+", default=["owl2", "owl3"], choices=["owl2", "owl3"])
     parser.add_argument("--no-eager", action="store_true", help="skip the eager output_attentions baseline")
@@ -38,17 +54,75 @@ def add_arguments(parser):
     parser.add_argument("--csv", default="bench.csv", help="where to write the results (default bench.csv)")
 
 
-# ---------------------------------------------------------------------------------- memory probes
-def _malloc_returns_memory() -> None:
-    """Make glibc give freed blocks back to the OS, so RSS tracks live tensors (no-op elsewhere)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: big blocks via mmap (fixed; no dynamic raise)
-        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD: trim the heap top eagerly
-    except (OSError, AttributeError):
-        pass
+# ---------------------------------------------------------------------------------- models
+def _sizes(spec: dict) -> tuple[int, int, int]:
+    return (64, 2, 4) if spec["quick"] else (spec["hidden"], spec["layers"], spec["heads"])
 
 
+def build(spec: dict):
+    """(model, batch) for one bench row: spec has family, length/images, text, sizes, quick."""
+    torch.manual_seed(0)
+    hidden, layers, heads = _sizes(spec)
+    common = dict(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
+                  num_attention_heads=heads, vocab_size=1000, max_position_embeddings=8192)
+    if spec["family"] == "owl2":
+        from owl_lab.models.owl2 import Owl2Config, Owl2ForCausalLM
+
+        config = Owl2Config(num_key_value_heads=heads, visual_config={
+            "visual_model": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+                             "num_attention_heads": 2, "image_size": 56, "patch_size": 14},
+            "visual_abstractor": {"num_learnable_queries": 32, "hidden_size": 64, "num_hidden_layers": 2,
+                                  "num_attention_heads": 2, "intermediate_size": 128, "encoder_hidden_size": 64},
+        }, **common)
+        model = Owl2ForCausalLM(config).eval()
+        rows = config.tokens_per_image
+        ids = torch.randint(3, config.vocab_size, (1, spec["length"] - rows + 1))
+        ids[0, 0], ids[0, 5] = 1, -200  # BOS, one image (its rows) after a short prefix
+        size = config.image_size
+        return model, dict(input_ids=ids, pixel_values=torch.randn(1, 3, size, size), use_cache=False)
+
+    from owl_lab.models.owl3 import Owl3Config, Owl3ForCausalLM
+
+    config = Owl3Config(
+        num_key_value_heads=max(1, heads // 2), hyper_layers=[1, 3] if layers >= 3 else [1],
+        hyper_attention="gated", projector="linear",
+        vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "image_size": 56 if spec["quick"] else 112, "patch_size": 14},
+        **common,
+    )
+    model = Owl3ForCausalLM(config).eval()
+    text, n = spec["text"], spec["images"]
+    ids = torch.randint(3, config.vocab_size, (1, text))
+    starts = torch.linspace(4, text // 2, n).long().unique()  # images spread over the first half
+    if starts.numel() != n:
+        raise ValueError(f"{n} images do not fit a text of {text} tokens")
+    size = config.vision_config.image_size
+    return model, dict(input_ids=ids, pixel_values=torch.randn(n, 3, size, size), media_offset=[starts],
+                       use_cache=False)
+
+
+def runner(model, batch: dict, mode: str):
+    """A zero-argument function running one forward in ``mode`` and returning what it produced."""
+    from hooks.capture import capture  # (not `from hooks import`: robust to a stale editable install)
+
+    def plain():
+        with torch.no_grad():
+            return model(**batch).logits
+
+    def captured():
+        with torch.no_grad(), capture(model) as rec:
+            logits = model(**batch).logits
+        return logits, rec
+
+    def eager():
+        with torch.no_grad():
+            out = model(**batch, output_attentions=True)
+        return out.logits, out.attentions
+
+    return {"plain": plain, "capture": captured, "eager": eager}[mode]
+
+
+# ---------------------------------------------------------------------------------- measuring
 def _status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -62,120 +136,73 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def measure_once(fn) -> tuple[float, float, float]:
-    """(CPU seconds, wall seconds, peak RSS growth in MB) of one call of ``fn``."""
+def memory_child(spec_json: str) -> None:
+    """Child-process entry: print the peak RSS growth (MB) of one forward in ``spec['mode']``."""
+    spec = json.loads(spec_json)
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD fixed: large blocks are mmapped and unmapped on free
+    libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD: give the heap top back eagerly
+    torch.set_num_threads(spec["threads"])
+    model, batch = build(spec)
+    fn = runner(model, batch, spec["mode"])
+    fn()  # warm-up (lazy buffers, allocator)
     gc.collect()
     base = _status_kb("VmRSS")
     _reset_peak()
-    cpu, wall = time.process_time(), time.perf_counter()
     out = fn()
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     peak = (_status_kb("VmHWM") - base) / 1024
     del out
-    return cpu, wall, peak
+    print(json.dumps({"peak_mb": peak}))
 
 
-# ---------------------------------------------------------------------------------- models
-def owl2_model(quick: bool):
-    from owl_lab.models.owl2 import Owl2Config, Owl2ForCausalLM
-
-    hidden, layers, heads = (64, 2, 4) if quick else (512, 4, 8)
-    config = Owl2Config(
-        hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, vocab_size=1000, max_position_embeddings=8192,
-        visual_config={
-            "visual_model": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
-                             "num_attention_heads": 2, "image_size": 56, "patch_size": 14},
-            "visual_abstractor": {"num_learnable_queries": 32, "hidden_size": 64, "num_hidden_layers": 2,
-                                  "num_attention_heads": 2, "intermediate_size": 128, "encoder_hidden_size": 64},
-        },
-    )
-    torch.manual_seed(0)
-    return Owl2ForCausalLM(config).eval()
+def measure_memory(spec: dict) -> tuple[float, str]:
+    code = "import sys; from owl_lab.commands.bench import memory_child; memory_child(sys.argv[1])"
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["killed"])[-1]
+        return float("nan"), f"failed (exit {proc.returncode}): {last[:100]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"], "ok"
 
 
-def owl2_inputs(model, length: int) -> dict:
-    rows = model.config.tokens_per_image
-    ids = torch.randint(3, model.config.vocab_size, (1, length - rows + 1))
-    ids[0, 0], ids[0, 5] = 1, -200  # BOS, one image after a short prefix
-    size = model.config.image_size
-    return dict(input_ids=ids, pixel_values=torch.randn(1, 3, size, size), use_cache=False)
-
-
-def owl3_model(quick: bool):
-    from owl_lab.models.owl3 import Owl3Config, Owl3ForCausalLM
-
-    hidden, layers, heads, kv = (64, 2, 4, 2) if quick else (512, 4, 8, 4)
-    config = Owl3Config(
-        hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv, vocab_size=1000, max_position_embeddings=8192,
-        hyper_layers=[1, 3] if layers >= 3 else [1], hyper_attention="gated", projector="linear",
-        vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "image_size": 56 if quick else 112, "patch_size": 14},
-    )
-    torch.manual_seed(0)
-    return Owl3ForCausalLM(config).eval()
-
-
-def owl3_inputs(model, n_images: int, text: int) -> dict:
-    ids = torch.randint(3, model.config.vocab_size, (1, text))
-    starts = torch.linspace(4, text // 2, n_images).long().unique()  # images spread over the first half
-    if starts.numel() != n_images:
-        raise ValueError(f"{n_images} images do not fit a text of {text} tokens")
-    size = model.config.vision_config.image_size
-    return dict(input_ids=ids, pixel_values=torch.randn(n_images, 3, size, size), media_offset=[starts],
-                use_cache=False)
-
-
-# ---------------------------------------------------------------------------------- bench
-def bench_one(model, batch: dict, repeats: int, eager: bool, label: dict) -> list[dict]:
-    from hooks.capture import capture  # (not `from hooks import`: robust to a stale editable install)
-
-    def plain():
-        with torch.no_grad():
-            return model(**batch).logits
-
-    def captured():
-        with torch.no_grad(), capture(model) as rec:
-            logits = model(**batch).logits
-        return logits, rec
-
-    def eager_attn():
-        with torch.no_grad():
-            out = model(**batch, output_attentions=True)
-        return out.logits, out.attentions
-
-    modes = [("plain", plain), ("capture", captured)] + ([("eager", eager_attn)] if eager else [])
-    best = {m: {"seconds": float("inf"), "wall_seconds": float("inf"), "peak_mb": 0.0, "status": "ok"} for m, _ in modes}
-    # Interleave the modes (warm-up round first) so that load changes on a shared CPU hit all alike.
-    for round_ in range(repeats + 1):
-        for mode, fn in modes:
+def bench_row(spec: dict, repeats: int, modes: list[str]) -> list[dict]:
+    model, batch = build(spec)
+    fns = {m: runner(model, batch, m) for m in modes}
+    best = {m: {"seconds": math.inf, "wall_seconds": math.inf, "status": "ok"} for m in modes}
+    for round_ in range(repeats + 1):  # round 0 = warm-up; modes interleaved so load drift hits all
+        for mode in modes:
             if best[mode]["status"] != "ok":
                 continue
+            gc.collect()
+            cpu, wall = time.process_time(), time.perf_counter()
             try:
-                cpu, wall, mb = measure_once(fn)
+                out = fns[mode]()
             except (RuntimeError, MemoryError) as exc:  # eager may not fit: that is a result too
-                best[mode].update(seconds=float("nan"), wall_seconds=float("nan"), peak_mb=float("nan"),
+                best[mode].update(seconds=math.nan, wall_seconds=math.nan,
                                   status=f"failed: {type(exc).__name__}: {str(exc)[:80]}")
                 continue
+            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+            del out
             if round_:
-                b = best[mode]
-                b.update(seconds=min(b["seconds"], cpu), wall_seconds=min(b["wall_seconds"], wall),
-                         peak_mb=max(b["peak_mb"], mb))
-            gc.collect()
-    rows = [{**label, "mode": mode, **best[mode]} for mode, _ in modes]
+                best[mode]["seconds"] = min(best[mode]["seconds"], cpu)
+                best[mode]["wall_seconds"] = min(best[mode]["wall_seconds"], wall)
+    del model, batch, fns
+    gc.collect()
+    rows = []
+    for mode in modes:
+        peak, status = measure_memory({**spec, "mode": mode})
+        if best[mode]["status"] != "ok":
+            status = best[mode]["status"]
+        label = {k: spec[k] for k in ("family", "L", "images")}
+        rows.append({**label, "mode": mode, "seconds": best[mode]["seconds"],
+                     "wall_seconds": best[mode]["wall_seconds"], "peak_mb": peak, "status": status})
     base = rows[0]
     for r in rows:
         r["time_ratio"] = r["seconds"] / base["seconds"]
-        r["mem_ratio"] = r["peak_mb"] / base["peak_mb"] if base["peak_mb"] > 0 else float("nan")
+        r["mem_ratio"] = r["peak_mb"] / base["peak_mb"] if base["peak_mb"] > 0 else math.nan
     return rows
 
 
-def _header() -> None:
-    print(f"{'family':6s} {'L':>5s} {'images':>6s} {'mode':8s} {'time s':>8s} {'peak MB':>9s} "
-          f"{'time x':>7s} {'mem x':>7s}  status")
-
-
+# ---------------------------------------------------------------------------------- command
 def _print(rows: list[dict]) -> None:
     for r in rows:
         print(f"{r['family']:6s} {r['L']:5d} {r['images']:6d} {r['mode']:8s} {r['seconds']:8.3f} "
@@ -183,37 +210,35 @@ def _print(rows: list[dict]) -> None:
 
 
 def run(args) -> int:
-    _malloc_returns_memory()
     try:
         _reset_peak()
     except OSError:
-        print("owl-lab bench needs Linux /proc/self/clear_refs to measure peak memory")
+        print("owl-lab bench needs Linux (/proc/self/clear_refs) to measure peak memory")
         return 1
     torch.set_num_threads(args.threads)
-    print(f"owl-lab bench: torch {torch.__version__}, {args.threads} thread(s); ratios are vs the plain SDPA "
-          "forward of the same row (time: CPU seconds, best of repeats; memory: peak RSS growth during the call)")
-    _header()
-    rows: list[dict] = []
-    lengths = [64, 128] if args.quick else args.lengths
-    images = [2] if args.quick else args.images
-    text = 64 if args.quick else args.owl3_text
-    repeats = 1 if args.quick else args.repeats
+    hidden, layers, heads = _sizes({"quick": args.quick, "hidden": args.hidden, "layers": args.layers,
+                                    "heads": args.heads})
+    print(f"owl-lab bench: torch {torch.__version__}, {args.threads} thread(s); decoder hidden {hidden}, "
+          f"{heads} heads, {layers} layers. time = CPU seconds (best of {1 if args.quick else args.repeats}), memory = peak RSS "
+          "growth of one forward (child process); ratios vs the plain SDPA forward of the same row")
+    print(f"{'family':6s} {'L':>5s} {'images':>6s} {'mode':8s} {'time s':>8s} {'peak MB':>9s} "
+          f"{'time x':>7s} {'mem x':>7s}  status")
+    base = {"quick": args.quick, "hidden": args.hidden, "layers": args.layers, "heads": args.heads,
+            "threads": args.threads}
+    specs = []
     if "owl2" in args.families:
-        model = owl2_model(args.quick)
-        for length in lengths:
-            new = bench_one(model, owl2_inputs(model, length), repeats, not args.no_eager,
-                            {"family": "owl2", "L": length, "images": 1})
-            _print(new)
-            rows += new
-        del model
+        for length in ([64, 128] if args.quick else args.lengths):
+            specs.append({**base, "family": "owl2", "L": length, "length": length, "images": 1, "text": 0})
     if "owl3" in args.families:
-        model = owl3_model(args.quick)
-        for n in images:
-            new = bench_one(model, owl3_inputs(model, n, text), repeats, not args.no_eager,
-                            {"family": "owl3", "L": text, "images": n})
-            _print(new)
-            rows += new
-        del model
+        text = 64 if args.quick else args.owl3_text
+        for n in ([2] if args.quick else args.images):
+            specs.append({**base, "family": "owl3", "L": text, "length": text, "images": n, "text": text})
+    modes = [m for m in MODES if not (m == "eager" and args.no_eager)]
+    rows: list[dict] = []
+    for spec in specs:
+        new = bench_row(spec, 1 if args.quick else args.repeats, modes)
+        _print(new)
+        rows += new
     path = Path(args.csv)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:

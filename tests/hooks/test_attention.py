@@ -32,7 +32,8 @@ def attention_case(draw):
     chunk = draw(st.sampled_from([1, 64, 1000, None]))
     scale = draw(st.floats(0.05, 3.0))
     big = draw(st.booleans())  # large logits: tests the max-subtraction
-    return B, H, Hkv, Lq, Lk, D, G, seed, mask_kind, chunk, scale, big
+    reduce = draw(st.sampled_from(["auto", "loop", "reduceat", "onehot"]))
+    return B, H, Hkv, Lq, Lk, D, G, seed, mask_kind, chunk, scale, big, reduce
 
 
 def onehot(group, G):
@@ -41,7 +42,7 @@ def onehot(group, G):
 
 
 def make(case):
-    B, H, Hkv, Lq, Lk, D, G, seed, mask_kind, chunk, scale, big = case
+    B, H, Hkv, Lq, Lk, D, G, seed, mask_kind, chunk, scale, big, reduce = case
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H, Lq, D, generator=g) * (30.0 if big else 1.0)
     k = torch.randn(B, Hkv, Lk, D, generator=g)
@@ -56,21 +57,19 @@ def make(case):
     else:
         allow = torch.rand(B, Lq, Lk, generator=g) < 0.5
         allow[:, : Lq // 2] = False  # leading rows without any key (like Owl3 cross before t0)
-    runs = draw_runs = (seed % 2) == 0  # contiguous groups (run reduction) vs scattered (one-hot matmul)
-    if draw_runs:
+    runs = (seed % 2) == 0  # contiguous groups (few runs) vs scattered groups (many runs)
+    if runs:
         group = torch.randint(0, G, (B, Lk), generator=g).sort(dim=1).values  # few contiguous runs
     else:
         group = torch.randint(-1, G, (B, Lk), generator=g)  # scattered, some keys in no group
-    return q, k, scale, allow, group, G, chunk, runs
+    return q, k, scale, allow, group, G, chunk, reduce
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(attention_case())
 def test_mass_equals_materialised_softmax(case):
-    q, k, scale, allow, group, G, chunk, runs = make(case)
-    # runs: reduce by contiguous runs; else force the one-hot matmul path
-    res = grouped_mass(q, k, scale, lambda a, b: allow[:, a:b], group, G, chunk_bytes=chunk,
-                       max_runs=1000 if runs else -1)
+    q, k, scale, allow, group, G, chunk, reduce = make(case)
+    res = grouped_mass(q, k, scale, lambda a, b: allow[:, a:b], group, G, chunk_bytes=chunk, reduce=reduce)
     p = reference_probs(q, k, scale, allow)  # [B, H, Lq, Lk]
     expected = p @ onehot(group, G)[:, None]  # [B, H, Lq, G]
     torch.testing.assert_close(res.mass.double(), expected, rtol=0, atol=1e-5)
@@ -89,11 +88,12 @@ def test_mass_equals_materialised_softmax(case):
 @settings(max_examples=60, deadline=None)
 @given(attention_case())
 def test_probs_path_and_full_maps(case):
-    q, k, scale, allow, group, G, chunk, _ = make(case)
+    q, k, scale, allow, group, G, chunk, reduce = make(case)
     p = reference_probs(q, k, scale, allow)
     Lq = q.shape[2]
     select = torch.arange(0, Lq, 2)
-    from_probs = grouped_mass(q, None, scale, lambda a, b: allow[:, a:b], group, G, probs=p.float(), chunk_bytes=chunk)
+    from_probs = grouped_mass(q, None, scale, lambda a, b: allow[:, a:b], group, G, probs=p.float(),
+                              chunk_bytes=chunk, reduce=reduce)
     torch.testing.assert_close(from_probs.mass.double(), p @ onehot(group, G)[:, None], rtol=0, atol=1e-5)
     res = grouped_mass(q, k, scale, lambda a, b: allow[:, a:b], group, G, select=select, chunk_bytes=chunk)
     torch.testing.assert_close(res.maps.double(), p[:, :, select], rtol=0, atol=1e-5)
@@ -116,7 +116,8 @@ def test_seen_counts_only_masked_rows():
 
 
 def test_group_runs():
-    assert group_runs(torch.tensor([[0, 1, 1, -1, 2, 2, 1]])) == [[(0, 1, 0), (1, 3, 1), (4, 6, 2), (6, 7, 1)]]
+    (starts, ends, groups), = group_runs(torch.tensor([[0, 1, 1, -1, 2, 2, 1]]))
+    assert (starts.tolist(), ends.tolist(), groups.tolist()) == ([0, 1, 4, 6], [1, 3, 6, 7], [0, 1, 2, 1])
 
 
 def test_chunk_rows_respects_budget():

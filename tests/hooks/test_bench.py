@@ -1,11 +1,30 @@
-"""``owl-lab bench --quick``: the command runs end to end and writes a well-formed CSV."""
+"""``owl-lab bench``: the pieces (fast) and the whole command in --quick mode (slow: child processes)."""
 from __future__ import annotations
 
 import csv
 
+import pytest
+import torch
+
 from owl_lab import cli
+from owl_lab.commands import bench
 
 
+@pytest.mark.parametrize("family", ["owl2", "owl3"])
+def test_bench_models_run_in_every_mode(family):
+    spec = {"family": family, "quick": True, "hidden": 0, "layers": 0, "heads": 0,
+            "length": 64, "text": 64, "images": 2}
+    model, batch = bench.build(spec)
+    logits = bench.runner(model, batch, "plain")()
+    captured, rec = bench.runner(model, batch, "capture")()
+    eager_logits, attentions = bench.runner(model, batch, "eager")()
+    assert torch.equal(logits, captured)
+    torch.testing.assert_close(eager_logits, logits, rtol=0, atol=1e-4)
+    assert len(attentions) == model.config.num_hidden_layers
+    assert not rec.attention_mass.empty
+
+
+@pytest.mark.slow
 def test_bench_quick_writes_csv(tmp_path, capsys):
     path = tmp_path / "bench.csv"
     assert cli.main(["bench", "--quick", "--csv", str(path)]) == 0

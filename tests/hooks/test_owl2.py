@@ -24,10 +24,6 @@ def mm_batch(inputs):
                 pixel_values=inputs["pixel_values"], use_cache=False)
 
 
-def group_col(rec_layer, name, level):
-    return [i for i, (lv, g) in enumerate(zip(rec_layer.levels, rec_layer.groups)) if (lv, g) == (level, name)][0]
-
-
 def test_masses_equal_golden_probability_sums(golden):
     model, inputs, out = golden
     with torch.no_grad(), capture(model) as rec:
@@ -46,7 +42,7 @@ def test_masses_equal_golden_probability_sums(golden):
         for name, level, expected in (("visual", "modality", vis), ("text", "modality", txt),
                                       ("image:0", "token", vis), ("bos", "token", bos),
                                       ("question", "token", txt - bos)):
-            got = r.mass[..., group_col(r, name, level)].double()
+            got = r.mass[..., r.group_index(name, level)].double()
             keep = mask[:, None, :].expand_as(got)
             diff = (got - expected)[keep].abs().max().item()
             worst = max(worst, diff)
@@ -110,7 +106,7 @@ def test_generate_steps_match_a_no_cache_forward(golden):
         for layer in range(2):
             a, b = rec.mass(layer, step=step), full.mass(layer)
             for name in ("visual", "text"):
-                ga, gb = a.mass[..., group_col(a, name, "modality")], b.mass[..., group_col(b, name, "modality")]
+                ga, gb = a.mass[..., a.group_index(name, "modality")], b.mass[..., b.group_index(name, "modality")]
                 torch.testing.assert_close(ga[:, :, 0], gb[:, :, 14 + step], rtol=0, atol=1e-5)
 
 

@@ -24,10 +24,6 @@ def mm_batch(inputs, prefix=""):
                 media_offset=inputs[prefix + "media_offset"])
 
 
-def col(r, name, level="token"):
-    return [i for i, (lv, g) in enumerate(zip(r.levels, r.groups)) if (lv, g) == (level, name)][0]
-
-
 @pytest.fixture(scope="module")
 def mm(golden):
     model, inputs, _ = golden
@@ -55,9 +51,11 @@ def test_self_masses_equal_golden(golden, mm):
             expected = {"bos": p[b, :, :, 0], "placeholder": p[b][..., starts].sum(-1)}
             expected["question"] = p[b].sum(-1) - expected["bos"] - expected["placeholder"]
             for name, e in expected.items():
-                worst = max(worst, (r.mass[b, ..., col(r, name)].double() - e).abs().max().item())
-            # self-attention has no image keys: modality text carries everything
-            assert r.present[b, col(r, "visual", "modality")].item() is False
+                worst = max(worst, (r.mass[b, ..., r.group_index(name)].double() - e).abs().max().item())
+        # self-attention has no image keys: no visual/image group, modality text carries everything
+        assert "visual" not in r.groups and not any(g.startswith("image:") for g in r.groups)
+        torch.testing.assert_close(r.mass[..., r.group_index("text", "modality")][r.valid[:, None].expand(-1, 4, -1)],
+                                   torch.ones(int(r.valid.sum()) * 4), rtol=0, atol=1e-6)
     assert worst < 1e-5
     print(f"owl3 self max |captured - golden| = {worst:.2e}")
 
@@ -73,7 +71,7 @@ def test_cross_mass_per_image_equals_golden(golden, mm):
             rows = out[f"mm.layers.{layer}.sample{b}.cross_rows_valid"]  # [L]
             assert r.valid[b].tolist() == rows.tolist()  # rows that see no image are dropped
             for n in range(n_img):
-                got = r.mass[b, :, :, col(r, f"image:{n}")].double()
+                got = r.mass[b, :, :, r.group_index(f"image:{n}")].double()
                 worst = max(worst, (got[:, rows] - per_image[:, rows, n]).abs().max().item())
     assert worst < 1e-5
     print(f"owl3 cross max |captured - golden| = {worst:.2e}")
@@ -162,8 +160,8 @@ def test_fused_joint_masses_and_gate_error(golden, fused):
     r = rec.mass(0, "joint")
     # eager probabilities: text part in attentions, image part in cross_attentions
     txt, img = eager.attentions[0].double(), eager.cross_attentions[0].double()  # [B, H, L, L], [B, H, L, N*T]
-    torch.testing.assert_close(r.mass[..., col(r, "text", "modality")].double(), txt.sum(-1), rtol=0, atol=1e-5)
-    torch.testing.assert_close(r.mass[..., col(r, "image:1")].double()[0], img[0, ..., 16:32].sum(-1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(r.mass[..., r.group_index("text", "modality")].double(), txt.sum(-1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(r.mass[..., r.group_index("image:1")].double()[0], img[0, ..., 16:32].sum(-1), rtol=0, atol=1e-5)
     df = rec.attention_mass
     sums = df.groupby(["batch", "step", "layer", "head", "query", "kind", "level"], observed=True).mass.sum()
     assert (sums - 1).abs().max() < 1e-5
