@@ -32,7 +32,7 @@ lab: setup
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \
-	  $(PY) -m pytest --nbval notebooks --nbval-sanitize-with notebooks/sanitize.cfg $(PYTEST_ARGS); \
+	  $(PY) -m pytest --nbval --nbval-current-env notebooks --nbval-sanitize-with notebooks/sanitize.cfg $(PYTEST_ARGS); \
 	else echo "owl-lab: no notebooks yet"; fi
 
 # Helpers for development (not part of the two-command contract).

@@ -145,6 +145,8 @@ def train(recipe: dict, out_dir: Path | None = None, *, progress: bool = True, e
     ``callback(global_step, model, processor)`` runs every ``callback_every`` steps (experiments,
     e.g. a held-out accuracy curve); the model is put back in train mode afterwards.
     """
+    if steps_override:  # record what actually ran, so the saved recipe reproduces the checkpoint
+        recipe = {**recipe, "stages": [{**st, "steps": steps_override} for st in recipe["stages"]]}
     torch.set_num_threads(recipe.get("threads", 1))  # 1 thread: tiny ops lose more to
     # OpenMP synchronisation than they gain, badly so when other processes share the cores
     torch.use_deterministic_algorithms(True, warn_only=True)
