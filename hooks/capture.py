@@ -11,7 +11,9 @@ removed when the block ends, also when it raises. Hooks only read, so the number
 
 Arguments ``gates`` and ``abstractor``: ``None`` (default) = capture it if the model has it,
 ``True`` = required (ValueError if the model has none, e.g. gates on Owl2 or fused Owl3 241101),
-``False`` = off.
+``False`` = off. No model has both, so ``gates=True, abstractor=True`` together (the form in
+DESIGN.md) means "the family's own internals": whichever of the two the model has is captured,
+and neither being present is not an error (attention is still recorded).
 """
 from __future__ import annotations
 
@@ -128,12 +130,13 @@ class capture:
 
         gate_sites = [s for s in find_sites(model, self.family, "gate") if s.index in chosen]
         has_gates, why = _gated(model, self.family, gate_sites)
-        if gates and not has_gates:
+        either = gates is True and abstractor is True  # "whatever this family has" (see module doc)
+        if gates and not has_gates and not either:
             raise ValueError(f"gates=True, but the model has no gate to capture: {why}.")
         self._gate_sites = gate_sites if (gates is not False and has_gates) else []
 
         abs_sites = find_sites(model, self.family, "abstractor")
-        if abstractor and not abs_sites:
+        if abstractor and not abs_sites and not either:
             raise ValueError(
                 f"abstractor=True, but the model has no visual abstractor ({self.family}; only "
                 "mPLUG-Owl2 has one)."

@@ -41,7 +41,7 @@ def expand_labels(labels: torch.Tensor, input_ids: torch.Tensor, per_image: int,
     """
     left = attention_mask is not None and bool(attention_mask[:, -1].all())
     rows = []
-    for lab, ids in zip(labels, input_ids):
+    for lab, ids in zip(labels, input_ids, strict=True):
         pieces, last = [], 0
         for p in (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist():
             pieces += [lab[last:p], lab.new_full((per_image,), IGNORE_INDEX)]
@@ -99,7 +99,7 @@ def evaluate(model, processor, recipe: dict, progress: bool = False) -> dict:
     spec = recipe.get("eval", {})
     world = recipe.get("world", {})
     seed, n = spec.get("seed", 1000), spec.get("n_per_task", 200)
-    trained = {t for stage in recipe["stages"] for t in stage["tasks"]}
+    trained = {t for stage in recipe["stages"] for t in stage.get("tasks", {})}
     tasks = spec.get("tasks") or [t for t in IMAGE_TASKS + TEXT_TASKS if t in trained]
     bs = spec.get("batch_size", 64)
     start = time.perf_counter()

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from owl_lab import zoo
 from owl_lab.evaluate import collate, evaluate
+from owl_lab.pretrain_vision import run_vision_stage
 from owl_lab.synth.data import Mixture
 from owl_lab.synth.tokenizer import build_tokenizer
 
@@ -74,11 +75,7 @@ def load_recipe(name_or_path: str | Path) -> dict:
 
 def shipped_recipes() -> list[str]:
     """Names of recipes whose checkpoints are shipped (``"ship": true``)."""
-    names = []
-    for p in sorted(recipes_dir().glob("*.json")):
-        if json.loads(p.read_text()).get("ship", False):
-            names.append(p.stem)
-    return names
+    return [p.stem for p in sorted(recipes_dir().glob("*.json")) if load_recipe(p).get("ship", False)]
 
 
 # --- the family plug-in ------------------------------------------------------------------------
@@ -101,9 +98,27 @@ def build(recipe: dict):
     config = Config(**{**recipe["config"], **ids})
     torch.manual_seed(recipe.get("seed", 0))
     model = Model(config)
+    if recipe.get("vision_branch_from_text", False):
+        copy_text_branch_to_vision(model)
     processor = Processor.from_config(config, tokenizer) if hasattr(Processor, "from_config") else \
         Processor(tokenizer=tokenizer, image_size=config.image_size)
     return model, processor
+
+
+def copy_text_branch_to_vision(model) -> int:
+    """Initialise every modality-adaptive module's vision branch (``multiway.1``) from its text branch
+    (``multiway.0``), as mPLUG-Owl2 does from LLaMA's weights; returns the number of tensors copied.
+
+    Without it the two branches start unrelated, and the image rows' keys/values live in a space the
+    text queries have never seen. Raises ValueError on a model without multiway modules."""
+    params = dict(model.named_parameters())
+    pairs = [(name, name.replace(".multiway.1.", ".multiway.0.")) for name in params if ".multiway.1." in name]
+    if not pairs:
+        raise ValueError("vision_branch_from_text needs a modality-adaptive model (no '.multiway.1.' parameters)")
+    with torch.no_grad():
+        for vision, text in pairs:
+            params[vision].copy_(params[text])
+    return len(pairs)
 
 
 # --- optimisation ------------------------------------------------------------------------------
@@ -158,13 +173,18 @@ def train(recipe: dict, out_dir: Path | None = None, *, progress: bool = True, e
     model.train()
     for si, stage in enumerate(recipe["stages"]):
         steps = steps_override or stage["steps"]
+        if stage.get("kind") == "vision":  # encoder pre-training (see owl_lab/pretrain_vision.py)
+            global_step = run_vision_stage(model, processor, recipe["family"], dict(stage, steps=steps),
+                                           f"{seed}.{si}", world, history, global_step, si, progress)
+            model.train()
+            continue
         params = _set_trainable(model, stage.get("freeze", []))
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": stage.get("weight_decay", 0.01)},
              {"params": no_decay, "weight_decay": 0.0}],
-            lr=stage["lr"], betas=tuple(stage.get("betas", (0.9, 0.98))), eps=1e-6,
+            lr=stage["lr"], betas=tuple(stage.get("betas", (0.9, 0.98))), eps=stage.get("eps", 1e-8),
         )
         warmup = min(stage.get("warmup", 100), steps // 4 or 1)
         mix = Mixture(stage["tasks"], seed=f"{seed}.{si}", **{**world, **stage.get("world", {})})
@@ -206,10 +226,12 @@ def train(recipe: dict, out_dir: Path | None = None, *, progress: bool = True, e
         "train_seconds": round(train_seconds, 1),
         "threads": torch.get_num_threads(),
     }
+    if out_dir is not None:  # weights first, so a failing evaluation never loses a training run
+        save(model, processor, recipe, metrics, history, Path(out_dir))
     if evaluate_after:
         metrics.update(evaluate(model, processor, recipe, progress=progress))
-    if out_dir is not None:
-        save(model, processor, recipe, metrics, history, Path(out_dir))
+        if out_dir is not None:
+            save(model, processor, recipe, metrics, history, Path(out_dir))
     metrics["_model"], metrics["_processor"], metrics["_history"] = model, processor, history
     return metrics
 

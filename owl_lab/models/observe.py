@@ -95,7 +95,9 @@ class AttentionEvent:
         query_index: [Lq] long, absolute sequence index of each query (past_length + i).
         key_position: [B, Lk] long, sequence index of each key, -1 for keys that are image tokens
             outside the sequence (Owl3 cross/joint image keys; Owl2 abstractor keys).
-        key_image: [B, Lk] long, sample-relative image index of image keys, -1 for sequence keys.
+        key_image: [B, Lk] long, sample-relative image index of image keys, -1 for text keys.
+            Owl2's image rows are sequence keys (they have a ``key_position``) and still carry
+            their image index here; Owl3's placeholder tokens are text keys (-1).
             For kind ``abstractor`` it is -1 for query keys, -2 for CLS, and the patch index
             (row-major) for patch keys.
         allowed: function ``(q0, q1) -> bool [B, q1 - q0, Lk]`` giving, for queries q0..q1-1, which

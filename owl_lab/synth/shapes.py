@@ -148,3 +148,18 @@ def render(scene: Scene, size: int = NATIVE_SIZE) -> Image.Image:
 def caption(scene: Scene) -> str:
     """Reading-order caption, e.g. ``"red circle top left, blue square center"``."""
     return ", ".join(f"{o.color} {o.shape} {o.position}" for o in scene.sorted())
+
+
+CELL_ATTRIBUTES = (("shape", SHAPES), ("color", COLORS), ("size", SIZES), ("pattern", PATTERNS))
+
+
+def cell_targets(scene: Scene) -> list[list[int]]:
+    """Per grid cell (row-major, GRID² rows) the class of each attribute in :data:`CELL_ATTRIBUTES`:
+    0 = empty cell, k + 1 = the k-th value. Targets of the vision-encoder pre-training stage."""
+    rows = []
+    for r in range(GRID):
+        for c in range(GRID):
+            o = scene.at(r, c)
+            rows.append([0 if o is None else values.index(getattr(o, name)) + 1
+                         for name, values in CELL_ATTRIBUTES])
+    return rows

@@ -116,6 +116,14 @@ def test_gates_on_owl2_is_a_clear_error(golden):
         capture(model, gates=True)
 
 
+def test_design_form_captures_the_abstractor_of_owl2(golden):
+    model, inputs, _ = golden
+    with torch.no_grad(), capture(model, attention=True, gates=True, abstractor=True) as rec:
+        model(**mm_batch(inputs))
+    assert rec.gates.empty and not rec.attention_mass.empty
+    assert rec.abstractor_maps is not None and rec.abstractor_maps.numel() > 0
+
+
 def test_no_hooks_left_and_no_growth(golden):
     model, inputs, _ = golden
     batch = mm_batch(inputs)

@@ -149,6 +149,8 @@ def test_fused_joint_masses_and_gate_error(golden, fused):
         capture(fused, gates=True)
     with pytest.raises(ValueError, match="abstractor"):
         capture(fused, abstractor=True)
+    both = capture(fused, attention=True, gates=True, abstractor=True)  # DESIGN form: no error
+    assert both._gate_sites == [] and both._abs_sites == []
     batch = fused_batch(inputs)
     with torch.no_grad():
         plain = fused(**batch).logits
@@ -166,3 +168,10 @@ def test_fused_joint_masses_and_gate_error(golden, fused):
     sums = df.groupby(["batch", "step", "layer", "head", "query", "kind", "level"], observed=True).mass.sum()
     assert (sums - 1).abs().max() < 1e-5
     assert set(df.kind) == {"self", "joint"}
+
+
+def test_design_form_captures_the_gates_of_gated_owl3(golden):
+    model, inputs, _ = golden
+    with torch.no_grad(), capture(model, attention=True, gates=True, abstractor=True) as rec:
+        model(**mm_batch(inputs))
+    assert not rec.gates.empty and not rec.attention_mass.empty

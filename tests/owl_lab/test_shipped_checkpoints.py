@@ -8,6 +8,7 @@ import torch
 
 from owl_lab import load_owl, zoo
 from owl_lab.evaluate import evaluate
+from owl_lab.train import load_recipe
 
 SHIPPED = zoo.list_checkpoints()
 
@@ -28,8 +29,7 @@ def test_the_notebooks_checkpoints_are_shipped():
 def test_shipped_checkpoint_reproduces_its_metrics(name):
     directory = zoo.checkpoints_dir() / name
     recipe = json.loads((directory / "recipe.json").read_text())
-    shipped_recipe = json.loads((zoo.data_dir() / "recipes" / f"{name}.json").read_text())
-    assert shipped_recipe == recipe, "data/recipes/<name>.json must be the recipe that made the checkpoint"
+    assert load_recipe(name) == recipe, "data/recipes/<name>.json must be the recipe that made the checkpoint"
     assert recipe.get("ship") is True
     model, processor = load_owl(name)
     assert zoo.detect_family(directory) == recipe["family"]

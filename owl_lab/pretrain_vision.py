@@ -1,0 +1,84 @@
+"""Stage ``"kind": "vision"``: pre-train the vision encoder on per-patch object attributes.
+
+The real Owls start from a pre-trained vision encoder (CLIP ViT-L for Owl2, SigLIP for Owl3). A
+tiny encoder trained from scratch only through the language loss sits for a long time on a plateau
+where it reports the average colour of the image and nothing else. This stage plays the part of
+the encoder's pre-training: a temporary linear head reads every patch feature the decoder side will
+consume (Owl2: the ViT output without CLS; Owl3: ``encode_images``, i.e. SigLIP hidden_states[-2]
+through the projector) and predicts the shape / colour / size / pattern of the object in the grid
+cell under that patch (or "empty"), and which cell that is. The head is thrown away afterwards; nothing it adds is saved.
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from owl_lab.synth.shapes import CELL_ATTRIBUTES, cell_targets, render, sample_scene
+from owl_lab.synth.vocab import GRID, IMAGE_PLACEHOLDER
+
+
+def patch_features(model, family: str, pixel_values: torch.Tensor) -> torch.Tensor:
+    """[N, 3, S, S] → [N, G*G, W] patch features in raster order (no CLS)."""
+    if family == "owl2":
+        hidden = model.model.vision_model(pixel_values).last_hidden_state  # [N, (1+)G², Wv]
+        return hidden[:, 1:] if model.config.vision_settings.use_cls_token else hidden
+    return model.encode_images(pixel_values)  # [N, G², H]
+
+
+def patch_cells(grid: int, image_size: int) -> torch.Tensor:
+    """[G*G] index of the board cell under each patch centre (row-major cells)."""
+    centre = (torch.arange(grid) + 0.5) * image_size / grid  # px
+    cell = (centre * GRID / image_size).long().clamp(max=GRID - 1)  # [G]
+    return (cell[:, None] * GRID + cell[None, :]).flatten()
+
+
+def vision_parameters(model, family: str) -> list[nn.Parameter]:
+    if family == "owl2":
+        return list(model.model.vision_model.parameters())
+    return list(model.vision_model.parameters()) + list(model.vision2text_model.parameters())
+
+
+def run_vision_stage(model, processor, family: str, stage: dict, seed: str, world: dict,
+                     history: dict, global_step: int, si: int, progress: bool) -> int:
+    """Train the encoder for ``stage["steps"]``; return the new global step."""
+    steps, bs = stage["steps"], stage["batch_size"]
+    lo, hi = stage.get("n_objects", (1, 8))
+    size = world.get("render_size", 112)
+    with torch.no_grad():  # probe shapes once
+        probe = processor(text=[IMAGE_PLACEHOLDER], images=[[render(sample_scene(random.Random(0)), size)]])
+        feats = patch_features(model, family, probe["pixel_values"])
+    n_patches, width = feats.shape[1], feats.shape[2]
+    grid = int(round(n_patches ** 0.5))
+    cells = patch_cells(grid, probe["pixel_values"].shape[-1])
+    # one class per attribute value (+ "empty"), and the cell index itself, so features keep "where"
+    sizes = [len(values) + 1 for _, values in CELL_ATTRIBUTES] + [GRID * GRID]
+    head = nn.Linear(width, sum(sizes))
+    params = vision_parameters(model, family)
+    opt = torch.optim.AdamW(params + list(head.parameters()), lr=stage["lr"], betas=(0.9, 0.98),
+                            weight_decay=stage.get("weight_decay", 0.0))
+    bar = tqdm(range(steps), disable=not progress, desc=f"stage {si + 1} (vision pre-training)", mininterval=2.0)
+    for step in bar:
+        scenes = [sample_scene(random.Random(f"{seed}/{step * bs + j}"), lo, hi) for j in range(bs)]
+        batch = processor(text=[IMAGE_PLACEHOLDER] * bs, images=[[render(s, size)] for s in scenes])
+        targets = torch.tensor([cell_targets(s) for s in scenes])[:, cells]  # [B, G², 4]
+        targets = torch.cat([targets, cells.expand(bs, -1)[..., None]], dim=-1)  # [B, G², 5]
+        logits = head(patch_features(model, family, batch["pixel_values"]))  # [B, G², sum(sizes)]
+        loss = sum(nn.functional.cross_entropy(part.flatten(0, 1), targets[..., k].flatten())
+                   for k, part in enumerate(logits.split(sizes, dim=-1)))
+        for group in opt.param_groups:
+            group["lr"] = stage["lr"] * min(1.0, (step + 1) / max(1, stage.get("warmup", 50)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        history["step"].append(global_step)
+        history["loss"].append(round(loss.item(), 5))
+        history["lr"].append(float(f"{opt.param_groups[0]['lr']:.4g}"))
+        history["stage"].append(si)
+        global_step += 1
+        if progress and step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    return global_step

@@ -1,0 +1,126 @@
+"""Training smoke test, reproducibility, the evaluation metric, recipes and the shipped checkpoints."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from owl_lab import load_owl
+from owl_lab.evaluate import IGNORE_INDEX, collate, compare, evaluate, exact_match, expand_labels
+from owl_lab.synth import eval_set
+from owl_lab.train import load_recipe, shipped_recipes, train
+
+SMOKE_BUDGET_S = 120
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """Train the Owl2 smoke recipe once (module scope) into a temporary checkpoint directory."""
+    out = tmp_path_factory.mktemp("smoke-owl2")
+    start = time.perf_counter()
+    metrics = train(load_recipe("smoke-owl2"), out, progress=False)
+    return metrics, out, time.perf_counter() - start
+
+
+def test_smoke_recipe_learns_within_budget(smoke):
+    metrics, _, seconds = smoke
+    losses = metrics["_history"]["loss"]
+    assert seconds < SMOKE_BUDGET_S, f"smoke training took {seconds:.0f} s"
+    assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:20]) / 20  # the loss falls
+    # chance: 1 of 7 colours; parity is yes-or-no-like (2 answers)
+    assert metrics["accuracy"]["color"] > 100 / 7 + 15, metrics["accuracy"]
+    assert metrics["accuracy"]["parity"] > 50 + 15, metrics["accuracy"]
+
+
+@pytest.mark.parametrize("name", ["smoke-owl2", "smoke-owl3"])
+def test_same_seed_gives_identical_first_losses(name):
+    recipe = load_recipe(name)
+    a = train(recipe, None, progress=False, evaluate_after=False, steps_override=3)["_history"]["loss"]
+    b = train(recipe, None, progress=False, evaluate_after=False, steps_override=3)["_history"]["loss"]
+    c = train(dict(recipe, seed=1), None, progress=False, evaluate_after=False, steps_override=3)["_history"]["loss"]
+    assert a == b
+    assert a != c
+
+
+def test_checkpoint_round_trip_reproduces_metrics(smoke):
+    metrics, out, _ = smoke
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "recipe.json", "metrics.json",
+                 "loss_curve.json"):
+        assert (out / name).is_file(), name
+    shipped = json.loads((out / "metrics.json").read_text())
+    steps = load_recipe("smoke-owl2")["stages"][0]["steps"]
+    assert shipped["steps"] == steps and len(json.loads((out / "loss_curve.json").read_text())["loss"]) == steps
+    model, processor = load_owl(out)
+    fresh = evaluate(model, processor, json.loads((out / "recipe.json").read_text()))
+    assert compare(shipped, fresh, tolerance=0.0) == []
+    assert AutoTokenizer.from_pretrained(out).decode([1]) == "<s>"
+
+
+def test_teacher_forced_exact_match_equals_greedy_decoding(smoke):
+    metrics, _, _ = smoke
+    model, processor = metrics["_model"], metrics["_processor"]
+    examples = eval_set("color", 12, seed=5, render_size=112, n_objects=[1, 1]) + eval_set("parity", 12, seed=5)
+    flags = exact_match(model, processor, examples, batch_size=8)
+    for ex, flag in zip(examples, flags, strict=True):
+        batch = collate(processor, [ex], with_answers=False)
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=4, do_sample=False)
+        new = out[0, batch["input_ids"].shape[1]:].tolist()
+        answer = processor.tokenizer(ex.answer, add_special_tokens=False).input_ids + [processor.tokenizer.eos_token_id]
+        assert (new[:len(answer)] == answer) == flag, (ex.text, ex.answer, processor.decode(new))
+    assert any(flags)  # the comparison above covered at least one correct answer
+
+
+def test_owl2_labels_expanded_like_the_model_loss(smoke):
+    metrics, _, _ = smoke
+    model, processor = metrics["_model"], metrics["_processor"]
+    examples = eval_set("color", 3, seed=2, render_size=112) + eval_set("add", 3, seed=2)  # text rows: 0 images
+    batch = collate(processor, examples)
+    with torch.no_grad():
+        out = model(**batch)
+    labels = expand_labels(batch["labels"], batch["input_ids"], model.config.tokens_per_image, out.logits.shape[1],
+                           batch["attention_mask"])
+    loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                             ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(loss, out.loss)
+
+
+def test_recipes_resolve_and_name_their_checkpoints():
+    names = shipped_recipes()
+    assert {"owl2-tiny", "owl3-tiny"} <= set(names)
+    for name in names + ["smoke-owl2", "smoke-owl3"]:
+        recipe = load_recipe(name)
+        assert recipe["name"] == name and "extends" not in recipe
+        assert recipe["config"]["num_hidden_layers"] >= 6 or name.startswith("smoke")
+    with pytest.raises(FileNotFoundError, match="known recipes"):
+        load_recipe("no-such-recipe")
+
+
+def test_compare_flags_differences_beyond_tolerance():
+    shipped = {"accuracy": {"color": 90.0}, "distractor": {"circular": [80.0, 70.0]}}
+    assert compare(shipped, {"accuracy": {"color": 90.5}, "distractor": {"circular": [80.0, 70.9]}}) == []
+    problems = compare(shipped, {"accuracy": {"color": 88.0}, "distractor": {"circular": [80.0]}})
+    assert len(problems) == 2
+    assert any("accuracy.color" in p for p in problems) and any("circular[1]: missing" in p for p in problems)
+
+
+def test_vision_branch_can_start_as_a_copy_of_the_text_branch():
+    from owl_lab.train import build
+    recipe = load_recipe("smoke-owl2")
+    plain, _ = build(recipe)
+    copied, _ = build(dict(recipe, vision_branch_from_text=True))
+    pairs = [(n, n.replace(".multiway.1.", ".multiway.0.")) for n, _ in copied.named_parameters() if ".multiway.1." in n]
+    assert pairs
+    p_plain, p_copy = dict(plain.named_parameters()), dict(copied.named_parameters())
+    assert all(torch.equal(p_copy[v], p_copy[t]) for v, t in pairs)
+    assert not all(torch.equal(p_plain[v], p_plain[t]) for v, t in pairs if "norm" not in v)  # k/v differ at init
+    nomam = _merge_config(recipe, modality_adaptive=False)
+    with pytest.raises(ValueError, match="modality-adaptive"):
+        build(dict(nomam, vision_branch_from_text=True))
+
+
+def _merge_config(recipe, **config):
+    return dict(recipe, config={**recipe["config"], **config})
