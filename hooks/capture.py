@@ -94,7 +94,8 @@ class capture:
         layers: decoder layers to observe (default: all); others are not even hooked.
         full_maps: layers whose full probabilities to keep: an int, a list of layers (all queries)
             or ``{layer: queries}`` with queries None (all), an absolute position, a slice or a list
-            of positions. Stored in ``rec.full_maps[(step, layer, kind)]``.
+            of positions. Stored in ``rec.full_maps[(call, step, layer, kind)]`` (``(step, layer, kind)``
+            reads call 0).
         gate_vectors: also keep full gate vectors [B, L, H, D] and both output parts.
         chunk_bytes: size budget of one score chunk (default: the size of the event's q tensor,
             clamped to [1 MB, 8 MB]).
@@ -154,7 +155,7 @@ class capture:
             raise RuntimeError("this capture is already active")
         self.recording = Recording(self.family)
         self._history = SequenceHistory()
-        self._step = -1
+        self._step, self._call = -1, -1
         self._groups: dict = {}
         try:
             for site in self._layout_sites:
@@ -188,9 +189,13 @@ class capture:
         if not isinstance(layout, SequenceLayout):
             raise TypeError(f"hook_layout expects a SequenceLayout, got {type(layout).__name__}")
         self._history.update(layout)
-        self._step += 1
+        if int(layout.past_length) == 0 or self._call < 0:  # a prefill starts a new call
+            self._call, self._step = self._call + 1, 0
+        else:
+            self._step += 1
         self._groups = {}
-        self.recording.n_steps = self._step + 1
+        self.recording.n_steps += 1
+        self.recording.n_calls = self._call + 1
 
     def _hook_attention(self, module, args, output):
         event = args[0]
@@ -241,12 +246,12 @@ class capture:
         names = [all_names[c] for c, k in zip(cols, keep.tolist(), strict=True) if k]
         rec = self.recording
         rec.attention_records.append(AttentionRecord(
-            step=self._step, layer=int(event.layer), kind=event.kind, mass=mass,
+            step=self._step, call=self._call, layer=int(event.layer), kind=event.kind, mass=mass,
             query_index=event.query_index.detach().cpu().long(),
             valid=valid_q & res.has_keys.cpu(), present=present, levels=levels, groups=names,
         ))
         if selector_given:
-            rec.full_maps[(self._step, int(event.layer), event.kind)] = FullMap(
+            rec.full_maps[(self._call, self._step, int(event.layer), event.kind)] = FullMap(
                 probs=res.maps.float().cpu(), query_index=event.query_index.detach().cpu()[select],
                 key_position=kp, key_image=ki, key_group=kg, groups=token_groups(n_img),
             )
@@ -260,7 +265,8 @@ class capture:
             valid = torch.ones(event.gate.shape[:2], dtype=torch.bool)
         else:
             valid = self._history.valid_queries(event.query_index)
-        self.recording.gate_records.append(summarize_gate(event, max(self._step, 0), valid, self.gate_vectors))
+        self.recording.gate_records.append(summarize_gate(event, max(self._step, 0), valid, self.gate_vectors,
+                                                                  call=max(self._call, 0)))
         self.recording._changed()
 
     def _hook_abstractor(self, module, args, output):

@@ -20,7 +20,7 @@ class GateRecord:
     """What one gated layer produced in one forward call (B = batch, L = rows, H = heads, D = head dim).
 
     Attributes:
-        step, layer: decode step and decoder layer.
+        step, layer: decode step and decoder layer; call: which prefill (forward/generate call) it belongs to.
         query_index: [L] absolute sequence index of each row.
         valid: [B, L] bool, real (non-pad) rows.
         applied: [B, L] bool, rows where the fusion was applied.
@@ -41,6 +41,7 @@ class GateRecord:
     gate: torch.Tensor | None = None
     text_out: torch.Tensor | None = None
     vision_out: torch.Tensor | None = None
+    call: int = 0
 
 
 def _o_proj_linear(o_proj: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -54,7 +55,8 @@ def _o_proj_linear(o_proj: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def summarize_gate(event: GateEvent, step: int, valid: torch.Tensor, keep_vectors: bool = False) -> GateRecord:
+def summarize_gate(event: GateEvent, step: int, valid: torch.Tensor, keep_vectors: bool = False,
+                   call: int = 0) -> GateRecord:
     """Reduce a :class:`GateEvent` to per-head channel means and the text/vision output split.
 
     Args:
@@ -77,6 +79,7 @@ def summarize_gate(event: GateEvent, step: int, valid: torch.Tensor, keep_vector
     del part
     return GateRecord(
         step=step,
+        call=call,
         layer=int(event.layer),
         query_index=event.query_index.detach().cpu().long(),
         valid=valid.cpu(),

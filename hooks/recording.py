@@ -10,9 +10,9 @@ import torch
 from hooks.abstractor import AbstractorRecord
 from hooks.gates import GateRecord
 
-MASS_COLUMNS = ["batch", "step", "layer", "head", "query", "kind", "level", "group", "mass"]
-GATE_COLUMNS = ["batch", "step", "layer", "query", "head", "gate", "applied"]
-SPLIT_COLUMNS = ["batch", "step", "layer", "query", "applied", "text_norm", "vision_norm", "vision_share"]
+MASS_COLUMNS = ["batch", "step", "layer", "head", "query", "kind", "level", "group", "mass", "call"]
+GATE_COLUMNS = ["batch", "step", "layer", "query", "head", "gate", "applied", "call"]
+SPLIT_COLUMNS = ["batch", "step", "layer", "query", "applied", "text_norm", "vision_norm", "vision_share", "call"]
 ABSTRACTOR_COLUMNS = ["abstractor_layer", "image", "head", "query", "patches", "cls", "queries"]
 
 
@@ -39,6 +39,7 @@ class AttentionRecord:
     present: torch.Tensor
     levels: list
     groups: list
+    call: int = 0
 
     def group_index(self, group: str, level: str | None = None) -> int:
         """Index of ``group`` along the last axis of ``mass`` (``pad`` exists at both levels:
@@ -47,6 +48,23 @@ class AttentionRecord:
             if name == group and level in (None, lv):
                 return i
         raise KeyError(f"no group {group!r} at level {level!r}; groups are {self.groups}")
+
+
+class FullMaps(dict):
+    """``{(call, step, layer, kind): FullMap}``; a 3-tuple key ``(step, layer, kind)`` means call 0."""
+
+    @staticmethod
+    def _key(key):
+        return (0, *key) if isinstance(key, tuple) and len(key) == 3 else key
+
+    def __getitem__(self, key):
+        return super().__getitem__(self._key(key))
+
+    def __contains__(self, key):
+        return super().__contains__(self._key(key))
+
+    def get(self, key, default=None):
+        return super().get(self._key(key), default)
 
 
 @dataclass
@@ -92,8 +110,9 @@ class Recording:
         self.attention_records: list[AttentionRecord] = []
         self.gate_records: list[GateRecord] = []
         self.abstractor_records: list[list[AbstractorRecord]] = []  # per forward call, per layer
-        self.full_maps: dict[tuple[int, int, str], FullMap] = {}
-        self.n_steps = 0
+        self.full_maps = FullMaps()
+        self.n_steps = 0  # forward calls observed (prefills and decode steps)
+        self.n_calls = 0  # prefills: one per plain forward or generate call
         self.token_kind: torch.Tensor | None = None
         self.image_index: torch.Tensor | None = None
         self._cache: dict[str, object] = {}
@@ -109,13 +128,16 @@ class Recording:
         self._cache.clear()
 
     # ---------------------------------------------------------------- attention
-    def mass(self, layer: int, kind: str = "self", step: int = 0) -> AttentionRecord:
-        """The tensor record of one attention call (see :class:`AttentionRecord`)."""
+    def mass(self, layer: int, kind: str = "self", step: int = 0, call: int = 0) -> AttentionRecord:
+        """The tensor record of one attention call (see :class:`AttentionRecord`); ``call`` counts
+        the prefills (plain forwards / ``generate`` calls) inside the capture block, ``step`` the
+        decode steps within one call."""
         for r in self.attention_records:
-            if (r.step, r.layer, r.kind) == (step, layer, kind):
+            if (r.call, r.step, r.layer, r.kind) == (call, step, layer, kind):
                 return r
-        have = sorted({(r.step, r.layer, r.kind) for r in self.attention_records})
-        raise KeyError(f"no attention record for step={step}, layer={layer}, kind={kind!r}; have {have}")
+        have = sorted({(r.call, r.step, r.layer, r.kind) for r in self.attention_records})
+        raise KeyError(f"no attention record for call={call}, step={step}, layer={layer}, kind={kind!r}; "
+                       f"have (call, step, layer, kind) {have}")
 
     @property
     def attention_mass(self) -> pd.DataFrame:
@@ -137,6 +159,7 @@ class Recording:
                 frames.append(pd.DataFrame({
                     "batch": b.numpy(), "step": r.step, "layer": r.layer, "query": r.query_index[q].numpy(),
                     "head": h.numpy(), "gate": r.mean[b, q, h].numpy(), "applied": r.applied[b, q].numpy(),
+                    "call": r.call,
                 }))
             self._cache["gates"] = _concat(frames, GATE_COLUMNS)
         return self._cache["gates"]
@@ -152,17 +175,17 @@ class Recording:
                 frames.append(pd.DataFrame({
                     "batch": b.numpy(), "step": r.step, "layer": r.layer, "query": r.query_index[q].numpy(),
                     "applied": r.applied[b, q].numpy(), "text_norm": t.numpy(), "vision_norm": v.numpy(),
-                    "vision_share": (v / (t + v).clamp_min(1e-30)).numpy(),
+                    "vision_share": (v / (t + v).clamp_min(1e-30)).numpy(), "call": r.call,
                 }))
             self._cache["gate_split"] = _concat(frames, SPLIT_COLUMNS)
         return self._cache["gate_split"]
 
-    def gate_vectors(self, layer: int, step: int = 0) -> GateRecord:
+    def gate_vectors(self, layer: int, step: int = 0, call: int = 0) -> GateRecord:
         """The full :class:`GateRecord` (``gate``/``text_out``/``vision_out`` need ``gate_vectors=True``)."""
         for r in self.gate_records:
-            if (r.step, r.layer) == (step, layer):
+            if (r.call, r.step, r.layer) == (call, step, layer):
                 return r
-        raise KeyError(f"no gate record for step={step}, layer={layer}")
+        raise KeyError(f"no gate record for call={call}, step={step}, layer={layer}")
 
     # ---------------------------------------------------------------- abstractor
     @property
@@ -212,7 +235,7 @@ def _mass_frame(records: list[AttentionRecord]) -> pd.DataFrame:
             "query": r.query_index[q].numpy(), "kind": r.kind,
             "level": np.asarray(r.levels, dtype=object)[g_np],
             "group": np.asarray(r.groups, dtype=object)[g_np],
-            "mass": r.mass[b, h, q, g].float().numpy(),
+            "mass": r.mass[b, h, q, g].float().numpy(), "call": r.call,
         }))
     df = _concat(frames, MASS_COLUMNS)
     for col in ("kind", "level", "group"):

@@ -5,10 +5,11 @@ import random
 import warnings
 
 
-def setup(seed: int = 0, threads: int = 2) -> None:
+def setup(seed: int = 0, threads: int = 1) -> None:
     """Make a notebook's numbers reproducible and its figures render offline.
 
-    * seeds Python, NumPy and torch; fixes torch's intra-op threads (results can differ in the last
+    * seeds Python, NumPy and torch; fixes torch's intra-op threads (1 by default: the tiny models lose
+      10-45× to OpenMP synchronisation with more, on a loaded 2-core machine; results can differ in the last
       bits between thread counts, and nbval compares printed numbers);
     * plotly renders as its JSON mimetype (JupyterLab draws it without a CDN);
     * pandas prints 3 decimals, so printed summaries are stable under float noise.

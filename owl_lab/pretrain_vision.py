@@ -7,6 +7,14 @@ the encoder's pre-training: a temporary linear head reads every patch feature th
 consume (Owl2: the ViT output without CLS; Owl3: ``encode_images``, i.e. SigLIP hidden_states[-2]
 through the projector) and predicts the shape / colour / size / pattern of the object in the grid
 cell under that patch (or "empty"), and which cell that is. The head is thrown away afterwards; nothing it adds is saved.
+
+Objective ``"board"`` (stage key ``"objectives"``, default ``["patches"]``) trains the *whole* visual path
+the decoder reads (Owl2: ViT → abstractor → ``visual_fc``; Owl3: SigLIP → projector), as Owl2's stage-1
+pre-training trains the abstractor: a small read-out (:class:`BoardReadout`, one learned query per
+board cell attending over the visual tokens) must recover every cell's attributes. Through the language
+loss alone, the abstractor's queries stay interchangeable for thousands of steps (every visual token
+carries the same "bag of colours" and nothing binds a shape to a place); the read-out gives them a
+short gradient path to specialise.
 """
 from __future__ import annotations
 
@@ -28,6 +36,31 @@ def patch_features(model, family: str, pixel_values: torch.Tensor) -> torch.Tens
     return model.encode_images(pixel_values)  # [N, G², H]
 
 
+def visual_tokens(model, family: str, pixel_values: torch.Tensor) -> torch.Tensor:
+    """[N, 3, S, S] → [N, T, H]: the visual tokens the decoder reads (Owl2 abstractor rows; Owl3 patches)."""
+    if family == "owl2":
+        return model.model.encode_images(pixel_values)  # [N, Q+1, H]
+    return model.encode_images(pixel_values)  # [N, G², H]
+
+
+class BoardReadout(nn.Module):
+    """One learned query per board cell attends (single head) over visual tokens [N, T, W]; a linear
+    head classifies the attended vector → logits [N, GRID², sum(sizes)]."""
+
+    def __init__(self, width: int, sizes: list[int]):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.cells = nn.Parameter(torch.randn(GRID * GRID, width) / width ** 0.5)  # [C, W]
+        self.key = nn.Linear(width, width)
+        self.head = nn.Linear(width, sum(sizes))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.norm(tokens)  # [N, T, W]
+        scores = torch.einsum("cw,ntw->nct", self.cells, self.key(x)) / x.shape[-1] ** 0.5  # [N, C, T]
+        pooled = scores.softmax(-1) @ x  # [N, C, W]
+        return self.head(pooled)  # [N, C, sum(sizes)]
+
+
 def patch_cells(grid: int, image_size: int) -> torch.Tensor:
     """[G*G] index of the board cell under each patch centre (row-major cells)."""
     centre = (torch.arange(grid) + 0.5) * image_size / grid  # px
@@ -35,39 +68,57 @@ def patch_cells(grid: int, image_size: int) -> torch.Tensor:
     return (cell[:, None] * GRID + cell[None, :]).flatten()
 
 
-def vision_parameters(model, family: str) -> list[nn.Parameter]:
+def vision_parameters(model, family: str, board: bool = False) -> list[nn.Parameter]:
+    """The encoder's parameters; with ``board`` also everything up to the decoder (Owl2 abstractor)."""
     if family == "owl2":
-        return list(model.model.vision_model.parameters())
-    return list(model.vision_model.parameters()) + list(model.vision2text_model.parameters())
+        modules = [model.model.vision_model] + ([model.model.visual_abstractor] if board else [])
+    else:
+        modules = [model.vision_model, model.vision2text_model]
+    return [p for m in modules for p in m.parameters()]
+
+
+OBJECTIVES = ("patches", "board")
 
 
 def run_vision_stage(model, processor, family: str, stage: dict, seed: str, world: dict,
                      history: dict, global_step: int, si: int, progress: bool) -> int:
-    """Train the encoder for ``stage["steps"]``; return the new global step."""
+    """Train the visual path for ``stage["steps"]`` on ``stage["objectives"]``; return the new global step."""
     steps, bs = stage["steps"], stage["batch_size"]
+    objectives = stage.get("objectives", ["patches"])
+    if not objectives or set(objectives) - set(OBJECTIVES):
+        raise ValueError(f"vision stage objectives must be a non-empty subset of {OBJECTIVES}; got {objectives}")
     lo, hi = stage.get("n_objects", (1, 8))
     size = world.get("render_size", 112)
     with torch.no_grad():  # probe shapes once
         probe = processor(text=[IMAGE_PLACEHOLDER], images=[[render(sample_scene(random.Random(0)), size)]])
         feats = patch_features(model, family, probe["pixel_values"])
+        token_width = visual_tokens(model, family, probe["pixel_values"]).shape[-1]
     n_patches, width = feats.shape[1], feats.shape[2]
     grid = int(round(n_patches ** 0.5))
     cells = patch_cells(grid, probe["pixel_values"].shape[-1])
     # one class per attribute value (+ "empty"), and the cell index itself, so features keep "where"
     sizes = [len(values) + 1 for _, values in CELL_ATTRIBUTES] + [GRID * GRID]
-    head = nn.Linear(width, sum(sizes))
-    params = vision_parameters(model, family)
-    opt = torch.optim.AdamW(params + list(head.parameters()), lr=stage["lr"], betas=(0.9, 0.98),
+    heads = nn.ModuleDict()
+    if "patches" in objectives:
+        heads["patches"] = nn.Linear(width, sum(sizes))
+    if "board" in objectives:
+        heads["board"] = BoardReadout(token_width, sizes[:-1])
+    params = vision_parameters(model, family, board="board" in objectives)
+    opt = torch.optim.AdamW(params + list(heads.parameters()), lr=stage["lr"], betas=(0.9, 0.98),
                             weight_decay=stage.get("weight_decay", 0.0))
     bar = tqdm(range(steps), disable=not progress, desc=f"stage {si + 1} (vision pre-training)", mininterval=2.0)
     for step in bar:
         scenes = [sample_scene(random.Random(f"{seed}/{step * bs + j}"), lo, hi) for j in range(bs)]
         batch = processor(text=[IMAGE_PLACEHOLDER] * bs, images=[[render(s, size)] for s in scenes])
-        targets = torch.tensor([cell_targets(s) for s in scenes])[:, cells]  # [B, G², 4]
-        targets = torch.cat([targets, cells.expand(bs, -1)[..., None]], dim=-1)  # [B, G², 5]
-        logits = head(patch_features(model, family, batch["pixel_values"]))  # [B, G², sum(sizes)]
-        loss = sum(nn.functional.cross_entropy(part.flatten(0, 1), targets[..., k].flatten())
-                   for k, part in enumerate(logits.split(sizes, dim=-1)))
+        board = torch.tensor([cell_targets(s) for s in scenes])  # [B, GRID², 4]
+        loss = 0.0
+        if "patches" in heads:
+            targets = torch.cat([board[:, cells], cells.expand(bs, -1)[..., None]], dim=-1)  # [B, G², 5]
+            logits = heads["patches"](patch_features(model, family, batch["pixel_values"]))  # [B, G², sum(sizes)]
+            loss = loss + _cross_entropy(logits, targets, sizes)
+        if "board" in heads:
+            logits = heads["board"](visual_tokens(model, family, batch["pixel_values"]))  # [B, GRID², Σ]
+            loss = loss + _cross_entropy(logits, board, sizes[:-1])
         for group in opt.param_groups:
             group["lr"] = stage["lr"] * min(1.0, (step + 1) / max(1, stage.get("warmup", 50)))
         opt.zero_grad(set_to_none=True)
@@ -82,3 +133,9 @@ def run_vision_stage(model, processor, family: str, stage: dict, seed: str, worl
         if progress and step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     return global_step
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Sum over attributes of the mean cross-entropy; logits [B, C, Σ sizes], targets [B, C, len(sizes)]."""
+    return sum(nn.functional.cross_entropy(part.flatten(0, 1), targets[..., k].flatten())
+               for k, part in enumerate(logits.split(sizes, dim=-1)))

@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
+from plotly.subplots import make_subplots
 
 from owl_lab.analysis.mass import layer_mass, query_mass
 from owl_lab.viz import abstractor_map_figure, gate_heatmap_figure, layer_mass_figure, query_mass_figure
@@ -60,8 +62,8 @@ class ExplorerView:
     """What :func:`explore` returns: the answer, printable numbers and plotly figures.
 
     ``figures`` keys: ``layer_mass`` (mass per layer), ``token_mass`` (per query, chosen layer/head),
-    ``token_keys`` (the chosen token's attention over every key), plus ``abstractor`` (Owl2 with an
-    image) or ``gates`` (Owl3 gated hyper layers).
+    ``token_keys`` (the chosen token's attention over every key), plus ``image`` (the example's
+    images, when it has any), ``abstractor`` (Owl2 with an image) or ``gates`` (Owl3 gated hyper layers).
     """
 
     state: ExplorerState
@@ -144,6 +146,17 @@ def _pick_kind(df: pd.DataFrame, layer: int, kind: str | None) -> str:
     return next(k for k in ("joint", "cross", "self") if k in have)
 
 
+def _image_figure(images, title: str) -> go.Figure:
+    """The example's images side by side (one go.Image per image)."""
+    fig = make_subplots(rows=1, cols=len(images), subplot_titles=[f"image {i}" for i in range(len(images))])
+    for i, image in enumerate(images, start=1):
+        fig.add_trace(go.Image(z=np.asarray(image.convert("RGB"))), row=1, col=i)
+    fig.update_xaxes(showticklabels=False)
+    fig.update_yaxes(showticklabels=False)
+    fig.update_layout(title=title, template="plotly_white", height=260, width=60 + 200 * len(images))
+    return fig
+
+
 def _key_figure(full_map, head, labels: list[str], title: str) -> tuple[go.Figure, float]:
     probs = full_map.probs[0, :, 0]  # [H, Lk] one query
     p = probs.mean(0) if head is None else probs[head]
@@ -198,6 +211,8 @@ def explore(state: ExplorerState, cache: ModelCache | None = None) -> ExplorerVi
     df = rec.attention_mass
     kind = _pick_kind(df, state.layer, state.kind)
     figures, numbers = {}, {"correct": answer == ex.answer}
+    if ex.images:
+        figures["image"] = _image_figure(list(ex.images), f"{state.task} scene {state.scene} (seed {state.seed})")
 
     # attention mass by layer (modality level); gated Owl3 has no image keys in `self`: add the gate share
     decoder_kinds = [k for k in ("self", "joint") if k in set(df["kind"].astype(str))]
@@ -261,21 +276,24 @@ class ExplorerApp:
                                 description="model", placeholder="name or checkpoint dir", ensure_option=False)
         self.task = w.Dropdown(options=sorted(ALL_TASKS), value="color", description="task")
         self.scene = w.BoundedIntText(value=0, min=0, max=9999, description="scene")
+        self.seed = w.BoundedIntText(value=0, min=0, max=10**6, description="seed")
         self.prompt = w.Text(value="", description="prompt", placeholder="(the example's question)")
         self.layer = w.IntSlider(value=0, min=0, max=0, description="layer", continuous_update=False)
         self.head = w.Dropdown(options=[("mean", None)], value=None, description="head")
         self.token = w.IntText(value=-1, description="token", tooltip="-1 = last prompt position")
         self.text = w.HTML()
-        self.outputs = {k: w.Output() for k in ("layer_mass", "token_mass", "token_keys", "abstractor", "gates")}
+        self.outputs = {k: w.Output() for k in ("image", "layer_mass", "token_mass", "token_keys",
+                                                     "abstractor", "gates")}
         self.view: ExplorerView | None = None
         self._busy = False  # control changes made by update() itself must not re-enter it
-        controls = [self.model, self.task, self.scene, self.prompt, self.layer, self.head, self.token]
+        controls = [self.model, self.task, self.scene, self.seed, self.prompt, self.layer, self.head, self.token]
         for c in controls:
             c.observe(self._changed, names="value")
-        self.widget = w.VBox([w.HBox(controls[:4]), w.HBox(controls[4:]), self.text, *self.outputs.values()])
+        self.widget = w.VBox([w.HBox(controls[:5]), w.HBox(controls[5:]), self.text, *self.outputs.values()])
 
     def state(self) -> ExplorerState:
         return ExplorerState(model=self.model.value, task=self.task.value, scene=int(self.scene.value),
+                             seed=int(self.seed.value),
                              prompt=self.prompt.value, layer=int(self.layer.value), head=self.head.value,
                              token=None if self.token.value < 0 else int(self.token.value))
 

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import re
-import tomllib
-
-import yaml
-
 from pathlib import Path
+
+import tomllib
+import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

@@ -269,134 +269,15 @@ def attribute(model, processor_batch, target: str | int | None = None, method: s
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# attention next to attribution
-# ---------------------------------------------------------------------------------------------
+
+_MOVED = ("spearman", "AttentionComparison", "attention_patch_maps", "attention_vs_attribution")
 
 
-def spearman(a, b) -> float:
-    """Spearman rank correlation of two equally long sequences (average ranks for ties; NaN when
-    either side is constant). Implemented with pandas ranks, so scipy is not needed."""
-    import pandas as pd
+def __getattr__(name: str):
+    """The attention-vs-attribution helpers moved to :mod:`owl_lab.analysis.compare`; old imports
+    (``from owl_lab.analysis.attribution import spearman``) keep working (PEP 562, lazy: no cycle)."""
+    if name in _MOVED:
+        from owl_lab.analysis import compare
 
-    x = pd.Series(np.asarray(a, dtype=np.float64).ravel()).rank(method="average").to_numpy()
-    y = pd.Series(np.asarray(b, dtype=np.float64).ravel()).rank(method="average").to_numpy()
-    if x.shape != y.shape:
-        raise ValueError(f"spearman needs equally long inputs; got {x.size} and {y.size}.")
-    if x.size < 2 or x.std() == 0 or y.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(x, y)[0, 1])
-
-
-@dataclass
-class AttentionComparison:
-    """Per-patch attention mass next to per-patch attribution, for every image of one sample.
-
-    Attributes:
-        attention: [N_img, grid_h, grid_w] attention mass the answer position routes to each patch
-            (see ``source``).
-        attribution: [N_img, grid_h, grid_w] the IG patch map (absolute values if ``absolute``).
-        spearman: rank correlation over all patches of all images (one number to print).
-        per_image: rank correlation per image.
-        source: how ``attention`` was computed.
-        result: the underlying :class:`Attribution`.
-    """
-
-    attention: torch.Tensor
-    attribution: torch.Tensor
-    spearman: float
-    per_image: list[float]
-    source: str
-    result: Attribution
-
-
-def _last_query_maps(rec, kinds: tuple[str, ...], layers) -> list:
-    maps = [fm for (step, layer, kind), fm in sorted(rec.full_maps.items()) if kind in kinds and layer in layers]
-    if not maps:
-        raise ValueError(f"no {kinds} attention was recorded for the last position in layers {sorted(layers)}.")
-    return maps
-
-
-def attention_patch_maps(model, processor_batch, *, weighting: str = "decoder", abstractor_layer: int = -1,
-                         layers=None) -> tuple[torch.Tensor, str]:
-    """Attention mass per image patch seen from the last prompt position: ([N_img, gh, gw], source).
-
-    * Owl2: abstractor query→patch maps (``hooks.capture``, mean over heads) of ``abstractor_layer``,
-      combined over the learnable queries with weights = the decoder's attention from the last
-      position to each query row (mean over heads and ``layers``; ``weighting='decoder'``) or
-      uniformly (``weighting='uniform'``, the plain mean abstractor map).
-    * Owl3: cross/joint attention of the last position to each image key (= SigLIP patch) in the
-      hyper layers (mean over heads and hyper layers); ``weighting`` is ignored.
-    """
-    from hooks.capture import capture  # (module import: robust to a stale editable install of `hooks`)
-
-    family = _family(model)
-    if weighting not in ("decoder", "uniform"):
-        raise ValueError(f"weighting must be 'decoder' or 'uniform'; got {weighting!r}.")
-    ad = _Adapter(model, processor_batch)
-    if ad.pixels is None:
-        raise ValueError("attention_patch_maps needs a prompt with at least one image.")
-    n_img = ad.pixels.shape[0]
-    n_layers = model.config.num_hidden_layers
-    if family == "owl3":
-        hyper = list(model.config.hyper_layer_indices)
-        layers = hyper if layers is None else [i for i in layers if i in hyper]
-    else:
-        layers = list(range(n_layers)) if layers is None else list(layers)
-    length = ad.ids.shape[1] + (n_img * (model.config.tokens_per_image - 1) if family == "owl2" else 0)
-    with torch.no_grad(), capture(model, attention=True, full_maps={i: [length - 1] for i in layers},
-                                  abstractor=family == "owl2", gates=False, layers=layers) as rec:
-        model(**{k: v for k, v in processor_batch.items() if k != "labels"})
-    if family == "owl2":
-        amap = rec.abstractor_maps[abstractor_layer].mean(1)  # [N, H, Q, gh, gw] → [N, Q, gh, gw]
-        Q = amap.shape[1]
-        if weighting == "uniform":
-            return amap.mean(1), f"Owl2 abstractor layer {abstractor_layer}: mean over heads and queries"
-        w = torch.zeros(n_img, Q)
-        maps = _last_query_maps(rec, ("self",), layers)
-        for fm in maps:
-            p = fm.probs[0, :, -1].mean(0)  # [Lk] mean over heads
-            for n in range(n_img):
-                cols = (fm.key_image[0] == n).nonzero().flatten()[:Q]  # query rows (vit_eos is last)
-                w[n] += p[cols] / len(maps)
-        return (torch.einsum("nq,nqhw->nhw", w, amap),
-                f"Owl2 abstractor layer {abstractor_layer} maps (mean over heads), weighted by the decoder's "
-                f"attention from the last position to each query row (mean over heads, layers {layers})")
-    maps = _last_query_maps(rec, ("cross", "joint"), layers)
-    grid = int(round(model.config.tokens_per_image ** 0.5))
-    out = torch.zeros(n_img, grid * grid)
-    for fm in maps:
-        p = fm.probs[0, :, -1].mean(0)  # [Lk]
-        for n in range(n_img):
-            cols = ((fm.key_image[0] == n) & (fm.key_position[0] < 0)).nonzero().flatten()
-            out[n] += p[cols] / len(maps)
-    return out.view(n_img, grid, grid), (f"Owl3 attention of the last position to each image key, mean over "
-                                         f"heads and hyper layers {layers}")
-
-
-def attention_vs_attribution(model, processor_batch, attribution: Attribution | None = None, *,
-                             absolute: bool = True, weighting: str = "decoder", abstractor_layer: int = -1,
-                             layers=None, **attribute_kwargs) -> AttentionComparison:
-    """Put the attention view and the IG view of the image patches side by side.
-
-    Args:
-        model, processor_batch: as for :func:`attribute` (one sample with at least one image).
-        attribution: a precomputed :class:`Attribution` of this batch (else computed with
-            ``attribute_kwargs``, e.g. ``target=``, ``n_steps=``, ``tokenizer=``).
-        absolute: compare attention with |IG| (importance regardless of sign; default) or signed IG.
-        weighting, abstractor_layer, layers: see :func:`attention_patch_maps`.
-
-    Returns:
-        :class:`AttentionComparison`; ``round(cmp.spearman, 2)`` is the number a notebook prints.
-    """
-    attention, source = attention_patch_maps(model, processor_batch, weighting=weighting,
-                                             abstractor_layer=abstractor_layer, layers=layers)
-    if attribution is None:
-        attribution = attribute(model, processor_batch, **attribute_kwargs)
-    attr = attribution.patch_maps.abs() if absolute else attribution.patch_maps
-    if tuple(attr.shape) != tuple(attention.shape):
-        raise ValueError(f"attention maps {tuple(attention.shape)} and attribution maps {tuple(attr.shape)} "
-                         "differ in shape; was the attribution computed on this batch?")
-    per_image = [spearman(attention[n], attr[n]) for n in range(attr.shape[0])]
-    return AttentionComparison(attention=attention, attribution=attr, spearman=spearman(attention, attr),
-                               per_image=per_image, source=source, result=attribution)
+        return getattr(compare, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -42,11 +42,11 @@ def text_branch_for_images(model):
         yield model
     finally:
         with torch.no_grad():
-            for (_, m), state in zip(modules, saved):
+            for (_, m), state in zip(modules, saved, strict=True):
                 m.multiway[1].load_state_dict(state)
 
 
-def branch_divergence(model) -> "list[dict]":
+def branch_divergence(model) -> list[dict]:
     """How far each layer's vision branch moved from its text branch: relative Frobenius distance
     ``|W_vision - W_text| / |W_text|`` per multiway module (0 = identical branches)."""
     rows = []

@@ -22,8 +22,8 @@ Which module paths exist for a family is data: see ``hooks/mapping.py``.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -70,7 +70,7 @@ class SequenceLayout:
     past_length: int
     token_kind: torch.Tensor
     image_index: torch.Tensor
-    attention_mask: Optional[torch.Tensor]
+    attention_mask: torch.Tensor | None
     images_per_sample: list[int]
     image_starts: list[torch.Tensor]
     tokens_per_image: int
@@ -115,7 +115,7 @@ class AttentionEvent:
     key_position: torch.Tensor
     key_image: torch.Tensor
     allowed: Callable[[int, int], torch.Tensor]
-    probs: Optional[torch.Tensor] = None
+    probs: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
 
 

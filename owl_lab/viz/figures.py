@@ -32,7 +32,7 @@ def layer_mass_figure(tables: dict[str, pd.DataFrame] | pd.DataFrame, *, title: 
     if isinstance(tables, pd.DataFrame):
         tables = {"": tables}
     fig = make_subplots(rows=1, cols=len(tables), subplot_titles=list(tables), shared_yaxes=True)
-    for col, (panel, table) in enumerate(tables.items(), start=1):
+    for col, table in enumerate(tables.values(), start=1):
         for i, group in enumerate(table.columns):
             fig.add_trace(
                 go.Scatter(x=table.index, y=table[group], name=str(group), mode="lines+markers",

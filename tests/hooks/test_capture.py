@@ -27,7 +27,7 @@ def test_masses_levels_sum_to_one_and_pads_dropped(toy):
     with torch.no_grad(), capture(toy) as rec:
         toy(ids, images, mask)
     df = rec.attention_mass
-    assert list(df.columns) == ["batch", "step", "layer", "head", "query", "kind", "level", "group", "mass"]
+    assert list(df.columns) == ["batch", "step", "layer", "head", "query", "kind", "level", "group", "mass", "call"]
     sums = df.groupby(["batch", "step", "layer", "head", "query", "kind", "level"], observed=True).mass.sum()
     assert (sums - 1).abs().max() < 1e-5
     assert set(df[df.batch == 1]["query"]) == {0, 1, 2, 3}  # pad queries dropped
@@ -71,6 +71,27 @@ def test_decode_steps_and_absolute_queries(toy):
     assert set(last.group) == {"bos", "question", "image:0", "generated"}
     sums = df.groupby(["step", "layer", "head", "query", "level"], observed=True).mass.sum()
     assert (sums - 1).abs().max() < 1e-5
+
+
+def test_each_prefill_starts_a_new_call_with_step_zero(toy):
+    """Two generate-like loops in one block: steps restart at 0 and ``call`` tells them apart."""
+    ids, images, _ = batch()
+    with torch.no_grad(), capture(toy, full_maps={1: None}) as rec:
+        for sample in range(2):
+            cache = {}
+            out = toy(ids[sample:sample + 1], images[sample:sample + 1], cache=cache)
+            for _ in range(2):
+                out = toy(out[:, -1:].argmax(-1), cache=cache)
+    with torch.no_grad(), capture(toy) as alone:
+        toy(ids[1:2], images[1:2])
+    assert rec.n_calls == 2 and rec.n_steps == 6
+    df = rec.attention_mass
+    assert sorted(df.groupby("call").step.unique().map(sorted).map(list).tolist()) == [[0, 1, 2], [0, 1, 2]]
+    assert df[df.step > 0]["query"].nunique() == 2  # only decode queries have step > 0
+    torch.testing.assert_close(rec.mass(1, call=1).mass, alone.mass(1).mass, rtol=0, atol=0)
+    assert (0, 1, "self") in rec.full_maps and (1, 2, 1, "self") in rec.full_maps
+    with pytest.raises(KeyError, match="call=2"):
+        rec.mass(1, call=2)
 
 
 def test_layers_filter_only_hooks_chosen_layers(toy):

@@ -86,7 +86,7 @@ def test_gates_equal_golden(golden, mm):
     _, _, out = golden
     rec = mm[0]
     g = rec.gates
-    assert list(g.columns) == ["batch", "step", "layer", "query", "head", "gate", "applied"]
+    assert list(g.columns) == ["batch", "step", "layer", "query", "head", "gate", "applied", "call"]
     worst = 0.0
     for layer in HYPER:
         gold = out[f"mm.layers.{layer}.gate"]  # [B, L, H, D]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import pytest
@@ -124,3 +125,25 @@ def test_vision_branch_can_start_as_a_copy_of_the_text_branch():
 
 def _merge_config(recipe, **config):
     return dict(recipe, config={**recipe["config"], **config})
+
+
+@pytest.mark.parametrize("name", ["smoke-owl2", "smoke-owl3"])
+def test_vision_stage_trains_only_the_visual_path(name):
+    from owl_lab.pretrain_vision import run_vision_stage
+    from owl_lab.train import build
+    recipe = load_recipe(name)
+    model, processor = build(recipe)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    history = {"step": [], "loss": [], "lr": [], "stage": []}
+    stage = {"steps": 4, "batch_size": 4, "lr": 1e-3, "warmup": 1, "objectives": ["patches", "board"]}
+    assert run_vision_stage(model, processor, recipe["family"], stage, "t", recipe.get("world", {}),
+                            history, 10, 0, False) == 14
+    assert len(history["loss"]) == 4 and all(math.isfinite(v) for v in history["loss"])
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    visual = ("vision_model", "visual_abstractor", "vision2text")
+    assert changed and all(any(v in n for v in visual) for n in changed), sorted(changed)[:5]
+    if recipe["family"] == "owl2":  # the board read-out reaches through the abstractor
+        assert any("visual_abstractor" in n for n in changed)
+    with pytest.raises(ValueError, match="objectives"):
+        run_vision_stage(model, processor, recipe["family"], dict(stage, objectives=["nope"]), "t", {},
+                         history, 0, 0, False)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ipywidgets as w
+import numpy as np
 import pytest
 import torch
 
@@ -56,7 +57,9 @@ def test_explore_owl2_directory(data_root, cache):
     path = str(data_root / "checkpoints" / "owl2-mini")
     view = explore(ExplorerState(model=path, task="color", scene=2, layer=1), cache)
     assert view.family == "owl2" and isinstance(view.answer, str) and view.expected
-    assert set(view.figures) == {"layer_mass", "token_mass", "token_keys", "abstractor"}
+    assert set(view.figures) == {"image", "layer_mass", "token_mass", "token_keys", "abstractor"}
+    shown = view.figures["image"].data
+    assert len(shown) == 1 and (np.asarray(shown[0].z) == np.asarray(view.images[0].convert("RGB"))).all()
     assert sum(lab.startswith("img0:") for lab in view.labels) == 5  # 4 queries + vit_eos rows
     keys = _bars(view.figures["token_keys"])  # the last position's distribution over all keys
     assert len(keys) == len(view.labels) and keys.sum().item() == pytest.approx(1.0, abs=1e-5)
@@ -108,6 +111,10 @@ def test_app_builds_and_updates_without_frontend(data_root, cache, monkeypatch):
     assert "application/vnd.plotly.v1+json" in outs["layer_mass"][0]["data"] and outs["gates"] == ()
     app.layer.value = 1  # a control change re-runs explore through the observer
     assert app.view.state.layer == 1
+    first = np.asarray(app.view.images[0])
+    app.seed.value = 7  # the seed control picks another scene (same task and index)
+    assert app.view.state.seed == 7 and not (np.asarray(app.view.images[0]) == first).all()
+    assert "application/vnd.plotly.v1+json" in app.outputs["image"].outputs[0]["data"]
     app.model.value = "owl3-mini"
     assert app.view.family == "owl3" and app.outputs["gates"].outputs and not app.outputs["abstractor"].outputs
     app.model.value = "nope"  # errors are shown in the app, not raised into the frontend

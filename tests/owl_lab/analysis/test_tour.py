@@ -38,7 +38,7 @@ def test_tour_shapes(build, stages):
     example = eval_set("color", 1, seed=3, render_size=56)[0]
     batch = processor(text=example.text, images=example.images)
     table = stages(model, batch)
-    shapes = dict(zip(table["stage"], table["shape"]))
+    shapes = dict(zip(table["stage"], table["shape"], strict=True))
     assert shapes["pixel_values"] == "1×3×28×28"
     if stages is owl2_stages:
         assert shapes["ViT output"] == "1×17×16"  # CLS + 4×4 patches
