@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from owl_lab.optim import apply_step
 from owl_lab.synth.shapes import CELL_ATTRIBUTES, cell_targets, render, sample_scene
 from owl_lab.synth.vocab import GRID, IMAGE_PLACEHOLDER
 
@@ -121,15 +122,7 @@ def run_vision_stage(model, processor, family: str, stage: dict, seed: str, worl
             loss = loss + _cross_entropy(logits, board, sizes[:-1])
         for group in opt.param_groups:
             group["lr"] = stage["lr"] * min(1.0, (step + 1) / max(1, stage.get("warmup", 50)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        history["step"].append(global_step)
-        history["loss"].append(round(loss.item(), 5))
-        history["lr"].append(float(f"{opt.param_groups[0]['lr']:.4g}"))
-        history["stage"].append(si)
-        global_step += 1
+        global_step = apply_step(opt, loss, params, 1.0, history, global_step, si)
         if progress and step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     return global_step

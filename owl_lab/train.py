@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from owl_lab import zoo
 from owl_lab.evaluate import collate, evaluate
+from owl_lab.optim import apply_step
 from owl_lab.pretrain_vision import run_vision_stage
 from owl_lab.synth.data import Mixture
 from owl_lab.synth.tokenizer import build_tokenizer
@@ -195,15 +196,7 @@ def train(recipe: dict, out_dir: Path | None = None, *, progress: bool = True, e
                 group["lr"] = stage["lr"] * lr_factor(step, steps, warmup, stage.get("schedule", "cosine"),
                                                       stage.get("final_lr_fraction", 0.05))
             loss = model(**collate(processor, examples)).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, stage.get("grad_clip", 1.0))
-            opt.step()
-            history["step"].append(global_step)
-            history["loss"].append(round(loss.item(), 5))
-            history["lr"].append(float(f"{opt.param_groups[0]['lr']:.4g}"))
-            history["stage"].append(si)
-            global_step += 1
+            global_step = apply_step(opt, loss, params, stage.get("grad_clip", 1.0), history, global_step, si)
             if callback is not None and callback_every and global_step % callback_every == 0:
                 model.eval()
                 callback(global_step, model, processor)

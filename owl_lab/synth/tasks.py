@@ -45,17 +45,16 @@ class Example:
 
 # --- scene questions (return (question, answer) for a scene, or None if not askable) ------------
 
-def _unique(scene: Scene, key) -> list:
+def _pick_unique(rng, scene: Scene, key):
+    """A random object that ``key`` singles out (one ``rng.choice``), or None if none is unique."""
     counts = Counter(key(o) for o in scene.objects)
-    return [o for o in scene.objects if counts[key(o)] == 1]
+    objs = [o for o in scene.objects if counts[key(o)] == 1]
+    return rng.choice(objs) if objs else None
 
 
 def q_color(rng, scene):
-    objs = _unique(scene, lambda o: o.shape)
-    if not objs:
-        return None
-    o = rng.choice(objs)
-    return f"What color is the {o.shape}?", o.color
+    o = _pick_unique(rng, scene, lambda o: o.shape)
+    return None if o is None else (f"What color is the {o.shape}?", o.color)
 
 
 def q_shape(rng, scene):
@@ -78,11 +77,8 @@ def q_count(rng, scene):
 
 
 def q_position(rng, scene):
-    objs = _unique(scene, lambda o: (o.color, o.shape))
-    if not objs:
-        return None
-    o = rng.choice(objs)
-    return f"Where is the {o.color} {o.shape}?", o.position
+    o = _pick_unique(rng, scene, lambda o: (o.color, o.shape))
+    return None if o is None else (f"Where is the {o.color} {o.shape}?", o.position)
 
 
 def q_exist(rng, scene):
@@ -96,19 +92,13 @@ def q_exist(rng, scene):
 
 
 def q_size(rng, scene):
-    objs = _unique(scene, lambda o: (o.color, o.shape))
-    if not objs:
-        return None
-    o = rng.choice(objs)
-    return f"What size is the {o.color} {o.shape}?", o.size
+    o = _pick_unique(rng, scene, lambda o: (o.color, o.shape))
+    return None if o is None else (f"What size is the {o.color} {o.shape}?", o.size)
 
 
 def q_pattern(rng, scene):
-    objs = _unique(scene, lambda o: o.shape)
-    if not objs:
-        return None
-    o = rng.choice(objs)
-    return f"What pattern is the {o.shape}?", o.pattern
+    o = _pick_unique(rng, scene, lambda o: o.shape)
+    return None if o is None else (f"What pattern is the {o.shape}?", o.pattern)
 
 
 def q_caption(rng, scene):

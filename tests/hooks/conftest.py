@@ -144,10 +144,6 @@ def toy():
     return ToyOwl().eval()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and far more stable on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread(single_thread):
+    """Every test here runs on one intra-op thread (tests/conftest.py)."""

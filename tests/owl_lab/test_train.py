@@ -111,7 +111,7 @@ def test_compare_flags_differences_beyond_tolerance():
 def test_vision_branch_can_start_as_a_copy_of_the_text_branch():
     from owl_lab.train import build
     recipe = load_recipe("smoke-owl2")
-    plain, _ = build(recipe)
+    plain, _ = build(dict(recipe, vision_branch_from_text=False))
     copied, _ = build(dict(recipe, vision_branch_from_text=True))
     pairs = [(n, n.replace(".multiway.1.", ".multiway.0.")) for n, _ in copied.named_parameters() if ".multiway.1." in n]
     assert pairs

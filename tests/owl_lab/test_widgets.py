@@ -8,35 +8,20 @@ import torch
 
 from owl_lab.widgets import ExplorerState, ModelCache, explore, explorer_app
 
-VISION = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, image_size=28, patch_size=7)
-CONFIGS = {  # tiny: 2 decoder layers, 28-px images, 4×4 patches
-    "owl2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4, max_position_embeddings=256,
-                 visual_config={"visual_model": dict(VISION, num_hidden_layers=1, hidden_act="quick_gelu"),
-                                "visual_abstractor": dict(hidden_size=16, encoder_hidden_size=16, num_hidden_layers=1,
-                                                          num_attention_heads=2, intermediate_size=32,
-                                                          num_learnable_queries=4, grid_size=4)}),
-    "owl3": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, hyper_layers=[1], hyper_attention="gated", projector="linear",
-                 tie_word_embeddings=False, vision_config=dict(VISION, num_hidden_layers=2)),
-}
-
 
 @pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _single_thread(single_thread):
+    """Every test here runs on one intra-op thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    """A data dir with checkpoints/owl2-mini and checkpoints/owl3-mini (random weights, real format)."""
+def data_root(tmp_path_factory, tiny_configs):
+    """A data dir with checkpoints/owl2-mini and checkpoints/owl3-mini (random weights, real format;
+    2 decoder layers, 28-px images, 4×4 patches: ``tiny_configs`` in tests/conftest.py)."""
     from owl_lab.train import build
 
     root = tmp_path_factory.mktemp("data")
-    for family, config in CONFIGS.items():
+    for family, config in tiny_configs.items():
         model, processor = build({"family": family, "seed": 0, "config": config})
         out = root / "checkpoints" / f"{family}-mini"
         model.save_pretrained(out)

@@ -1,5 +1,6 @@
 """Tiny random Owl2 / Owl3 (gated, fused) models with O(1) weights, shared by the attribution and
-attention-vs-attribution tests (IG on a 0.02-init model is nearly linear and tests nothing)."""
+attention-vs-attribution tests (IG on a 0.02-init model is nearly linear and tests nothing); their
+configs are the ``tiny_configs`` fixture of tests/conftest.py."""
 from __future__ import annotations
 
 import math
@@ -9,18 +10,6 @@ import torch
 
 from owl_lab.synth import build_tokenizer, eval_set
 
-VISION = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, image_size=28, patch_size=7)
-CONFIGS = {  # tiny: 2 decoder layers, 28-px images on a 4×4 patch grid
-    "owl2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4, max_position_embeddings=256,
-                 visual_config={"visual_model": dict(VISION, num_hidden_layers=1, hidden_act="quick_gelu"),
-                                "visual_abstractor": dict(hidden_size=16, encoder_hidden_size=16, num_hidden_layers=1,
-                                                          num_attention_heads=2, intermediate_size=32,
-                                                          num_learnable_queries=4, grid_size=4)}),
-    "owl3": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, hyper_layers=[1], hyper_attention="gated", projector="linear",
-                 tie_word_embeddings=False, vision_config=dict(VISION, num_hidden_layers=2)),
-}
 VARIANTS = {"owl2": ("owl2", {}), "owl3": ("owl3", {}),
             "owl3-fused": ("owl3", dict(hyper_attention="fused", projector="mlp"))}
 
@@ -42,13 +31,14 @@ def randomize(model, seed: int = 0):
     return model.eval()
 
 
-def build(variant: str):
+def build(variant: str, configs: dict[str, dict]):
+    """``configs``: the ``tiny_configs`` fixture (tests/conftest.py)."""
     family, overrides = VARIANTS[variant]
     from owl_lab.train import family_classes
 
     Config, Model, Processor = family_classes(family)
     tok = build_tokenizer(family)
-    config = Config(**{**CONFIGS[family], **overrides}, vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+    config = Config(**{**configs[family], **overrides}, vocab_size=len(tok), eos_token_id=tok.eos_token_id,
                     pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
     torch.manual_seed(0)
     model = randomize(Model(config))
@@ -58,16 +48,13 @@ def build(variant: str):
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _single_thread(single_thread):
+    """Every test here runs on one intra-op thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
-def tiny_owl(request):
-    model, processor = build(request.param)
+def tiny_owl(request, build_tiny_owl):
+    model, processor = build_tiny_owl(request.param)
     ex = eval_set("color", 1, seed=0)[0]
     batch = processor(text=ex.text, images=ex.images)
     return request.param, model, processor, batch
@@ -85,6 +72,27 @@ def hooks_left():
 
 
 @pytest.fixture(scope="session")
-def build_tiny_owl():
+def build_tiny_owl(tiny_configs):
     """``build(variant) -> (model, processor)`` for 'owl2', 'owl3' (gated) or 'owl3-fused'."""
-    return build
+    return lambda variant: build(variant, tiny_configs)
+
+
+def _small_owl2_config(**overrides):
+    """A tiny Owl2 config with 2 heads and 3 abstractor queries on a 4×4 patch grid (so 3 queries +
+    vit_eos = 4 visual rows); keyword ``overrides`` (vocab_size, ...) are passed to ``Owl2Config``."""
+    from owl_lab.models.owl2 import Owl2Config
+
+    visual = {"visual_model": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, image_size=28, patch_size=7),
+              "visual_abstractor": dict(num_learnable_queries=3, hidden_size=16, encoder_hidden_size=16,
+                                        num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+                                        grid_size=4)}
+    values = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=2, visual_config=visual)
+    return Owl2Config(**{**values, **overrides})
+
+
+@pytest.fixture(scope="session")
+def small_owl2_config():
+    """``small_owl2_config(**overrides) -> Owl2Config`` for the interventions and tour tests."""
+    return _small_owl2_config

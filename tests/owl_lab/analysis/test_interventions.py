@@ -5,26 +5,24 @@ import pytest
 import torch
 
 from owl_lab.analysis.interventions import branch_divergence, multiway_modules, text_branch_for_images
-from owl_lab.models.owl2 import Owl2Config, Owl2ForCausalLM
+from owl_lab.models.owl2 import Owl2ForCausalLM
 
 
-def _model(modality_adaptive=True):
-    torch.manual_seed(0)
-    cfg = Owl2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=2, num_key_value_heads=2, initializer_range=0.1,
-                     modality_adaptive=modality_adaptive,
-                     visual_config={"visual_model": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                         num_attention_heads=2, image_size=28, patch_size=7),
-                                    "visual_abstractor": dict(num_learnable_queries=3, hidden_size=16,
-                                                              encoder_hidden_size=16, num_hidden_layers=1,
-                                                              num_attention_heads=2, intermediate_size=24,
-                                                              grid_size=4)})
-    model = Owl2ForCausalLM(cfg).eval()
-    with torch.no_grad():  # independent branches, as after training
-        for _, m in multiway_modules(model):
-            for p in m.multiway[1].parameters():
-                p.add_(0.3 * torch.randn_like(p))
-    return model
+@pytest.fixture
+def make_model(small_owl2_config):
+    """A fresh model per call (the tests change weights in place)."""
+
+    def make(modality_adaptive=True):
+        torch.manual_seed(0)
+        cfg = small_owl2_config(vocab_size=50, initializer_range=0.1, modality_adaptive=modality_adaptive)
+        model = Owl2ForCausalLM(cfg).eval()
+        with torch.no_grad():  # independent branches, as after training
+            for _, m in multiway_modules(model):
+                for p in m.multiway[1].parameters():
+                    p.add_(0.3 * torch.randn_like(p))
+        return model
+
+    return make
 
 
 def _inputs():
@@ -32,8 +30,8 @@ def _inputs():
     return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(1, 3, 28, 28))
 
 
-def test_text_branch_changes_image_positions_and_restores_exactly():
-    model, batch = _model(), _inputs()
+def test_text_branch_changes_image_positions_and_restores_exactly(make_model):
+    model, batch = make_model(), _inputs()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         ref = model(**batch).logits
@@ -46,19 +44,19 @@ def test_text_branch_changes_image_positions_and_restores_exactly():
         assert torch.equal(v, before[k]), k
 
 
-def test_restores_on_exception_and_rejects_models_without_mam():
-    model = _model()
+def test_restores_on_exception_and_rejects_models_without_mam(make_model):
+    model = make_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(RuntimeError):
         with text_branch_for_images(model):
             raise RuntimeError("boom")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="no modality-adaptive"):
-        with text_branch_for_images(_model(modality_adaptive=False)):
+        with text_branch_for_images(make_model(modality_adaptive=False)):
             pass
 
 
-def test_branch_divergence_reports_every_multiway_module():
-    rows = branch_divergence(_model())
+def test_branch_divergence_reports_every_multiway_module(make_model):
+    rows = branch_divergence(make_model())
     assert {r["module"] for r in rows} == {"k_proj", "v_proj", "input_layernorm", "post_attention_layernorm"}
     assert len(rows) == 8 and all(r["relative_distance"] > 0 for r in rows)

@@ -5,36 +5,28 @@ import pytest
 import torch
 
 from owl_lab.analysis.tour import owl2_stages, owl3_stages
-from owl_lab.models.owl2 import Owl2Config, Owl2ForCausalLM, Owl2Processor
+from owl_lab.models.owl2 import Owl2ForCausalLM, Owl2Processor
 from owl_lab.models.owl3 import Owl3Config, Owl3ForCausalLM, Owl3Processor
 from owl_lab.synth import build_tokenizer, eval_set
 
 
-def _owl2():
-    cfg = Owl2Config(vocab_size=len(build_tokenizer("owl2")), hidden_size=32, intermediate_size=64,
-                     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                     visual_config={"visual_model": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                         num_attention_heads=2, image_size=28, patch_size=7),
-                                    "visual_abstractor": dict(num_learnable_queries=3, hidden_size=16,
-                                                              encoder_hidden_size=16, num_hidden_layers=1,
-                                                              num_attention_heads=2, intermediate_size=24,
-                                                              grid_size=4)})
-    return Owl2ForCausalLM(cfg).eval(), Owl2Processor(build_tokenizer("owl2"), image_size=28)
-
-
-def _owl3():
-    cfg = Owl3Config(vocab_size=len(build_tokenizer("owl3")), hidden_size=32, intermediate_size=64,
+def _build(family, small_owl2_config):
+    tokenizer = build_tokenizer(family)
+    if family == "owl2":
+        cfg = small_owl2_config(vocab_size=len(tokenizer))
+        return Owl2ForCausalLM(cfg).eval(), Owl2Processor(tokenizer, image_size=28)
+    cfg = Owl3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, hyper_layers=[2],
                      vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                         num_attention_heads=2, image_size=28, patch_size=7),
                      hyper_attention="gated", projector="linear")
-    return Owl3ForCausalLM(cfg).eval(), Owl3Processor(build_tokenizer("owl3"), image_size=28)
+    return Owl3ForCausalLM(cfg).eval(), Owl3Processor(tokenizer, image_size=28)
 
 
-@pytest.mark.parametrize("build, stages", [(_owl2, owl2_stages), (_owl3, owl3_stages)])
-def test_tour_shapes(build, stages):
+@pytest.mark.parametrize("family, stages", [("owl2", owl2_stages), ("owl3", owl3_stages)])
+def test_tour_shapes(family, stages, small_owl2_config):
     torch.manual_seed(0)
-    model, processor = build()
+    model, processor = _build(family, small_owl2_config)
     example = eval_set("color", 1, seed=3, render_size=56)[0]
     batch = processor(text=example.text, images=example.images)
     table = stages(model, batch)

@@ -93,9 +93,5 @@ def owl2() -> type[_Helpers]:
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: intra-op threads only add overhead (10× under CPU contention). Restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _single_thread(single_thread):
+    """Every test here runs on one intra-op thread (tests/conftest.py)."""

@@ -60,13 +60,9 @@ def random_images(n: int, seed: int = 0, sizes=((40, 30), (30, 50), (28, 28), (6
                                         dtype=np.uint8)) for i in range(n)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The models here are tiny: one intra-op thread is several times faster on the shared 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread(single_thread):
+    """Every test here runs on one intra-op thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,112 @@
+"""owl_lab.analysis.ablation: checkpoint descriptions, pooled/paired tables, shipped-metrics cross-check."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from owl_lab.analysis.ablation import (
+    accuracy_table,
+    chance_check,
+    crosscheck,
+    describe,
+    difference_text,
+    paired_table,
+    score_tasks,
+    shipped_accuracy,
+)
+from owl_lab.analysis.stats import binomial_se, paired_difference
+from owl_lab.synth import eval_set
+from owl_lab.train import family_classes
+
+FLAGS = {  # two checkpoints scored on the same 4 + 2 + 3 questions
+    "base": {"color": [1, 1, 0, 0], "shape": [1, 0], "distractor:4": [1, 1, 1]},
+    "var": {"color": [1, 1, 1, 0], "shape": [0, 0], "distractor:4": [0, 1, 1]},
+}
+COLUMNS = {"color": ["color"], "QA": ["color", "shape"], "N=4": ["distractor:4"]}
+
+
+def _config(family, tiny_configs, **overrides):
+    Config = family_classes(family)[0]
+    return Config(**{**tiny_configs[family], **overrides}, vocab_size=50)
+
+
+def test_describe_reads_the_config_not_the_name(tmp_path, tiny_configs):
+    cfg = _config("owl2", tiny_configs)
+    info = describe(cfg)
+    assert (info["queries"], info["image_size"], info["patch_size"], info["patches"]) == (4, 28, 7, 16)
+    assert info["tokens_per_image"] == 5 and info["vit"] == "unknown"
+    vit = {"kind": "vision"}
+    lang = {"tasks": {"color": 1}}
+    frozen = dict(lang, freeze=[r"model\.vision_model\."])
+    for stages, expected in (([vit, lang, lang], "trainable"), ([vit, frozen, frozen], "frozen"),
+                             ([vit, frozen, lang], "partly frozen")):
+        (tmp_path / "recipe.json").write_text(json.dumps({"stages": stages}))
+        assert describe(cfg, tmp_path)["vit"] == expected
+    o3 = describe(_config("owl3", tiny_configs, hyper_layers=[1, 2], mi_rope=False, hyper_attention="sum"))
+    assert o3 == {"hyper_attention": "sum", "mi_rope": False, "hyper_layers": "1,2", "projector": "linear",
+                  "image_size": 28}
+    with pytest.raises(ValueError, match="Owl2"):
+        describe(type("C", (), {"model_type": "llama"})())
+
+
+def test_accuracy_table_pools_keys():
+    acc = accuracy_table(FLAGS, COLUMNS)
+    assert list(acc.columns) == list(COLUMNS) and list(acc.index) == ["base", "var"]
+    assert acc.loc["base", "QA"] == pytest.approx(100 * 3 / 6)
+    assert acc.loc["var", "color"] == 75.0 and acc.loc["var", "N=4"] == pytest.approx(200 / 3)
+    se = accuracy_table(FLAGS, COLUMNS, se=True)
+    assert se.loc["var", "QA"] == pytest.approx(binomial_se([1, 1, 1, 0, 0, 0]))
+    with pytest.raises(ValueError, match="no flags"):
+        accuracy_table(FLAGS, {"x": ["multi"]})
+
+
+def test_paired_table_is_variant_minus_baseline():
+    t = paired_table(FLAGS, "base", COLUMNS)
+    assert list(t.index) == [("var", c) for c in COLUMNS]
+    d = paired_difference(FLAGS["var"]["color"] + FLAGS["var"]["shape"],
+                          FLAGS["base"]["color"] + FLAGS["base"]["shape"])
+    row = t.loc[("var", "QA")]
+    assert row["diff"] == pytest.approx(d["diff"]) == 0.0 and row["se"] == pytest.approx(d["se"])
+    assert row["baseline"] == 50.0 and row["n"] == 6 and not row["beyond"]
+    assert t.loc[("var", "color"), "diff"] == 25.0
+    with pytest.raises(ValueError, match="baseline"):
+        paired_table(FLAGS, "nope", COLUMNS)
+
+
+def test_shipped_accuracy_and_crosscheck(tmp_path):
+    (tmp_path / "metrics.json").write_text(json.dumps({
+        "accuracy": {"color": 50.0, "shape": 20.0}, "eval": {"n_per_task": 100},
+        "distractor": {"n_images": [1, 4], "circular": [60.0, 30.0], "instance": [60.0, 40.0]}}))
+    (tmp_path / "recipe.json").write_text(json.dumps({"eval": {"distractor": {"questions": 30}}}))
+    shipped = shipped_accuracy(tmp_path)
+    assert shipped == {"color": (50.0, 100), "shape": (20.0, 100), "distractor:1": (60.0, 30),
+                       "distractor:4": (30.0, 30)}
+    assert shipped_accuracy(tmp_path / "missing") == {}
+    check = crosscheck(FLAGS, {"base": shipped}, COLUMNS)
+    qa = check.loc[("base", "QA")]
+    assert qa["shipped"] == pytest.approx(35.0) and qa["n shipped"] == 200 and qa["ours"] == 50.0
+    assert qa["se"] == pytest.approx(math.hypot(binomial_se(50.0, 6), binomial_se(35.0, 200)))
+    assert check.loc[("base", "N=4"), "diff"] == pytest.approx(70.0)
+    assert check.loc[("base", "N=4"), "beyond"]  # 100% vs 30%: 70 points > 3 SE
+    assert math.isnan(check.loc[("var", "QA"), "shipped"]) and not check.loc[("var", "QA"), "beyond"]
+
+
+def test_chance_check():
+    at = chance_check([1] * 33 + [0] * 67, 100 / 3)
+    assert at["at_chance"] and not at["above"] and at["se"] == pytest.approx(binomial_se(100 / 3, 100))
+    high = chance_check([1] * 60 + [0] * 40, 100 / 3)
+    assert high["above"] and not high["at_chance"]
+    low = chance_check([0] * 100, 100 / 3)
+    assert not low["at_chance"] and not low["above"]
+    with pytest.raises(ValueError):
+        chance_check([], 50)
+
+
+def test_difference_text_and_score_tasks(monkeypatch):
+    d = paired_difference([1, 1, 0, 1], [0, 1, 0, 0])
+    assert difference_text(d) == f"25.0% -> 75.0%, Δ +50.0 ± {d['se']:.1f} (paired SE); beyond 2 SE: {d['beyond_noise']}"
+    sets = {"color": eval_set("color", 3, seed=0), "add": eval_set("add", 2, seed=0)}
+    monkeypatch.setattr("owl_lab.evaluate.exact_match", lambda m, p, ex, bs: [len(ex) == 3] * len(ex))
+    assert score_tasks(None, None, sets) == {"color": [True] * 3, "add": [False] * 2}
