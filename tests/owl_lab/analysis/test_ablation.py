@@ -91,6 +91,8 @@ def test_shipped_accuracy_and_crosscheck(tmp_path):
     assert check.loc[("base", "N=4"), "diff"] == pytest.approx(70.0)
     assert check.loc[("base", "N=4"), "beyond"]  # 100% vs 30%: 70 points > 3 SE
     assert math.isnan(check.loc[("var", "QA"), "shipped"]) and not check.loc[("var", "QA"), "beyond"]
+    partial = crosscheck({"base": FLAGS["base"], "few": {"color": [1, 0]}}, {"base": shipped}, COLUMNS)
+    assert [i for i in partial.index if i[0] == "few"] == [("few", "color")]  # unscored columns left out
 
 
 def test_chance_check():
