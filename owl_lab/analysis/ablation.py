@@ -42,6 +42,17 @@ def _vit_training(recipe: dict) -> str:
     return "frozen" if all(frozen) else "partly frozen" if any(frozen) else "trainable"
 
 
+def exists(name_or_dir: str | Path) -> bool:
+    """True if ``load_owl`` can find this checkpoint (a shipped name or a checkpoint directory).
+    Notebooks use it to skip ablations whose recipe is written but not trained yet."""
+    from owl_lab import zoo
+    try:
+        zoo.resolve_checkpoint(name_or_dir)
+    except (FileNotFoundError, ValueError):
+        return False
+    return True
+
+
 def describe(config, directory: str | Path | None = None) -> dict:
     """The ablation-relevant facts of one checkpoint, read from its (loaded) config.
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from owl_lab.analysis import ablation
 from owl_lab.analysis.ablation import (
     accuracy_table,
     chance_check,
@@ -112,3 +113,10 @@ def test_difference_text_and_score_tasks(monkeypatch):
     sets = {"color": eval_set("color", 3, seed=0), "add": eval_set("add", 2, seed=0)}
     monkeypatch.setattr("owl_lab.evaluate.exact_match", lambda m, p, ex, bs: [len(ex) == 3] * len(ex))
     assert score_tasks(None, None, sets) == {"color": [True] * 3, "add": [False] * 2}
+
+
+def test_exists_finds_shipped_names_and_directories(tmp_path):
+    from owl_lab import zoo
+    name = zoo.list_checkpoints()[0]
+    assert ablation.exists(name) and ablation.exists(zoo.checkpoints_dir() / name)
+    assert not ablation.exists("owl2-tiny-not-trained") and not ablation.exists(tmp_path / "nothing")
