@@ -100,7 +100,7 @@ def evaluate(model, processor, recipe: dict, progress: bool = False) -> dict:
     world = recipe.get("world", {})
     seed, n = spec.get("seed", 1000), spec.get("n_per_task", 200)
     trained = {t for stage in recipe["stages"] for t in stage.get("tasks", {})}
-    tasks = spec.get("tasks") or [t for t in IMAGE_TASKS + TEXT_TASKS if t in trained]
+    tasks = spec.get("tasks") or [t for t in IMAGE_TASKS + TEXT_TASKS + ("multi",) if t in trained]
     bs = spec.get("batch_size", 64)
     start = time.perf_counter()
     model.eval()
@@ -109,7 +109,8 @@ def evaluate(model, processor, recipe: dict, progress: bool = False) -> dict:
     for task in tasks:
         flags = exact_match(model, processor, eval_set(task, n, seed, **world), bs)
         accuracy[task] = _pct(flags)
-        pooled["image" if task in IMAGE_TASKS else "text"] += flags
+        if task in IMAGE_TASKS or task in TEXT_TASKS:  # multi-image questions are reported on their own
+            pooled["image" if task in IMAGE_TASKS else "text"] += flags
         if progress:
             print(f"  {task:12s} {accuracy[task]:6.2f}")
     metrics = {

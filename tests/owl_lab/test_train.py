@@ -147,3 +147,15 @@ def test_vision_stage_trains_only_the_visual_path(name):
     with pytest.raises(ValueError, match="objectives"):
         run_vision_stage(model, processor, recipe["family"], dict(stage, objectives=["nope"]), "t", {},
                          history, 0, 0, False)
+
+
+def test_multi_image_questions_are_scored_on_their_own():
+    from owl_lab.train import build
+    recipe = load_recipe("smoke-owl3")
+    recipe = dict(recipe, stages=[dict(recipe["stages"][0], tasks={"color": 1, "multi": 1, "parity": 1})],
+                  eval={"seed": 3, "n_per_task": 4, "batch_size": 4})
+    model, processor = build(recipe)
+    metrics = evaluate(model, processor, recipe)
+    assert set(metrics["accuracy"]) == {"color", "multi", "parity"}
+    assert metrics["image_accuracy"] == metrics["accuracy"]["color"]  # multi is not pooled with single-image
+    assert metrics["text_accuracy"] == metrics["accuracy"]["parity"]
