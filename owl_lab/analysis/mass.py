@@ -60,6 +60,8 @@ def layer_mass(
     # Every softmax contributes one row per group, so a plain mean per (layer, group) is the
     # mean share; groups absent from some softmax (e.g. image:1 before image 1) count as 0.
     keys = ["batch", "step", "layer", "head", "query", "kind", "group"]
+    if "call" in rows:  # several forward / generate calls in one capture: each is its own softmax
+        keys.insert(0, "call")
     per_softmax = rows.groupby(keys)["mass"].sum().unstack("group", fill_value=0.0)
     table = per_softmax.groupby(level="layer").mean()
     table.columns.name = "group"

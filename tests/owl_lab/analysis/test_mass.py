@@ -49,3 +49,12 @@ def test_filters_and_clear_error_when_nothing_matches():
     assert set(query_mass(df, layer=2)["query"]) == {0, 1, 2, 3}
     with pytest.raises(ValueError, match="available kinds"):
         layer_mass(df, kind="cross")
+
+
+def test_several_calls_in_one_capture_are_separate_softmaxes():
+    rng = np.random.default_rng(2)
+    a, b = _frame(rng).assign(call=0), _frame(rng).assign(call=1)  # same (batch, step, query) keys
+    table = layer_mass(pd.concat([a, b], ignore_index=True))
+    np.testing.assert_allclose(table.sum(axis=1), 1.0, atol=1e-12)
+    both = pd.concat([layer_mass(a), layer_mass(b)]).groupby(level="layer").mean()
+    pd.testing.assert_frame_equal(table, both, check_names=False)
