@@ -11,13 +11,17 @@ from collections.abc import Iterable
 import pandas as pd
 
 
-def _select(df: pd.DataFrame, *, kind=None, level=None, steps=None, queries=None, batch=None, layers=None):
+def _select(df: pd.DataFrame, *, kind=None, level=None, steps=None, queries=None, batch=None, layers=None,
+            call=None):
     mask = pd.Series(True, index=df.index)
     if kind is not None:
         mask &= df["kind"].isin([kind] if isinstance(kind, str) else kind)
     if level is not None and "level" in df:
         mask &= df["level"] == level
-    for column, wanted in (("step", steps), ("query", queries), ("batch", batch), ("layer", layers)):
+    if call is not None and "call" not in df:
+        raise ValueError("call= needs a table with a 'call' column (rec.attention_mass from hooks.capture)")
+    for column, wanted in (("step", steps), ("query", queries), ("batch", batch), ("layer", layers),
+                           ("call", call)):
         if wanted is None:
             continue
         if callable(wanted):
@@ -28,7 +32,7 @@ def _select(df: pd.DataFrame, *, kind=None, level=None, steps=None, queries=None
     if out.empty:
         raise ValueError(
             f"No attention-mass rows match kind={kind!r} level={level!r} steps={steps!r} "
-            f"queries={queries!r} batch={batch!r} layers={layers!r}; available kinds "
+            f"queries={queries!r} batch={batch!r} layers={layers!r} call={call!r}; available kinds "
             f"{sorted(df['kind'].unique())}, layers {sorted(df['layer'].unique())}."
         )
     return out
@@ -43,6 +47,7 @@ def layer_mass(
     queries=None,
     batch=None,
     groups: list[str] | None = None,
+    call=None,
 ) -> pd.DataFrame:
     """Mean attention mass per layer and group: a [layers × groups] table.
 
@@ -53,10 +58,11 @@ def layer_mass(
         df: ``rec.attention_mass``.
         kind: attention kind(s) to keep (``self``, ``cross``, ``joint``).
         level: ``modality`` (visual/text) or ``token`` (bos, question, image:i, generated, ...).
-        steps, queries, batch: values (or a predicate on the column) to keep; None = all.
+        steps, queries, batch, call: values (or a predicate on the column) to keep; None = all.
+            ``call`` is the capture call (each prefill starts one, see ``hooks.capture``).
         groups: columns to keep, in this order (missing groups become 0).
     """
-    rows = _select(df, kind=kind, level=level, steps=steps, queries=queries, batch=batch)
+    rows = _select(df, kind=kind, level=level, steps=steps, queries=queries, batch=batch, call=call)
     # Every softmax contributes one row per group, so a plain mean per (layer, group) is the
     # mean share; groups absent from some softmax (e.g. image:1 before image 1) count as 0.
     keys = ["batch", "step", "layer", "head", "query", "kind", "group"]
@@ -76,7 +82,13 @@ def modality_share(df: pd.DataFrame, *, kind="self", steps=None, queries=None, b
     return table.get("visual", pd.Series(0.0, index=table.index)).rename("visual_share")
 
 
-def query_mass(df: pd.DataFrame, *, layer: int, kind="self", level="modality", batch: int = 0, steps=None):
-    """Mass per (step, query) and group for one layer, averaged over heads: a tidy table to plot."""
-    rows = _select(df, kind=kind, level=level, batch=batch, layers=[layer], steps=steps)
+def query_mass(df: pd.DataFrame, *, layer: int, kind="self", level="modality", batch: int = 0, steps=None,
+               call=None):
+    """Mass per (step, query) and group for one layer, averaged over heads: a tidy table to plot.
+
+    ``call`` keeps one capture call (an int, a list, or a predicate). With None and a table that holds
+    several calls, rows of one (step, query) from different calls are averaged together, so pass
+    ``call=`` whenever a capture ran more than one prompt batch.
+    """
+    rows = _select(df, kind=kind, level=level, batch=batch, layers=[layer], steps=steps, call=call)
     return rows.groupby(["step", "query", "group"], as_index=False)["mass"].mean()

@@ -26,6 +26,9 @@ def run(args) -> int:
         nb = nbformat.read(path, as_version=4)
         start = time.perf_counter()
         NotebookClient(nb, timeout=args.timeout, resources={"metadata": {"path": str(folder)}}).execute()
+        # saved ipywidgets state is hundreds of kB of slider/figure models that only a live kernel can
+        # use; without it JupyterLab shows "run the cell" for each widget until the notebook is re-run
+        nb.metadata.pop("widgets", None)
         target = (out / path.name) if out else path
         target.parent.mkdir(parents=True, exist_ok=True)
         nbformat.write(nb, target)

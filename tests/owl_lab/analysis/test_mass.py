@@ -58,3 +58,15 @@ def test_several_calls_in_one_capture_are_separate_softmaxes():
     np.testing.assert_allclose(table.sum(axis=1), 1.0, atol=1e-12)
     both = pd.concat([layer_mass(a), layer_mass(b)]).groupby(level="layer").mean()
     pd.testing.assert_frame_equal(table, both, check_names=False)
+
+
+def test_call_filter_keeps_one_capture_call():
+    rng = np.random.default_rng(3)
+    a, b = _frame(rng).assign(call=0), _frame(rng).assign(call=1)
+    df = pd.concat([a, b], ignore_index=True)
+    only_b = query_mass(df, layer=1, call=1)
+    pd.testing.assert_frame_equal(only_b, query_mass(b, layer=1))
+    assert not only_b.equals(query_mass(df, layer=1))  # unfiltered mixes both calls
+    pd.testing.assert_frame_equal(layer_mass(df, call=0), layer_mass(a))
+    with pytest.raises(ValueError, match="call"):
+        query_mass(_frame(rng), layer=0, call=0)  # a table without a call column
