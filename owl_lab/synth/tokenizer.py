@@ -29,7 +29,10 @@ SPECIALS = {
 }
 ROLES = {
     "owl2": dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"),
-    "owl3": dict(eos_token="<|im_end|>", unk_token="<unk>", pad_token="<|endoftext|>"),
+    # <|im_start|> has no role, so it is listed as an extra special: all_special_ids must hold every chat
+    # marker (attribution keeps special tokens in its baseline; decoding skips them)
+    "owl3": dict(eos_token="<|im_end|>", unk_token="<unk>", pad_token="<|endoftext|>",
+                 extra_special_tokens=["<|im_start|>"]),
 }
 
 

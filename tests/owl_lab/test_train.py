@@ -100,6 +100,16 @@ def test_recipes_resolve_and_name_their_checkpoints():
         load_recipe("no-such-recipe")
 
 
+def test_vit_ablation_differs_from_owl2_tiny_only_in_the_freeze_rule():
+    """owl2-tiny-vittrain repeats owl2-tiny's stages (lists replace in ``extends``): keep them in step."""
+    base, trainable = load_recipe("owl2-tiny"), load_recipe("owl2-tiny-vittrain")
+    assert any(stage.get("freeze") for stage in base["stages"])
+    assert not any(stage.get("freeze") for stage in trainable["stages"])
+    unfrozen = [{k: v for k, v in stage.items() if k != "freeze"} for stage in base["stages"]]
+    assert trainable["stages"] == unfrozen
+    assert {k for k in base if base[k] != trainable.get(k)} == {"name", "description", "stages"}
+
+
 def test_compare_flags_differences_beyond_tolerance():
     shipped = {"accuracy": {"color": 90.0}, "distractor": {"circular": [80.0, 70.0]}}
     assert compare(shipped, {"accuracy": {"color": 90.5}, "distractor": {"circular": [80.0, 70.9]}}) == []

@@ -36,6 +36,7 @@ def test_owl3_conventions():
     tok = build_tokenizer("owl3")
     assert tok.bos_token_id is None
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    assert set(tok.all_special_tokens) == {"<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"}
     toks = tok.convert_ids_to_tokens(tok(OWL3_PROMPT).input_ids)
     assert toks[:6] == ["<|im_start|>", "system", "<|im_end|>", "<|im_start|>", "user", "<|image|>"]
     assert toks[-3:] == ["assistant", "red", "<|im_end|>"]
