@@ -12,6 +12,8 @@ def add_arguments(parser):
     parser.add_argument("--out", type=Path, default=None,
                         help="write checkpoints under this folder instead of data/checkpoints")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: OMP_NUM_THREADS, else every core; use 1 per job when running two)")
 
 
 def run(args) -> int:
@@ -23,7 +25,7 @@ def run(args) -> int:
     for i, name in enumerate(names, 1):
         recipe = load_recipe(name)
         print(f"[{i}/{len(names)}] {name}")
-        m = train(recipe, root / recipe["name"], progress=not args.quiet)
+        m = train(recipe, root / recipe["name"], progress=not args.quiet, threads=args.threads)
         print(f"  image {m.get('image_accuracy')}  text {m.get('text_accuracy')}  {m['train_seconds']} s")
     print(f"retrained {len(names)} checkpoint(s) in {time.perf_counter() - start:.0f} s into {root}")
     return 0

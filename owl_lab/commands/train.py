@@ -14,6 +14,8 @@ def add_arguments(parser):
     parser.add_argument("--steps", type=int, default=None, help="override the steps of every stage (debugging)")
     parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: OMP_NUM_THREADS, else every core; use 1 per job when running two)")
 
 
 def run(args) -> int:
@@ -22,7 +24,7 @@ def run(args) -> int:
     recipe = load_recipe(args.recipe)
     out = args.out or zoo.checkpoints_dir() / recipe["name"]
     metrics = train(recipe, out, progress=not args.quiet, evaluate_after=not args.no_eval,
-                    steps_override=args.steps)
+                    steps_override=args.steps, threads=args.threads)
     public = {k: v for k, v in metrics.items() if not k.startswith("_") and k != "eval"}
     print(json.dumps(public, indent=1))
     print(f"checkpoint written to {out}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 
 import pytest
@@ -12,7 +13,7 @@ from transformers import AutoTokenizer
 from owl_lab import load_owl
 from owl_lab.evaluate import IGNORE_INDEX, collate, compare, evaluate, exact_match, expand_labels
 from owl_lab.synth import eval_set
-from owl_lab.train import load_recipe, shipped_recipes, train
+from owl_lab.train import default_threads, load_recipe, shipped_recipes, train
 
 SMOKE_BUDGET_S = 120
 
@@ -44,6 +45,16 @@ def test_same_seed_gives_identical_first_losses(name):
     c = train(dict(recipe, seed=1), None, progress=False, evaluate_after=False, steps_override=3)["_history"]["loss"]
     assert a == b
     assert a != c
+
+
+def test_thread_count_follows_the_environment_then_the_machine(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert default_threads() == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert default_threads() == (os.cpu_count() or 1)
+    metrics = train(load_recipe("smoke-owl3"), None, progress=False, evaluate_after=False, steps_override=1,
+                    threads=1)
+    assert metrics["threads"] == 1
 
 
 def test_checkpoint_round_trip_reproduces_metrics(smoke):

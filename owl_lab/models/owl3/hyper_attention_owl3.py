@@ -39,7 +39,7 @@ class AttnContext:
     position_embeddings: tuple[torch.Tensor, torch.Tensor]  # text RoPE cos/sin [B, L, D]
     cache: object | None  # transformers Cache (text K/V only)
     eager: bool  # materialise probabilities (eager path)
-    image_embeds: torch.Tensor | None = None  # [B, N, T, H] (pre-norm)
+    image_embeds: torch.Tensor | None = None  # [M, T, H] pre-norm, the M real images (image_valid order)
     image_valid: torch.Tensor | None = None  # [B, N] bool, False for padding slots
     image_visible: torch.Tensor | None = None  # [B, L, N] bool, token t may see image n
     mi_positions: torch.Tensor | None = None  # [B, N] long MI-RoPE position of each image (None: off)
@@ -48,7 +48,7 @@ class AttnContext:
 
     @property
     def tokens_per_image(self) -> int:
-        return self.image_embeds.shape[2]
+        return self.image_embeds.shape[1]
 
     def text_allowed(self, q0: int, q1: int, lk: int) -> torch.Tensor:
         """[B, q1 - q0, Lk] bool: causal over raw indices, minus padded keys.
@@ -198,17 +198,23 @@ class Owl3HyperAttention(Owl3Attention):
             self.hook_gate = HookPoint()
 
     def image_kv(self, image_normed: torch.Tensor, ctx: AttnContext):
-        """Shared-normed image features [B, N, T, H] → keys (MI-RoPE) and values [B, nKV, N*T, D]."""
-        b, n, t, _ = image_normed.shape
-        kv = self.v_kv_proj(image_normed).view(b, n, t, self.num_kv_heads, 2, self.head_dim)  # [K_j | V_j]
-        k, v = kv[..., 0, :], kv[..., 1, :]  # [B, N, T, nKV, D]
+        """Shared-normed real images [M, T, H] → keys (MI-RoPE) and values [B, nKV, N*T, D].
+
+        Projection and rotation run on the M real images only; padding slots get zero K/V (every
+        softmax masks them out).
+        """
+        m, t, _ = image_normed.shape
+        kv = self.v_kv_proj(image_normed).view(m, t, self.num_kv_heads, 2, self.head_dim)  # [K_j | V_j]
+        k, v = kv[..., 0, :], kv[..., 1, :]  # [M, T, nKV, D]
         if ctx.mi_cos is not None:
-            cos = ctx.mi_cos[:, :, None, None, :]  # [B, N, 1, 1, D], one position per image, fp32
-            sin = ctx.mi_sin[:, :, None, None, :]
+            cos = ctx.mi_cos[ctx.image_valid][:, None, None, :]  # [M, 1, 1, D], one position per image, fp32
+            sin = ctx.mi_sin[ctx.image_valid][:, None, None, :]
             kf = k.float()
             k = (kf * cos + rotate_half(kf) * sin).to(v.dtype)
-        k = k.permute(0, 3, 1, 2, 4).reshape(b, self.num_kv_heads, n * t, self.head_dim)  # [B, nKV, N*T, D]
-        v = v.permute(0, 3, 1, 2, 4).reshape(b, self.num_kv_heads, n * t, self.head_dim)
+        b, n = ctx.image_valid.shape
+        padded = v.new_zeros(2, b, n, self.num_kv_heads, t, self.head_dim)  # [K|V, B, N, nKV, T, D]
+        padded[:, ctx.image_valid] = torch.stack([k, v]).transpose(2, 3)  # [2, M, nKV, T, D]
+        k, v = padded.transpose(2, 3).reshape(2, b, self.num_kv_heads, n * t, self.head_dim)  # [B, nKV, N*T, D]
         return k, v
 
     def forward(self, x: torch.Tensor, ctx: AttnContext, image_normed: torch.Tensor | None = None):

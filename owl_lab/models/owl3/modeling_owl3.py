@@ -70,7 +70,7 @@ class Owl3DecoderLayer(nn.Module):
         """hidden [B, L, H] → (hidden [B, L, H], (text probs, image probs))."""
         image_normed = None
         if self.is_hyper and ctx.image_embeds is not None:
-            image_normed = self.input_layernorm(ctx.image_embeds)  # shared input norm, [B, N, T, H]
+            image_normed = self.input_layernorm(ctx.image_embeds)  # shared input norm, [M, T, H] (real images)
         attn_out, probs = self.self_attn(self.input_layernorm(hidden), ctx, image_normed)
         hidden = hidden + attn_out
         hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
@@ -122,7 +122,10 @@ class Owl3TextModel(nn.Module):
                 visible, offset = t >= s, 0  # 241101: the placeholder token itself sees its image
             else:
                 visible, offset = s < t, 1  # 240728: strict, MI-RoPE at s_n + 1
-            ctx.image_embeds = image_embeds.to(embeds.dtype)
+            # Only real images enter the hyper layers ([M, T, H], batch-global order): padding slots
+            # are masked out of every softmax, and with up to N images per sample they would
+            # otherwise multiply the image-side work of a mostly single-image batch by N.
+            ctx.image_embeds = image_embeds[valid].to(embeds.dtype)
             ctx.image_valid = valid
             ctx.image_visible = visible & valid[:, None, :]  # [B, L, N]
             if self.config.mi_rope:
