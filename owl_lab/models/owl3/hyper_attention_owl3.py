@@ -1,9 +1,10 @@
 """Decoder attention of mPLUG-Owl3: plain Qwen2 GQA attention and the four hyper-attention variants.
 
 Notation: B batch, L new positions of this call, P cached positions, Lk = P + L text keys,
-nH query heads, nKV key/value heads, D head dim, N images per sample (padded), T tokens per image.
+nH query heads, nKV key/value heads, D head dim, N images per sample (padded), T tokens per image,
+M real images in the batch (padding slots excluded; the official batch-global image list).
 
-A hyper layer reuses the layer's own ``input_layernorm`` on the image features (done by the decoder
+A hyper layer reuses the layer's own ``input_layernorm`` on the M real images (done by the decoder
 layer), projects them with ``v_kv_proj`` into per-kv-head interleaved [K_j | V_j] channels, rotates
 the image keys with MI-RoPE (fp32, one position per image) and lets the *post-RoPE self-attention
 query* attend them:
