@@ -118,24 +118,38 @@ def accuracy_table(flags: Mapping[str, Mapping[str, Sequence]], columns: Columns
     return pd.DataFrame.from_dict(rows, orient="index")[list(columns)]
 
 
+def pair_table(flags: Mapping[str, Mapping[str, Sequence]], pairs: Mapping[str, tuple[str, str]],
+               columns: Columns, k: float = 2.0) -> pd.DataFrame:
+    """``a − b`` on the same questions for each named pair ``{comparison: (a, b)}`` of scored labels.
+
+    One row per (comparison, column); columns ``a``, ``b`` (accuracies %), ``diff``, ``se`` (paired),
+    ``beyond`` (|diff| > k·se) and ``n``. E.g. ``{"seed 1 − seed 0": ("m-s1", "m"), "gate, seed 0": ...}``
+    sets an ablation's effect beside the seed-to-seed difference of one design.
+    """
+    unknown = sorted({x for pair in pairs.values() for x in pair} - set(flags))
+    if unknown:
+        raise ValueError(f"{unknown} are not among the scored labels {list(flags)}")
+    rows = []
+    for name, (a, b) in pairs.items():
+        for c, keys in columns.items():
+            d = paired_difference(pool(flags[a], keys), pool(flags[b], keys), k=k)
+            rows.append({"comparison": name, "column": c, "a": d["a"], "b": d["b"], "diff": d["diff"],
+                         "se": d["se"], "beyond": d["beyond_noise"], "n": d["n"]})
+    return pd.DataFrame(rows).set_index(["comparison", "column"])
+
+
 def paired_table(flags: Mapping[str, Mapping[str, Sequence]], baseline: str, columns: Columns,
                  k: float = 2.0) -> pd.DataFrame:
     """Each other label minus ``baseline`` on the same questions: one row per (variant, column).
 
-    Columns: ``baseline``, ``variant`` (accuracies %), ``diff`` (variant − baseline), ``se`` (paired),
+    Columns: ``baseline``, ``variant acc`` (accuracies %), ``diff`` (variant − baseline), ``se`` (paired),
     ``beyond`` (|diff| > k·se) and ``n``.
     """
     if baseline not in flags:
         raise ValueError(f"baseline {baseline!r} is not among the scored labels {list(flags)}")
-    rows = []
-    for label in flags:
-        if label == baseline:
-            continue
-        for c, keys in columns.items():
-            d = paired_difference(pool(flags[label], keys), pool(flags[baseline], keys), k=k)
-            rows.append({"variant": label, "column": c, "baseline": d["b"], "variant acc": d["a"],
-                         "diff": d["diff"], "se": d["se"], "beyond": d["beyond_noise"], "n": d["n"]})
-    return pd.DataFrame(rows).set_index(["variant", "column"])
+    pairs = {label: (label, baseline) for label in flags if label != baseline}
+    table = pair_table(flags, pairs, columns, k).rename(columns={"a": "variant acc", "b": "baseline"})
+    return table.rename_axis(["variant", "column"])[["baseline", "variant acc", "diff", "se", "beyond", "n"]]
 
 
 def crosscheck(flags: Mapping[str, Mapping[str, Sequence]], shipped: Mapping[str, Mapping[str, tuple]],

@@ -13,6 +13,7 @@ from owl_lab.analysis.ablation import (
     crosscheck,
     describe,
     difference_text,
+    pair_table,
     paired_table,
     score_tasks,
     shipped_accuracy,
@@ -74,6 +75,16 @@ def test_paired_table_is_variant_minus_baseline():
     assert t.loc[("var", "color"), "diff"] == 25.0
     with pytest.raises(ValueError, match="baseline"):
         paired_table(FLAGS, "nope", COLUMNS)
+
+
+def test_pair_table_compares_any_two_labels():
+    flags = dict(FLAGS, var2=FLAGS["base"])
+    t = pair_table(flags, {"seed": ("var2", "base"), "effect": ("var", "var2")}, COLUMNS)
+    assert list(t.index) == [(p, c) for p in ("seed", "effect") for c in COLUMNS]
+    assert (t.loc["seed", "diff"] == 0).all() and (t.loc["seed", "se"] == 0).all()
+    assert t.loc[("effect", "color"), "diff"] == 25.0 and t.loc[("effect", "color"), "a"] == 75.0
+    with pytest.raises(ValueError, match="nope"):
+        pair_table(flags, {"x": ("var", "nope")}, COLUMNS)
 
 
 def test_shipped_accuracy_and_crosscheck(tmp_path):
