@@ -138,6 +138,21 @@ def pair_table(flags: Mapping[str, Mapping[str, Sequence]], pairs: Mapping[str, 
     return pd.DataFrame(rows).set_index(["comparison", "column"])
 
 
+def replicate_verdict(table: pd.DataFrame, effects: Sequence[str], spreads: Sequence[str], column: str) -> str:
+    """Does an effect survive a change of training seed? One line, from a :func:`pair_table`.
+
+    ``effects``: the rows holding the same ablation effect in each seed (e.g. "gate effect, seed 0", "…, seed 1");
+    ``spreads``: the rows holding seed 1 − seed 0 of one design. True/False answers: the effect keeps its sign
+    in every seed, and its smallest size exceeds the largest seed-to-seed difference.
+    """
+    effect = [float(table.loc[(e, column), "diff"]) for e in effects]
+    spread = max(abs(float(table.loc[(r, column), "diff"])) for r in spreads)
+    same_sign = all(x > 0 for x in effect) or all(x < 0 for x in effect)
+    sizes = ", ".join(f"{x:+.1f}" for x in effect)
+    return (f"{column}: the effect keeps its sign across seeds: {same_sign} ({sizes} points); it exceeds the "
+            f"largest seed-to-seed difference ({spread:.1f} points): {min(abs(x) for x in effect) > spread}")
+
+
 def paired_table(flags: Mapping[str, Mapping[str, Sequence]], baseline: str, columns: Columns,
                  k: float = 2.0) -> pd.DataFrame:
     """Each other label minus ``baseline`` on the same questions: one row per (variant, column).

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 
+import pandas as pd
 import pytest
 
 from owl_lab.analysis import ablation
@@ -14,6 +15,7 @@ from owl_lab.analysis.ablation import (
     describe,
     difference_text,
     pair_table,
+    replicate_verdict,
     paired_table,
     score_tasks,
     shipped_accuracy,
@@ -85,6 +87,18 @@ def test_pair_table_compares_any_two_labels():
     assert t.loc[("effect", "color"), "diff"] == 25.0 and t.loc[("effect", "color"), "a"] == 75.0
     with pytest.raises(ValueError, match="nope"):
         pair_table(flags, {"x": ("var", "nope")}, COLUMNS)
+
+
+def test_replicate_verdict_needs_one_sign_and_more_than_the_seed_spread():
+    rows = [("effect s0", 6.0), ("effect s1", 4.0), ("design s1-s0", -3.0), ("other s1-s0", 1.0)]
+    table = pd.DataFrame([{"comparison": c, "column": "QA", "diff": d} for c, d in rows]).set_index(["comparison", "column"])
+    line = replicate_verdict(table, ["effect s0", "effect s1"], ["design s1-s0", "other s1-s0"], "QA")
+    assert "sign across seeds: True (+6.0, +4.0 points)" in line and "(3.0 points): True" in line
+    table.loc[("effect s1", "QA"), "diff"] = -4.0
+    line = replicate_verdict(table, ["effect s0", "effect s1"], ["design s1-s0"], "QA")
+    assert "sign across seeds: False" in line and ": True" in line.split("difference")[1]
+    table.loc[("design s1-s0", "QA"), "diff"] = 9.0
+    assert replicate_verdict(table, ["effect s0"], ["design s1-s0"], "QA").endswith("(9.0 points): False")
 
 
 def test_shipped_accuracy_and_crosscheck(tmp_path):
