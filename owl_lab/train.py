@@ -164,6 +164,18 @@ def default_threads() -> int:
     return int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
 
 
+def stage_freeze(recipe: dict, stage: dict) -> list[str]:
+    """The parameter-name regexes a language stage freezes: its own ``freeze``, else the recipe's.
+
+    A recipe-level ``freeze`` lets a variant change the rule for every stage at once (e.g.
+    ``owl2-tiny-vittrain`` sets ``"freeze": []``) without repeating the stage list, which would
+    silently stop following the base recipe's stages. Vision pre-training stages never freeze.
+    """
+    if stage.get("kind") == "vision":
+        return []
+    return list(stage.get("freeze", recipe.get("freeze", [])))
+
+
 def train(recipe: dict, out_dir: Path | None = None, *, progress: bool = True, evaluate_after: bool = True,
           steps_override: int | None = None, callback=None, callback_every: int = 0,
           threads: int | None = None) -> dict:
@@ -193,7 +205,7 @@ def train(recipe: dict, out_dir: Path | None = None, *, progress: bool = True, e
                                            f"{seed}.{si}", world, history, global_step, si, progress)
             model.train()
             continue
-        params = _set_trainable(model, stage.get("freeze", []))
+        params = _set_trainable(model, stage_freeze(recipe, stage))
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
         opt = torch.optim.AdamW(

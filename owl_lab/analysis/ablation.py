@@ -34,11 +34,12 @@ def _json(path: Path) -> dict:
 
 def _vit_training(recipe: dict) -> str:
     """'trainable', 'frozen' or 'partly frozen' from the language stages' ``freeze`` regexes."""
+    from owl_lab.train import stage_freeze
     stages = [s for s in recipe.get("stages", []) if s.get("kind") != "vision"]
     if not stages:
         return "unknown"
     probe = "model.vision_model.encoder.layers.0.mlp.fc1.weight"  # any ViT parameter name
-    frozen = [any(re.match(p, probe) for p in s.get("freeze", [])) for s in stages]
+    frozen = [any(re.match(p, probe) for p in stage_freeze(recipe, s)) for s in stages]
     return "frozen" if all(frozen) else "partly frozen" if any(frozen) else "trainable"
 
 

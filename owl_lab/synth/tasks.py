@@ -76,6 +76,25 @@ def q_count(rng, scene):
     return f"How many {color} objects are there?", str(sum(o.color == color for o in scene.objects))
 
 
+def balanced_count_question(rng):
+    """A ``count`` question whose answer is drawn *before* the scene (world ``balanced_counts``).
+
+    Half ask for all objects; half ask for one colour with the answer 0, 1 or 2 at equal odds, and
+    the returned asker declines scenes where no colour has that count, so ``scene_question`` draws
+    another. The legacy :func:`q_count` makes "0" and "2" so rare (20 % and 10 % of per-colour
+    questions) that a tiny model learns "a colour that is present -> 1".
+    """
+    per_colour, target = rng.random() < 0.5, rng.choice((0, 1, 2))
+
+    def ask(rng, scene):
+        if not per_colour:
+            return "How many objects are there?", str(len(scene.objects))
+        colors = [c for c in COLORS if sum(o.color == c for o in scene.objects) == target]
+        return (f"How many {rng.choice(colors)} objects are there?", str(target)) if colors else None
+
+    return ask
+
+
 def q_position(rng, scene):
     o = _pick_unique(rng, scene, lambda o: (o.color, o.shape))
     return None if o is None else (f"Where is the {o.color} {o.shape}?", o.position)
@@ -124,10 +143,17 @@ SCENE_QUESTIONS = {
 }
 
 
-def scene_question(rng: random.Random, kind: str, n_objects=None) -> tuple[Scene, str, str]:
-    """Sample a scene on which question ``kind`` is askable; return (scene, question, answer)."""
+def scene_question(rng: random.Random, kind: str, n_objects=None,
+                   balanced_counts: bool = False) -> tuple[Scene, str, str]:
+    """Sample a scene on which question ``kind`` is askable; return (scene, question, answer).
+
+    ``balanced_counts`` (a world option) gives per-colour ``count`` questions the answers 0, 1 and 2
+    with equal odds; off, the draw of the first checkpoints is kept bit for bit.
+    """
     fn, default_n = SCENE_QUESTIONS[kind]
     lo, hi = n_objects or default_n
+    if balanced_counts and kind == "count":
+        fn = balanced_count_question(rng)
     while True:
         scene = sample_scene(rng, lo, hi)
         qa = fn(rng, scene)
@@ -136,8 +162,9 @@ def scene_question(rng: random.Random, kind: str, n_objects=None) -> tuple[Scene
 
 
 def make_image_task(kind: str):
-    def generate(rng: random.Random, render_size: int = NATIVE_SIZE, n_objects=None, **_) -> Example:
-        scene, question, answer = scene_question(rng, kind, n_objects)
+    def generate(rng: random.Random, render_size: int = NATIVE_SIZE, n_objects=None,
+                 balanced_counts: bool = False, **_) -> Example:
+        scene, question, answer = scene_question(rng, kind, n_objects, balanced_counts)
         return Example(kind, f"{IMAGE_PLACEHOLDER}{question}", answer, [render(scene, render_size)], [scene])
 
     generate.__name__ = f"task_{kind}"

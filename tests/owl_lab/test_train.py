@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from owl_lab import load_owl
 from owl_lab.evaluate import IGNORE_INDEX, collate, compare, evaluate, exact_match, expand_labels
 from owl_lab.synth import eval_set
-from owl_lab.train import default_threads, load_recipe, shipped_recipes, train
+from owl_lab.train import default_threads, load_recipe, shipped_recipes, stage_freeze, train
 
 SMOKE_BUDGET_S = 120
 
@@ -112,13 +112,22 @@ def test_recipes_resolve_and_name_their_checkpoints():
 
 
 def test_vit_ablation_differs_from_owl2_tiny_only_in_the_freeze_rule():
-    """owl2-tiny-vittrain repeats owl2-tiny's stages (lists replace in ``extends``): keep them in step."""
+    """owl2-tiny-vittrain inherits owl2-tiny's stages and overrides only the recipe-level freeze."""
     base, trainable = load_recipe("owl2-tiny"), load_recipe("owl2-tiny-vittrain")
-    assert any(stage.get("freeze") for stage in base["stages"])
-    assert not any(stage.get("freeze") for stage in trainable["stages"])
-    unfrozen = [{k: v for k, v in stage.items() if k != "freeze"} for stage in base["stages"]]
-    assert trainable["stages"] == unfrozen
-    assert {k for k in base if base[k] != trainable.get(k)} == {"name", "description", "stages"}
+    language = [s for s in base["stages"] if s.get("kind") != "vision"]
+    assert all(stage_freeze(base, s) == [r"model\.vision_model\."] for s in language)
+    assert not any(stage_freeze(trainable, s) for s in trainable["stages"])
+    assert trainable["stages"] == base["stages"]
+    assert {k for k in base if base[k] != trainable.get(k)} == {"name", "description", "freeze"}
+
+
+def test_stage_freeze_prefers_the_stage_rule_and_never_freezes_vision_pretraining():
+    recipe = {"freeze": ["a"]}
+    assert stage_freeze(recipe, {}) == ["a"]
+    assert stage_freeze(recipe, {"freeze": ["b"]}) == ["b"]
+    assert stage_freeze(recipe, {"freeze": []}) == []
+    assert stage_freeze(recipe, {"kind": "vision"}) == []
+    assert stage_freeze({}, {}) == []
 
 
 def test_compare_flags_differences_beyond_tolerance():

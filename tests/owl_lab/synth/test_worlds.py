@@ -184,3 +184,22 @@ def test_distractor_eval_asks_the_same_questions_at_every_n():
         assert {e.text.split(", ", 1)[1] for e in b} == {a[0].text.split(", ", 1)[1]}
         assert all(inst.scenes[inst.meta["target"] - 1] == a[0].scenes[0] for inst in b)
     assert len({(e.meta["target"], tuple(e.scenes)) for e in g8[0]}) == 3  # instances differ
+
+
+def test_balanced_counts_spread_per_colour_answers_and_leave_the_default_draw_alone():
+    """World option ``balanced_counts``: per-colour answers 0/1/2 at about equal odds, still true."""
+    legacy, balanced = eval_set("count", 600, seed=5), eval_set("count", 600, seed=5, balanced_counts=True)
+    assert [(e.text, e.answer) for e in legacy] == [
+        (e.text, e.answer) for e in eval_set("count", 600, seed=5, balanced_counts=False)]
+    for e in balanced:
+        _check("count", e.scenes[0], e.text[len(PLACEHOLDER):], e.answer)
+
+    def per_colour_answers(examples):
+        return [e.answer for e in examples if "How many objects" not in e.text]
+
+    old, new = per_colour_answers(legacy), per_colour_answers(balanced)
+    assert old.count("2") / len(old) < 0.15  # the imbalance the option fixes
+    for answer in ("0", "1", "2"):
+        assert 0.25 < new.count(answer) / len(new) < 0.42, (answer, new.count(answer), len(new))
+    assert set(new) == {"0", "1", "2"}
+    assert 0.4 < len(new) / len(balanced) < 0.6  # half the questions still count every object
