@@ -5,7 +5,9 @@
 # Set-up creates .venv if missing. On a fresh CPU machine it installs the CPU build of torch
 # (2.13.0) first; a torch already present in .venv (for example a CUDA build you installed
 # yourself) is never replaced, because every other requirement accepts a range it satisfies.
-# A second run is a no-op: the stamp file is newer than pyproject.toml.
+# Every other package is installed at the version locked in constraints.txt, so a new upstream release
+# cannot change the shipped numbers or break CI between two runs. A second run is a no-op: the stamp
+# file is newer than pyproject.toml and constraints.txt.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -18,12 +20,12 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null \
 	  && echo "owl-lab: keeping the torch already in $(VENV): $$($(PY) -c 'import torch; print(torch.__version__)')" \
 	  || $(PY) -m pip install --disable-pip-version-check -q "$(CPU_TORCH)"
-	$(PY) -m pip install --disable-pip-version-check -q -e ".[dev]"
+	$(PY) -m pip install --disable-pip-version-check -q -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
 
 lab: setup

@@ -25,6 +25,7 @@ from plotly.subplots import make_subplots
 
 from owl_lab.analysis.mass import layer_mass, query_mass
 from owl_lab.viz import abstractor_map_figure, gate_heatmap_figure, layer_mass_figure, query_mass_figure
+from owl_lab.zoo import model_family
 
 IMAGE_MARKER = -200
 
@@ -118,10 +119,6 @@ def example(task: str, scene: int, seed: int = 0):
     return eval_set(task, scene + 1, seed=seed)[scene]
 
 
-def _family(model) -> str:
-    return {"mplug_owl2": "owl2", "mplugowl3": "owl3"}[model.config.model_type]
-
-
 def sequence_labels(family: str, input_ids: torch.Tensor, tokenizer, tokens_per_image: int) -> list[str]:
     """Label of every position the decoder sees: token strings; Owl2 image rows as ``img0:q3`` /
     ``img0:eos`` (input_ids [L] with -200 markers)."""
@@ -181,7 +178,7 @@ def explore(state: ExplorerState, cache: ModelCache | None = None) -> ExplorerVi
     from hooks.capture import capture  # (module import: robust to a stale editable install of `hooks`)
 
     model, processor = (cache if cache is not None else DEFAULT_CACHE).get(state.model)
-    family = _family(model)
+    family = model_family(model)
     ex = example(state.task, int(state.scene), int(state.seed))
     prompt = state.prompt.strip() or ex.text
     missing = len(ex.images) - prompt.count("<|image|>")

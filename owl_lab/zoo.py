@@ -74,6 +74,20 @@ def checkpoint_keys(directory: Path) -> list[str]:
     return sorted(keys)
 
 
+def model_family(model) -> str:
+    """Return ``"owl2"`` or ``"owl3"`` for a loaded model (from ``model.config.model_type``).
+
+    Raises ValueError naming the class and model_type of anything else.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in _MODEL_TYPES:
+        raise ValueError(
+            f"expected an mPLUG-Owl2 / mPLUG-Owl3 model (config.model_type 'mplug_owl2' or 'mplugowl3'); "
+            f"got {type(model).__name__} with model_type={model_type!r}."
+        )
+    return _MODEL_TYPES[model_type]
+
+
 def detect_family(directory: str | os.PathLike) -> str:
     """Return ``"owl2"`` or ``"owl3"`` for a checkpoint directory.
 

@@ -53,3 +53,26 @@ def test_torch_requirement_is_a_range_the_cpu_build_satisfies():
     # `make` installs torch==2.13.0 first; the project must not force another build over it.
     torch_req = _pyproject_deps()["torch"]
     assert "==" not in torch_req, torch_req
+
+
+def _locked() -> dict[str, str]:
+    lines = (PROJECT_ROOT / "constraints.txt").read_text().splitlines()
+    pins = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    assert all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[^\s=]+", p) for p in pins), "constraints.txt: name==version lines only"
+    return {_name(p): p.split("==")[1] for p in pins}
+
+
+def test_the_lock_satisfies_pyproject_and_leaves_torch_to_the_user():
+    """``make`` installs with ``-c constraints.txt``: every locked runtime dependency must be inside
+    pyproject's range (else pip fails on a fresh machine), and torch must stay unlocked."""
+    from packaging.specifiers import SpecifierSet
+
+    locked = _locked()
+    assert "torch" not in locked
+    for name, requirement in _pyproject_deps().items():
+        if name == "torch":
+            continue
+        assert name in locked, f"{name} is a dependency but not locked in constraints.txt"
+        spec = SpecifierSet(requirement[len(name):].split(";")[0])
+        assert spec.contains(locked[name], prereleases=True), f"locked {name}=={locked[name]} violates {requirement}"
+    assert "-c constraints.txt" in (PROJECT_ROOT / "Makefile").read_text()

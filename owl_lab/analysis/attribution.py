@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from owl_lab.zoo import model_family
+
 SCORES = ("logit", "logprob", "prob")
 METHODS = ("integrated_gradients",)
 
@@ -95,22 +97,13 @@ class Attribution:
 # ---------------------------------------------------------------------------------------------
 
 
-def _family(model) -> str:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    families = {"mplug_owl2": "owl2", "mplugowl3": "owl3"}
-    if model_type not in families:
-        raise ValueError(
-            f"attribution supports mPLUG-Owl2 / mPLUG-Owl3 models (config.model_type 'mplug_owl2' or "
-            f"'mplugowl3'); got {type(model).__name__} with model_type={model_type!r}."
-        )
-    return families[model_type]
 
 
 class _Adapter:
     """Per-family: patch layer, embedding layer, kept positions, and ``forward(ids, pixels) -> [k, V]``."""
 
     def __init__(self, model, batch):
-        self.model, self.family = model, _family(model)
+        self.model, self.family = model, model_family(model)
         ids = batch.get("input_ids")
         if ids is None or ids.dim() != 2 or ids.shape[0] != 1:
             got = None if ids is None else tuple(ids.shape)

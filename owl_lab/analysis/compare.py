@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from owl_lab.analysis.attribution import Attribution, _Adapter, _family, attribute
+from owl_lab.analysis.attribution import Attribution, _Adapter, attribute
+from owl_lab.zoo import model_family
 
 
 def spearman(a, b) -> float:
@@ -77,7 +78,7 @@ def attention_patch_maps(model, processor_batch, *, weighting: str = "decoder", 
     """
     from hooks.capture import capture  # (module import: robust to a stale editable install of `hooks`)
 
-    family = _family(model)
+    family = model_family(model)
     if weighting not in ("decoder", "uniform"):
         raise ValueError(f"weighting must be 'decoder' or 'uniform'; got {weighting!r}.")
     ad = _Adapter(model, processor_batch)
@@ -194,7 +195,7 @@ def attention_vs_token_attribution(model, processor_batch, attribution: Attribut
     """
     from hooks.capture import capture
 
-    family = _family(model)
+    family = model_family(model)
     ad = _Adapter(model, processor_batch)
     if attribution is None:
         attribution = attribute(model, processor_batch, **attribute_kwargs)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 
@@ -35,3 +36,20 @@ def test_checkpoint_keys_reads_headers_only(owl2_golden_dir):
     keys = zoo.checkpoint_keys(owl2_golden_dir)
     assert "model.visual_abstractor.vit_eos" in keys
     assert len(keys) == 108  # the golden README's count (buffers omitted)
+
+
+def test_model_family_reads_the_config_and_names_what_it_got():
+    def model(model_type):
+        return SimpleNamespace(config=SimpleNamespace(model_type=model_type))
+
+    assert zoo.model_family(model("mplug_owl2")) == "owl2"
+    assert zoo.model_family(model("mplugowl3")) == "owl3"
+
+    class Stranger:
+        class config:
+            model_type = "llama"
+
+    with pytest.raises(ValueError, match="Stranger with model_type='llama'"):
+        zoo.model_family(Stranger())
+    with pytest.raises(ValueError, match="model_type=None"):
+        zoo.model_family(object())
