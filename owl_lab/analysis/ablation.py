@@ -170,10 +170,13 @@ def paired_table(flags: Mapping[str, Mapping[str, Sequence]], baseline: str, col
 
 def crosscheck(flags: Mapping[str, Mapping[str, Sequence]], shipped: Mapping[str, Mapping[str, tuple]],
                columns: Columns, k: float = 3.0) -> pd.DataFrame:
-    """Recomputed accuracy beside the shipped one, per (label, column), with an independent-sample SE.
+    """Recomputed accuracy beside the shipped one, per (label, column): a two-proportion z-test.
 
-    Pooled shipped columns are the n-weighted mean of their keys. ``se`` combines both binomial SEs;
-    ``beyond`` = |ours − shipped| > k·se (with different question seeds, a few cells in 2 SE are chance).
+    Pooled shipped columns are the n-weighted mean of their keys. ``se`` is the SE of the difference
+    under "both samples measure one accuracy" (the pooled proportion p over n + n_shipped questions:
+    √(p(1−p)(1/n + 1/n_shipped))); ``beyond`` = |ours − shipped| > k·se. The pooled p matters near 0 or
+    100 %: one sample's own SE there is tiny (1 of 40 right gives 2.5 ± 2.5 %), so per-sample SEs flag
+    differences that chance explains (with different question seeds, a few cells in 2 SE are chance).
     Columns whose keys are not all in a checkpoint's metrics.json get NaN (and ``beyond`` False);
     columns a checkpoint was not scored on (keys missing from its flags) are left out.
     """
@@ -188,7 +191,8 @@ def crosscheck(flags: Mapping[str, Mapping[str, Sequence]], shipped: Mapping[str
             if all(key in have for key in keys):
                 n_s = sum(have[key][1] for key in keys)
                 acc_s = sum(have[key][0] * have[key][1] for key in keys) / n_s
-                se = math.hypot(binomial_se(acc, n), binomial_se(acc_s, n_s))
+                pooled_p = (acc * n + acc_s * n_s) / (n + n_s) / 100.0
+                se = 100.0 * math.sqrt(pooled_p * (1.0 - pooled_p) * (1.0 / n + 1.0 / n_s))
             else:
                 acc_s = n_s = se = math.nan
             diff = acc - acc_s

@@ -113,12 +113,25 @@ def test_shipped_accuracy_and_crosscheck(tmp_path):
     check = crosscheck(FLAGS, {"base": shipped}, COLUMNS)
     qa = check.loc[("base", "QA")]
     assert qa["shipped"] == pytest.approx(35.0) and qa["n shipped"] == 200 and qa["ours"] == 50.0
-    assert qa["se"] == pytest.approx(math.hypot(binomial_se(50.0, 6), binomial_se(35.0, 200)))
+    pooled_p = (0.50 * 6 + 0.35 * 200) / 206
+    assert qa["se"] == pytest.approx(100 * math.sqrt(pooled_p * (1 - pooled_p) * (1 / 6 + 1 / 200)))
     assert check.loc[("base", "N=4"), "diff"] == pytest.approx(70.0)
-    assert check.loc[("base", "N=4"), "beyond"]  # 100% vs 30%: 70 points > 3 SE
+    assert not check.loc[("base", "N=4"), "beyond"]  # 3 of 3 vs 9 of 30: 70 points but 2.4 pooled SE
     assert math.isnan(check.loc[("var", "QA"), "shipped"]) and not check.loc[("var", "QA"), "beyond"]
     partial = crosscheck({"base": FLAGS["base"], "few": {"color": [1, 0]}}, {"base": shipped}, COLUMNS)
     assert [i for i in partial.index if i[0] == "few"] == [("few", "color")]  # unscored columns left out
+
+
+def test_crosscheck_uses_the_pooled_proportion_near_zero():
+    """15 of 60 vs 2 of 40 right: per-sample SEs (5.6, 3.4) would call 20 points 3.0 SE apart; under
+    "one accuracy" (pooled 17 %) the difference is 2.6 SE, which two seeds of questions can give."""
+    flags = {"m": {"distractor:8": [1] * 15 + [0] * 45}}
+    shipped = {"m": {"distractor:8": (5.0, 40)}}
+    row = crosscheck(flags, shipped, {"N=8": ["distractor:8"]}).loc[("m", "N=8")]
+    assert math.hypot(binomial_se(25.0, 60), binomial_se(5.0, 40)) * 3 < 20.0  # the old rule flagged it
+    assert row["se"] == pytest.approx(100 * math.sqrt(0.17 * 0.83 * (1 / 60 + 1 / 40)))
+    assert not row["beyond"]
+    assert crosscheck(flags, {"m": {"distractor:8": (0.0, 400)}}, {"N=8": ["distractor:8"]}).loc[("m", "N=8"), "beyond"]
 
 
 def test_chance_check():
