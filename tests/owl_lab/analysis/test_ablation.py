@@ -15,8 +15,8 @@ from owl_lab.analysis.ablation import (
     describe,
     difference_text,
     pair_table,
-    replicate_verdict,
     paired_table,
+    replicate_verdict,
     score_tasks,
     shipped_accuracy,
 )
