@@ -29,6 +29,7 @@ from transformers.models.llama.modeling_llama import (
     repeat_kv,
 )
 
+from ..cache_compat import CACHE_FIELD, resolve_cache
 from ..observe import AttentionEvent, HookPoint
 from .configuration_owl2 import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Owl2Config
 from .modeling_owl2_vision import (
@@ -144,7 +145,7 @@ class Owl2PreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = False
     _supports_sdpa = True
     _no_split_modules = ["Owl2DecoderLayer", "Owl2VisionLayer", "Owl2AbstractorLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]  # cache: its transformers >= 5.24 name
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -211,10 +212,12 @@ class Owl2Model(Owl2PreTrainedModel):
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
                 past_key_values=None, inputs_embeds=None, modality_indicators=None, use_cache=None,
                 output_attentions=False, output_hidden_states=False, images=None,
-                sequence: Owl2Sequence | None = None) -> BaseModelOutputWithPast:
+                sequence: Owl2Sequence | None = None, cache=None) -> BaseModelOutputWithPast:
         """Decoder forward. Returns last_hidden_state [B, L, D] (after ``norm``) over the expanded
         sequence; hidden_states follow the official (transformers 4.31) convention: the input of every
-        layer, then the final normed output."""
+        layer, then the final normed output. ``cache=`` is the transformers >= 5.24 name of
+        ``past_key_values=`` (see cache_compat)."""
+        past_key_values = resolve_cache(past_key_values, cache)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
@@ -236,7 +239,7 @@ class Owl2Model(Owl2PreTrainedModel):
         hidden.append(h)  # official convention: layer inputs, then the final normed output
         return BaseModelOutputWithPast(
             last_hidden_state=h,
-            past_key_values=cache,
+            **{CACHE_FIELD: cache},
             hidden_states=tuple(hidden) if output_hidden_states else None,
             attentions=tuple(attns) if output_attentions else None,
         )
@@ -271,11 +274,13 @@ class Owl2ForCausalLM(Owl2PreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, pixel_values=None, images=None,
-                modality_indicators=None, logits_to_keep=0, **kwargs) -> CausalLMOutputWithPast:
+                modality_indicators=None, logits_to_keep=0, cache=None, **kwargs) -> CausalLMOutputWithPast:
         """input_ids [B, Lt] with -200 markers; pixel_values (alias images) [N_img, 3, S, S];
-        attention_mask [B, Lt]; labels [B, Lt] → logits [B, L, V] over the expanded sequence."""
+        attention_mask [B, Lt]; labels [B, Lt] → logits [B, L, V] over the expanded sequence.
+        ``cache=`` is the transformers >= 5.24 name of ``past_key_values=`` (generate passes it)."""
         if kwargs:
             raise TypeError(f"Unexpected arguments for Owl2ForCausalLM.forward: {sorted(kwargs)}")
+        past_key_values = resolve_cache(past_key_values, cache)
         output_attentions = bool(output_attentions if output_attentions is not None else self.config.output_attentions)
         output_hidden_states = bool(output_hidden_states if output_hidden_states is not None
                                     else self.config.output_hidden_states)
@@ -299,7 +304,7 @@ class Owl2ForCausalLM(Owl2PreTrainedModel, GenerationMixin):
             shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
             loss = F.cross_entropy(shift_logits, seq.labels[:, 1:].reshape(-1).to(logits.device),
                                    ignore_index=IGNORE_INDEX)
-        result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+        result = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: getattr(out, CACHE_FIELD)},
                                         hidden_states=out.hidden_states, attentions=out.attentions)
         return result if return_dict is None or return_dict else result.to_tuple()
 

@@ -27,6 +27,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm, Qwen2RotaryEmbedding
 
+from owl_lab.models.cache_compat import CACHE_FIELD, resolve_cache
 from owl_lab.models.observe import (
     TOKEN_GENERATED,
     TOKEN_PAD,
@@ -170,7 +171,7 @@ class Owl3PreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = False
     _supports_sdpa = True
     _no_split_modules = ["Owl3DecoderLayer", "SiglipEncoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]  # cache: its transformers >= 5.24 name
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -260,7 +261,8 @@ class Owl3ForCausalLM(Owl3PreTrainedModel, GenerationMixin):
     def forward(
         self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
         labels=None, use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
-        pixel_values=None, media_offset=None, image_embeds=None, image_starts=None, logits_to_keep=0, **kwargs,
+        pixel_values=None, media_offset=None, image_embeds=None, image_starts=None, logits_to_keep=0, cache=None,
+        **kwargs,
     ):
         """One decoder pass (prefill or decode step) → :class:`Owl3CausalLMOutputWithPast`.
 
@@ -269,7 +271,10 @@ class Owl3ForCausalLM(Owl3PreTrainedModel, GenerationMixin):
         in fp32. ``position_ids`` default to the real-token coordinate (raw index minus left padding),
         which is also where MI-RoPE puts the images. Decode steps need the images again (pixel_values +
         the prompt's media_offset, or image_embeds + image_starts): nothing is kept between calls.
+        ``cache=`` is the transformers >= 5.24 name of ``past_key_values=`` (generate passes it; without
+        the explicit parameter it would vanish into ``**kwargs``).
         """
+        past_key_values = resolve_cache(past_key_values, cache)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
@@ -299,7 +304,7 @@ class Owl3ForCausalLM(Owl3PreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         out = Owl3CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None,
+            loss=loss, logits=logits, **{CACHE_FIELD: past_key_values if use_cache else None},
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
             attentions=tuple(self_probs) if output_attentions else None,
             cross_attentions=tuple(image_probs) if output_attentions else None,

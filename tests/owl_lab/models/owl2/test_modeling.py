@@ -7,7 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.cache_utils import DynamicCache
 
+from owl_lab.models.cache_compat import CACHE_FIELD
 from owl_lab.models.owl2 import IMAGE_TOKEN_INDEX, Owl2Config, Owl2ForCausalLM, load_checkpoint
 
 IMG = IMAGE_TOKEN_INDEX
@@ -166,6 +168,23 @@ def test_cached_decoding_equals_full_forward(tiny_model, owl2):
     full = run(tiny_model, g.sequences, None, px, use_cache=False).logits[0]
     L = len(ROWS[1]) + Q1 - 1
     torch.testing.assert_close(torch.stack(g.logits)[:, 0], full[L - 1: L + 3], rtol=0, atol=ATOL)
+
+
+def test_cache_is_an_alias_of_past_key_values(tiny_model, owl2):
+    """transformers >= 5.24 passes the KV cache to forward as ``cache=``; it must act exactly like
+    ``past_key_values=`` (prefill and decode step), and two different caches are an error."""
+    px, prompt = owl2.rand_pixels(1), torch.tensor([ROWS[1]])
+    caches = {name: DynamicCache(config=tiny_model.config) for name in ("past_key_values", "cache")}
+    logits = {}
+    with torch.no_grad():
+        for name, cache in caches.items():
+            pre = tiny_model(input_ids=prompt, pixel_values=px, use_cache=True, **{name: cache})
+            step = tiny_model(input_ids=pre.logits[:, -1:].argmax(-1), use_cache=True, **{name: cache})
+            assert getattr(step, CACHE_FIELD) is cache and cache.get_seq_length() == len(ROWS[1]) + Q1
+            logits[name] = (pre.logits, step.logits)
+        torch.testing.assert_close(logits["cache"], logits["past_key_values"], rtol=0, atol=0)
+        with pytest.raises(ValueError, match="two different caches"):
+            tiny_model(input_ids=prompt, past_key_values=caches["cache"], cache=DynamicCache(config=tiny_model.config))
 
 
 def test_num_return_sequences_repeats_each_samples_images(tiny_model, owl2):

@@ -6,6 +6,9 @@ import copy
 
 import pytest
 import torch
+from transformers.cache_utils import DynamicCache
+
+from owl_lab.models.cache_compat import CACHE_FIELD
 
 IMG = 396  # `<|image|>` token id of the toy vocabulary
 
@@ -34,6 +37,26 @@ def test_decode_steps_keep_no_hidden_state(owl3, make_processor, kind):
     starts = torch.nonzero(a["input_ids"][0] == IMG).flatten().tolist()
     ref = full_logits(model, torch.cat([a["input_ids"], nxt], 1), [starts], a["pixel_values"])
     assert (step.logits[0, -1] - ref[0, -1]).abs().max() < 1e-5
+
+
+def test_cache_is_an_alias_of_past_key_values(owl3, make_processor):
+    """transformers >= 5.24 passes the KV cache to forward as ``cache=``; it must act exactly like
+    ``past_key_values=`` (not vanish into **kwargs), and two different caches are an error."""
+    model = owl3.model("gated", seed=10)
+    a = make_processor(model)("look at <|image|>this", images=owl3.images(1, seed=1))
+    n = a["input_ids"].shape[1]
+    caches = {name: DynamicCache(config=model.config) for name in ("past_key_values", "cache")}
+    logits = {}
+    with torch.no_grad():
+        for name, cache in caches.items():
+            pre = model(**a, use_cache=True, **{name: cache})
+            step = model(input_ids=pre.logits[:, -1:].argmax(-1), attention_mask=torch.ones(1, n + 1, dtype=torch.long),
+                         pixel_values=a["pixel_values"], media_offset=a["media_offset"], use_cache=True, **{name: cache})
+            assert getattr(step, CACHE_FIELD) is cache and cache.get_seq_length() == n + 1
+            logits[name] = (pre.logits, step.logits)
+        torch.testing.assert_close(logits["cache"], logits["past_key_values"], rtol=0, atol=0)
+        with pytest.raises(ValueError, match="two different caches"):
+            model(**a, past_key_values=caches["cache"], cache=DynamicCache(config=model.config))
 
 
 @pytest.mark.parametrize("kind", ("gated", "fused"))
