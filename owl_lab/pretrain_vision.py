@@ -99,6 +99,7 @@ def run_vision_stage(model, processor, family: str, stage: dict, seed: str, worl
     cells = patch_cells(grid, probe["pixel_values"].shape[-1])
     # one class per attribute value (+ "empty"), and the cell index itself, so features keep "where"
     sizes = [len(values) + 1 for _, values in CELL_ATTRIBUTES] + [GRID * GRID]
+    weights = attribute_weights(stage)
     heads = nn.ModuleDict()
     if "patches" in objectives:
         heads["patches"] = nn.Linear(width, sum(sizes))
@@ -116,10 +117,10 @@ def run_vision_stage(model, processor, family: str, stage: dict, seed: str, worl
         if "patches" in heads:
             targets = torch.cat([board[:, cells], cells.expand(bs, -1)[..., None]], dim=-1)  # [B, G², 5]
             logits = heads["patches"](patch_features(model, family, batch["pixel_values"]))  # [B, G², sum(sizes)]
-            loss = loss + _cross_entropy(logits, targets, sizes)
+            loss = loss + _cross_entropy(logits, targets, sizes, weights + [1.0])
         if "board" in heads:
             logits = heads["board"](visual_tokens(model, family, batch["pixel_values"]))  # [B, GRID², Σ]
-            loss = loss + _cross_entropy(logits, board, sizes[:-1])
+            loss = loss + _cross_entropy(logits, board, sizes[:-1], weights)
         for group in opt.param_groups:
             group["lr"] = stage["lr"] * min(1.0, (step + 1) / max(1, stage.get("warmup", 50)))
         global_step = apply_step(opt, loss, params, 1.0, history, global_step, si)
@@ -128,7 +129,21 @@ def run_vision_stage(model, processor, family: str, stage: dict, seed: str, worl
     return global_step
 
 
-def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """Sum over attributes of the mean cross-entropy; logits [B, C, Σ sizes], targets [B, C, len(sizes)]."""
-    return sum(nn.functional.cross_entropy(part.flatten(0, 1), targets[..., k].flatten())
-               for k, part in enumerate(logits.split(sizes, dim=-1)))
+def attribute_weights(stage: dict) -> list[float]:
+    """Loss weight of each cell attribute (order of ``CELL_ATTRIBUTES``) from the stage's optional
+    ``"attribute_weights"`` (e.g. ``{"pattern": 4}``; unnamed attributes weigh 1)."""
+    given = dict(stage.get("attribute_weights", {}))
+    names = [name for name, _ in CELL_ATTRIBUTES]
+    unknown = set(given) - set(names)
+    if unknown:
+        raise ValueError(f"attribute_weights names unknown attributes {sorted(unknown)}; known: {names}")
+    if any(w < 0 for w in given.values()):
+        raise ValueError(f"attribute_weights must be >= 0; got {given}")
+    return [float(given.get(name, 1.0)) for name in names]
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor, sizes: list[int],
+                   weights: list[float]) -> torch.Tensor:
+    """Weighted sum over attributes of the mean cross-entropy; logits [B, C, Σ sizes], targets [B, C, len(sizes)]."""
+    return sum(w * nn.functional.cross_entropy(part.flatten(0, 1), targets[..., k].flatten())
+               for k, (w, part) in enumerate(zip(weights, logits.split(sizes, dim=-1), strict=True)))

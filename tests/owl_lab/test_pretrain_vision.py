@@ -1,0 +1,48 @@
+"""The vision pre-training stage's per-attribute loss weights and the probe ``train`` records after it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from owl_lab.pretrain_vision import _cross_entropy, attribute_weights
+from owl_lab.synth.shapes import CELL_ATTRIBUTES
+from owl_lab.train import load_recipe, train
+
+SIZES = [len(values) + 1 for _, values in CELL_ATTRIBUTES]  # per attribute: its values + "empty"
+
+
+def test_attribute_weights_default_to_one_and_reject_unknown_names():
+    assert attribute_weights({}) == [1.0] * len(CELL_ATTRIBUTES)
+    names = [name for name, _ in CELL_ATTRIBUTES]
+    weights = attribute_weights({"attribute_weights": {"pattern": 4}})
+    assert weights[names.index("pattern")] == 4.0 and sum(weights) == len(names) - 1 + 4
+    with pytest.raises(ValueError, match="unknown attributes.*texture"):
+        attribute_weights({"attribute_weights": {"texture": 2}})
+    with pytest.raises(ValueError, match=">= 0"):
+        attribute_weights({"attribute_weights": {"shape": -1}})
+
+
+def test_a_weight_scales_only_its_attributes_loss_and_gradient():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, sum(SIZES), generator=generator, requires_grad=True)  # [B, C, Σ]
+    targets = torch.stack([torch.randint(0, s, (3, 5), generator=generator) for s in SIZES], -1)  # [B, C, 4]
+    parts = [torch.nn.functional.cross_entropy(p.flatten(0, 1), targets[..., k].flatten())
+             for k, p in enumerate(logits.split(SIZES, -1))]
+    ones = _cross_entropy(logits, targets, SIZES, [1.0] * 4)
+    torch.testing.assert_close(ones, sum(parts))
+    torch.testing.assert_close(_cross_entropy(logits, targets, SIZES, [1, 1, 1, 4]), sum(parts) + 3 * parts[3])
+    # weight 0 on the last attribute: its logits get no gradient, the others keep theirs
+    _cross_entropy(logits, targets, SIZES, [1, 1, 1, 0]).backward()
+    last = logits.grad.split(SIZES, -1)
+    assert torch.count_nonzero(last[3]) == 0 and torch.count_nonzero(last[0]) > 0
+
+
+def test_train_records_a_probe_of_the_encoder_after_each_vision_stage():
+    recipe = load_recipe("owl2-tiny")  # vision stage + two language stages
+    metrics = train(recipe, None, progress=False, evaluate_after=False, steps_override=2, threads=1)
+    probe = metrics["vision_probe"]
+    assert list(probe) == ["stage1"]
+    assert set(probe["stage1"]) == {name for name, _ in CELL_ATTRIBUTES}
+    assert all(0.0 <= v <= 100.0 for v in probe["stage1"].values())
+    smoke = train(load_recipe("smoke-owl2"), None, progress=False, evaluate_after=False, steps_override=2)
+    assert "vision_probe" not in smoke  # no vision stage, no probe
