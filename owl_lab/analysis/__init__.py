@@ -9,7 +9,7 @@ from owl_lab.analysis.compare import (
     compare_examples,
     spearman,
 )
-from owl_lab.analysis.mass import layer_mass, modality_share, query_mass
+from owl_lab.analysis.mass import depth_rise, layer_mass, modality_share, query_mass
 
 __all__ = [
     "AttentionComparison",
@@ -20,6 +20,7 @@ __all__ = [
     "attention_vs_token_attribution",
     "attribute",
     "compare_examples",
+    "depth_rise",
     "layer_mass",
     "modality_share",
     "query_mass",

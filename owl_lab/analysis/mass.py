@@ -82,6 +82,36 @@ def modality_share(df: pd.DataFrame, *, kind="self", steps=None, queries=None, b
     return table.get("visual", pd.Series(0.0, index=table.index)).rename("visual_share")
 
 
+def depth_rise(df: pd.DataFrame, *, group: str = "visual", kind="self", level: str = "modality", steps=None,
+               queries=None) -> pd.Series:
+    """Per capture call: how much ``group``'s share grows from the first third of the layers to the last.
+
+    ``late - early``, where ``early`` / ``late`` are the mean share of ``group`` over the first /
+    last ``n_layers // 3`` layers (mean over heads, steps and queries within the call). One value
+    per call, so a capture that ran one ``generate`` per image gives one rise per image, which
+    :func:`owl_lab.analysis.stats.paired_difference` can compare between two models on the same
+    images. Owl2 Fig. 4 reads "attention moves to the visual tokens in later layers" as a positive
+    rise of ``visual``.
+
+    Returns:
+        Series indexed by ``call`` (``rise``, in share units: -1..1).
+    """
+    if "call" not in df:
+        raise ValueError("depth_rise needs a table with a 'call' column (rec.attention_mass from hooks.capture)")
+    rows = _select(df, kind=kind, level=level, steps=steps, queries=queries)
+    layers = sorted(rows["layer"].unique())
+    third = len(layers) // 3
+    if third == 0:
+        raise ValueError(f"depth_rise needs at least 3 layers to compare thirds, got {len(layers)}")
+    keys = ["call", "batch", "step", "layer", "head", "query", "kind", "group"]
+    per_softmax = rows.groupby(keys)["mass"].sum().unstack("group", fill_value=0.0)
+    if group not in per_softmax:
+        raise ValueError(f"no group {group!r} at level {level!r}; available {sorted(per_softmax.columns)}")
+    share = per_softmax[group].groupby(level=["call", "layer"]).mean().unstack("layer")  # [calls, layers]
+    early, late = share[layers[:third]].mean(axis=1), share[layers[-third:]].mean(axis=1)
+    return (late - early).rename("rise")
+
+
 def query_mass(df: pd.DataFrame, *, layer: int, kind="self", level="modality", batch: int = 0, steps=None,
                call=None):
     """Mass per (step, query) and group for one layer, averaged over heads: a tidy table to plot.

@@ -93,8 +93,14 @@ def sample_scene(rng: random.Random, n_min: int = 1, n_max: int = 4, patterns=PA
     return Scene(objs)
 
 
-def _shape_mask(obj: Obj, size: int) -> np.ndarray:
-    """Boolean [size, size] mask of one object's pixels."""
+def _shape_mask(obj: Obj, size: int) -> tuple[tuple[slice, slice], np.ndarray]:
+    """Where one object's pixels are: ``(box, mask)`` with ``box`` a (rows, cols) slice pair into the
+    ``size × size`` image and ``mask`` a boolean array of the box's shape.
+
+    The shape is drawn on the full canvas (so its rasterisation never depends on the crop); only the
+    bounding box is returned, because the image writes that follow cost in proportion to the area
+    they touch and an object covers a small part of one of the nine cells.
+    """
     cell = size / GRID
     cx = (obj.col + 0.5 + obj.dx) * cell
     cy = (obj.row + 0.5 + obj.dy) * cell
@@ -112,7 +118,8 @@ def _shape_mask(obj: Obj, size: int) -> np.ndarray:
         draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=255)
     else:
         raise ValueError(f"unknown shape {obj.shape!r}; expected one of {SHAPES}")
-    return np.asarray(canvas) > 127
+    left, top, right, bottom = canvas.getbbox() or (0, 0, 0, 0)  # box of the non-zero pixels
+    return (slice(top, bottom), slice(left, right)), np.asarray(canvas.crop((left, top, right, bottom))) > 127
 
 
 @lru_cache(maxsize=16)
@@ -138,10 +145,10 @@ def render(scene: Scene, size: int = NATIVE_SIZE) -> Image.Image:
         raise ValueError(f"render size must be at least {2 * GRID * PATTERN_BAND} px, got {size}")
     img = np.empty((size, size, 3), dtype=np.int32)
     img[:] = BACKGROUND
-    for obj in scene.objects:
-        mask = _shape_mask(obj, size)
-        sign = _pattern_sign(obj.pattern, size)[mask]  # [n_pixels]
-        img[mask] = np.asarray(RGB[obj.color], dtype=np.int32)[None, :] + PATTERN_DELTA * sign[:, None]
+    for obj in scene.objects:  # in order: a later object paints over an earlier one
+        box, mask = _shape_mask(obj, size)
+        sign = _pattern_sign(obj.pattern, size)[box][mask]  # [n_pixels]
+        img[box][mask] = np.asarray(RGB[obj.color], dtype=np.int32)[None, :] + PATTERN_DELTA * sign[:, None]
     return Image.fromarray(img.clip(0, 255).astype(np.uint8), mode="RGB")
 
 

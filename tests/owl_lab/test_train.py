@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from owl_lab import load_owl
 from owl_lab.evaluate import IGNORE_INDEX, collate, compare, evaluate, exact_match, expand_labels
 from owl_lab.synth import eval_set
-from owl_lab.train import default_threads, load_recipe, shipped_recipes, stage_freeze, train
+from owl_lab.train import default_threads, estimate_seconds, load_recipe, shipped_recipes, stage_freeze, train
 
 SMOKE_BUDGET_S = 120
 
@@ -31,6 +31,7 @@ def test_smoke_recipe_learns_within_budget(smoke):
     metrics, _, seconds = smoke
     losses = metrics["_history"]["loss"]
     assert seconds < SMOKE_BUDGET_S, f"smoke training took {seconds:.0f} s"
+    assert len(metrics["stage_seconds"]) == 1 and 0 < metrics["stage_seconds"][0] <= metrics["train_seconds"] + 0.1
     assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:20]) / 20  # the loss falls
     # chance: 1 of 7 colours; parity is yes-or-no-like (2 answers)
     assert metrics["accuracy"]["color"] > 100 / 7 + 15, metrics["accuracy"]
@@ -45,6 +46,19 @@ def test_same_seed_gives_identical_first_losses(name):
     c = train(dict(recipe, seed=1), None, progress=False, evaluate_after=False, steps_override=3)["_history"]["loss"]
     assert a == b
     assert a != c
+
+
+def test_estimate_projects_each_stage_from_a_fraction_of_its_steps():
+    base = load_recipe("smoke-owl2")
+    recipe = {**base, "stages": [{**base["stages"][0], "steps": 100}, {**base["stages"][0], "steps": 300}]}
+    est = estimate_seconds(recipe, 0.05, threads=1, progress=False)  # runs 5 + 15 steps
+    assert est["steps"] == [100, 300] and len(est["ms_per_step"]) == 2 and min(est["ms_per_step"]) > 0
+    scaled = sum(ms / 1000 * n for ms, n in zip(est["ms_per_step"], [100, 300], strict=True))
+    # the projection is the per-stage cost times the full steps, plus the unscaled rest of the short run
+    assert scaled - 0.1 <= est["projected_seconds"] <= scaled + est["measured_seconds"]
+    assert est["projected_seconds"] > 10 * est["measured_seconds"]  # ~20x the steps, most of the time
+    with pytest.raises(ValueError, match="fraction"):
+        estimate_seconds(recipe, 0.0)
 
 
 def test_thread_count_follows_the_environment_then_the_machine(monkeypatch):

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from owl_lab.analysis import layer_mass, modality_share, query_mass
+from owl_lab.analysis import depth_rise, layer_mass, modality_share, query_mass
 
 
 def _frame(rng, layers=3, heads=2, queries=4, image_groups=("image:0",)):
@@ -70,3 +70,28 @@ def test_call_filter_keeps_one_capture_call():
     pd.testing.assert_frame_equal(layer_mass(df, call=0), layer_mass(a))
     with pytest.raises(ValueError, match="call"):
         query_mass(_frame(rng), layer=0, call=0)  # a table without a call column
+
+
+def test_depth_rise_is_late_third_minus_early_third_per_call():
+    rng = np.random.default_rng(4)
+    calls = [_frame(rng, layers=7).assign(call=c) for c in range(3)]  # 7 layers: thirds of 2 layers
+    df = pd.concat(calls, ignore_index=True)
+    rise = depth_rise(df)
+    assert list(rise.index) == [0, 1, 2]
+    for c, frame in enumerate(calls):
+        share = layer_mass(frame)["visual"]
+        assert rise.loc[c] == pytest.approx(share.loc[[5, 6]].mean() - share.loc[[0, 1]].mean())
+    # a model whose visual share grows with depth has a positive rise, and text mirrors it
+    grows = df.assign(mass=np.where(df.group == "visual", df.layer / 6, 1 - df.layer / 6))
+    assert depth_rise(grows).tolist() == pytest.approx([5.5 / 6 - 0.5 / 6] * 3)
+    assert depth_rise(grows, group="text").tolist() == pytest.approx([-(5.5 / 6 - 0.5 / 6)] * 3)
+
+
+def test_depth_rise_errors_name_the_problem():
+    rng = np.random.default_rng(5)
+    with pytest.raises(ValueError, match="call"):
+        depth_rise(_frame(rng))
+    with pytest.raises(ValueError, match="at least 3 layers"):
+        depth_rise(_frame(rng, layers=2).assign(call=0))
+    with pytest.raises(ValueError, match="available"):
+        depth_rise(_frame(rng).assign(call=0), group="image:0")
