@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from owl_lab.synth import (
     ALL_TASKS,
@@ -21,7 +21,7 @@ from owl_lab.synth import (
     render,
     sample_scene,
 )
-from owl_lab.synth.shapes import BACKGROUND, PATTERN_BAND, PATTERN_DELTA, RGB, SIZE_FRACTION, Obj
+from owl_lab.synth.shapes import BACKGROUND, PATTERN_BAND, PATTERN_DELTA, RGB, Obj, _shape_mask
 from owl_lab.synth.vocab import position_name
 
 PLACEHOLDER = "<|image|>"
@@ -172,34 +172,23 @@ def test_render_pixels_are_pinned():
 
 
 def _paint_in_order(scene, size):
-    """Reference painter: each object drawn on a full-size canvas, later objects on top."""
+    """Reference painter: every object's full-image mask, colour and pattern from first principles,
+    later objects on top. (Where the shape's pixels are comes from _shape_mask; the digest above pins it.)"""
     img = np.array(Image.new("RGB", (size, size), BACKGROUND), dtype=int)
-    cell = size / 3
+    rows, cols = np.indices((size, size))
     for o in scene.objects:
-        cx, cy = (o.col + 0.5 + o.dx) * cell, (o.row + 0.5 + o.dy) * cell
-        r = SIZE_FRACTION[o.size] * cell / 2
-        canvas = Image.new("L", (size, size), 0)
-        draw = ImageDraw.Draw(canvas)
-        if o.shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
-        elif o.shape == "square":
-            draw.rectangle([cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r], fill=255)
-        elif o.shape == "triangle":
-            draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=255)
-        else:
-            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=255)
-        mask = np.asarray(canvas) > 127
-        rows, cols = np.indices((size, size))
+        box, box_mask = _shape_mask(o, size)
+        mask = np.zeros((size, size), dtype=bool)
+        mask[box] = box_mask
         bands = (rows // PATTERN_BAND) + (cols // PATTERN_BAND if o.pattern == "checkered" else 0)
-        sign = 0 if o.pattern == "plain" else np.where(bands % 2 == 0, 1, -1)
-        img[mask] = (np.asarray(RGB[o.color])[None, None, :] + PATTERN_DELTA * np.asarray(sign)[..., None]
-                     * np.ones((size, size, 1), dtype=int))[mask]
+        sign = np.zeros((size, size), dtype=int) if o.pattern == "plain" else np.where(bands % 2 == 0, 1, -1)
+        img[mask] = np.asarray(RGB[o.color])[None, :] + PATTERN_DELTA * sign[mask][:, None]
     return img
 
 
 @pytest.mark.parametrize("size", [24, 56, 84, 112, 113])
 def test_render_matches_a_full_canvas_painter(size):
-    # render() only touches each object's bounding box; overlaps and edges must come out the same
+    # render() writes only inside each object's bounding box; the result must equal full-image painting
     for i in range(40):
         scene = sample_scene(random.Random(f"painter/{size}/{i}"), 1, 9)
         assert np.array_equal(np.asarray(render(scene, size)), _paint_in_order(scene, size)), i
