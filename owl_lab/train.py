@@ -206,7 +206,7 @@ def train(recipe: dict, out_dir: Path | None = None, *, progress: bool = True, e
         if stage.get("kind") == "vision":  # encoder pre-training (see owl_lab/pretrain_vision.py)
             global_step = run_vision_stage(model, processor, recipe["family"], dict(stage, steps=steps),
                                            f"{seed}.{si}", world, history, global_step, si, progress)
-            stage_seconds.append(round(time.perf_counter() - stage_start, 1))
+            stage_seconds.append(round(time.perf_counter() - stage_start, 3))
             vision_probes[f"stage{si + 1}"] = _probe_vision(model, processor, world, progress)
             model.train()
             continue
@@ -234,7 +234,7 @@ def train(recipe: dict, out_dir: Path | None = None, *, progress: bool = True, e
                 model.train()
             if progress and step % 20 == 0:
                 bar.set_postfix(loss=f"{sum(history['loss'][-20:]) / len(history['loss'][-20:]):.4f}")
-        stage_seconds.append(round(time.perf_counter() - stage_start, 1))
+        stage_seconds.append(round(time.perf_counter() - stage_start, 3))
     train_seconds = time.perf_counter() - start
     model.eval()
     for p in model.parameters():

@@ -38,6 +38,18 @@ def _select(df: pd.DataFrame, *, kind=None, level=None, steps=None, queries=None
     return out
 
 
+def _per_softmax(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per softmax (call, batch, step, layer, head, query, kind), one column per group.
+
+    Every softmax contributes one row per group, so a plain mean over rows is the mean share; groups
+    absent from some softmax (e.g. image:1 before image 1) count as 0.
+    """
+    keys = ["batch", "step", "layer", "head", "query", "kind", "group"]
+    if "call" in rows:  # several forward / generate calls in one capture: each is its own softmax
+        keys.insert(0, "call")
+    return rows.groupby(keys)["mass"].sum().unstack("group", fill_value=0.0)
+
+
 def layer_mass(
     df: pd.DataFrame,
     *,
@@ -63,13 +75,7 @@ def layer_mass(
         groups: columns to keep, in this order (missing groups become 0).
     """
     rows = _select(df, kind=kind, level=level, steps=steps, queries=queries, batch=batch, call=call)
-    # Every softmax contributes one row per group, so a plain mean per (layer, group) is the
-    # mean share; groups absent from some softmax (e.g. image:1 before image 1) count as 0.
-    keys = ["batch", "step", "layer", "head", "query", "kind", "group"]
-    if "call" in rows:  # several forward / generate calls in one capture: each is its own softmax
-        keys.insert(0, "call")
-    per_softmax = rows.groupby(keys)["mass"].sum().unstack("group", fill_value=0.0)
-    table = per_softmax.groupby(level="layer").mean()
+    table = _per_softmax(rows).groupby(level="layer").mean()
     table.columns.name = "group"
     if groups is not None:
         table = table.reindex(columns=groups, fill_value=0.0)
@@ -103,8 +109,7 @@ def depth_rise(df: pd.DataFrame, *, group: str = "visual", kind="self", level: s
     third = len(layers) // 3
     if third == 0:
         raise ValueError(f"depth_rise needs at least 3 layers to compare thirds, got {len(layers)}")
-    keys = ["call", "batch", "step", "layer", "head", "query", "kind", "group"]
-    per_softmax = rows.groupby(keys)["mass"].sum().unstack("group", fill_value=0.0)
+    per_softmax = _per_softmax(rows)
     if group not in per_softmax:
         raise ValueError(f"no group {group!r} at level {level!r}; available {sorted(per_softmax.columns)}")
     share = per_softmax[group].groupby(level=["call", "layer"]).mean().unstack("layer")  # [calls, layers]
