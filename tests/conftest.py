@@ -13,19 +13,20 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 def _find_reference() -> Path:
     env = os.environ.get("OWL_LAB_REFERENCE")
     candidates = [Path(env)] if env else []
-    candidates.append(PROJECT_ROOT.parent / "shared" / "reference")
+    candidates.append(PROJECT_ROOT / "tests" / "fixtures" / "reference")
     for c in candidates:
         if c.is_dir():
             return c
     raise FileNotFoundError(
-        "The golden fixtures were not found: expected ../shared/reference beside the project "
-        "(or set OWL_LAB_REFERENCE)."
+        "The golden fixtures were not found: expected tests/fixtures/reference inside the project "
+        "(or set OWL_LAB_REFERENCE to another directory of the same layout)."
     )
 
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
-    """``shared/reference`` (owl2/, owl3/ with SPEC.md, key manifests and goldens)."""
+    """``tests/fixtures/reference`` (owl2/, owl3/ with key manifests and goldens), or
+    ``$OWL_LAB_REFERENCE``. The architecture notes the code cites are in ``data/reference/``."""
     return _find_reference()
 
 

@@ -1,4 +1,4 @@
-"""Load an official-format mPLUG-Owl2 checkpoint directory (SPEC §2.4).
+"""Load an official-format mPLUG-Owl2 checkpoint directory (owl2 SPEC §2.4).
 
 Accepted weight layouts: ``model.safetensors``, ``model.safetensors.index.json`` (+ shards),
 ``pytorch_model.bin``, ``pytorch_model.bin.index.json`` (+ pickle shards, the official release).

@@ -1,6 +1,6 @@
 """mPLUG-Owl2: LLaMA decoder with the modality-adaptive module (MAM), plus the vision side.
 
-Per token t with modality m_t (0 text, 1 vision), one pre-norm LLaMA block (SPEC §3.5):
+Per token t with modality m_t (0 text, 1 vision), one pre-norm LLaMA block (owl2 SPEC §3.5):
 
     a = RMSNorm_in^{m}(h);  q = W_q a;  k = W_k^{m} a;  v = W_v^{m} a;  RoPE(q, k)
     h = h + W_o · softmax(q kᵀ/√hd + mask) v          (one causal softmax over both modalities)

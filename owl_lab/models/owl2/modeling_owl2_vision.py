@@ -1,4 +1,4 @@
-"""mPLUG-Owl2 vision side: the CLIP-style ViT and the visual abstractor (SPEC §3.2, §3.3).
+"""mPLUG-Owl2 vision side: the CLIP-style ViT and the visual abstractor (owl2 SPEC §3.2, §3.3).
 
 Shapes: N = images, T = ViT tokens per image (CLS + grid² patches), Dv = ViT width, Q = learnable
 queries, Da = abstractor width, D = LLM width, h = heads, hd = head dim.

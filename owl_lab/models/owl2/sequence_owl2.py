@@ -1,4 +1,4 @@
-"""Building the decoder's multimodal sequence (SPEC §3.4) and its masks, positions and layout.
+"""Building the decoder's multimodal sequence (owl2 SPEC §3.4) and its masks, positions and layout.
 
 Each ``-200`` marker in ``input_ids`` becomes the Q+1 rows of the next image (abstractor queries,
 then ``vit_eos``), all with modality 1. Unlike the official code:
