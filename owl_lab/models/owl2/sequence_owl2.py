@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..attention import Allowed
 from ..observe import TOKEN_GENERATED, TOKEN_IMAGE, TOKEN_PAD, TOKEN_TEXT, SequenceLayout
 from .configuration_owl2 import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
@@ -54,27 +55,19 @@ class Owl2Sequence:
         causal = keys[None, :] <= queries[:, None]  # [q, P+L]
         return causal[None] & self.attention_mask[:, None, :].bool()
 
-    def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
-        """[B, 1, L, P+L]: 0 where allowed, finfo.min elsewhere (never -inf, so no NaN rows)."""
-        if dtype not in self._masks:
-            allowed = self.allowed(0, self.length)[:, None]
-            zero = torch.zeros((), dtype=dtype, device=allowed.device)
-            self._masks[dtype] = torch.where(allowed, zero, torch.finfo(dtype).min)
-        return self._masks[dtype]
-
-    def sdpa_mask(self, dtype: torch.dtype):
-        """(attn_mask or None, is_causal) for F.scaled_dot_product_attention — no mask when possible."""
-        if not self.padded:
-            if self.length == 1:
-                return None, False  # one query sees the whole cache
-            if self.past_length == 0:
-                return None, True  # plain causal prefill: the kernel's own causal path
-        return self.additive_mask(dtype), False
-
-    def eager_mask(self, dtype: torch.dtype) -> torch.Tensor | None:
-        if not self.padded and self.length == 1:
-            return None
-        return self.additive_mask(dtype)
+    def allowed_mask(self) -> Allowed:
+        """The decoder's mask for this call, shared by every layer (no tensor when none is needed)."""
+        if "allowed" not in self._masks:
+            shape = (self.attention_mask.shape[0], self.length, self.attention_mask.shape[1])
+            dev = self.attention_mask.device
+            if not self.padded and self.length == 1:
+                mask = Allowed(shape, fast="all", device=dev)  # one query sees the whole cache
+            elif not self.padded and self.past_length == 0:
+                mask = Allowed(shape, fast="causal", device=dev)  # plain causal prefill
+            else:
+                mask = Allowed(shape, rows=self.allowed)
+            self._masks["allowed"] = mask
+        return self._masks["allowed"]
 
     # ---- observation ----------------------------------------------------------------------------
     def layout(self) -> SequenceLayout:
