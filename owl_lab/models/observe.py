@@ -72,9 +72,6 @@ class SequenceLayout:
         attention_mask: [B, P + L] long/bool over the decoder's whole sequence, 1 = real token,
             or None when nothing is padded.
         images_per_sample: number of images of each sample (len B).
-        image_starts: per sample, a 1-D long tensor of the sequence index where each image begins
-            (Owl2: first of its rows; Owl3: first placeholder token, ``s_n``).
-        tokens_per_image: rows/keys one image contributes (Owl2: queries + 1; Owl3: patches).
     """
 
     past_length: int
@@ -82,9 +79,6 @@ class SequenceLayout:
     image_index: torch.Tensor
     attention_mask: torch.Tensor | None
     images_per_sample: list[int]
-    image_starts: list[torch.Tensor]
-    tokens_per_image: int
-    family: str = ""
 
 
 @dataclass

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
@@ -38,7 +37,7 @@ from .modeling_owl2_vision import (
     Owl2VisionModel,
     Owl2VisualAbstractor,
 )
-from .sequence_owl2 import Owl2Sequence, build_sequence, remember_on_cache
+from .sequence_owl2 import Owl2Cache, Owl2Sequence, build_sequence
 
 
 class Owl2Multiway(nn.Module):
@@ -213,12 +212,13 @@ class Owl2Model(Owl2PreTrainedModel):
         past_key_values = resolve_cache(past_key_values, cache)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+            past_key_values = Owl2Cache(config=self.config)
         if sequence is None:
             sequence = self.build_sequence(input_ids, _pixels(pixel_values, images), attention_mask, None,
                                            position_ids, inputs_embeds, modality_indicators, past_key_values)
-        cache = past_key_values if use_cache else None
-        remember_on_cache(cache, sequence)
+        cache = Owl2Cache.adopt(past_key_values) if use_cache else None
+        if cache is not None:
+            cache.remember(sequence.attention_mask, sequence.key_image)
 
         h = sequence.inputs_embeds
         modality = sequence.modality_indicators if sequence.has_vision else None
@@ -280,7 +280,7 @@ class Owl2ForCausalLM(Owl2PreTrainedModel, GenerationMixin):
                                     else self.config.output_hidden_states)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+            past_key_values = Owl2Cache(config=self.config)
 
         seq = self.model.build_sequence(input_ids, _pixels(pixel_values, images), attention_mask, labels,
                                         position_ids, inputs_embeds, modality_indicators, past_key_values)

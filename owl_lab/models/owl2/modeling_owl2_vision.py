@@ -268,7 +268,7 @@ class Owl2AbstractorMLP(nn.Module):
         return self.w2(self.ffn_ln(F.silu(self.w1(z)) * self.w3(z)))
 
 
-class Owl2AbstractorOutput(nn.Module):
+class Owl2AbstractorResidualMLP(nn.Module):
     """y = x + out_proj(ctx) (residual from the NORMED query); h = y + mlp(norm2(y))."""
 
     def __init__(self, config: Owl2Config):
@@ -290,7 +290,7 @@ class Owl2AbstractorCrossAttention(nn.Module):
         self.norm1 = nn.LayerNorm(a.hidden_size)  # queries, eps 1e-5
         self.normk = nn.LayerNorm(a.encoder_hidden_size)  # image tokens, eps 1e-5
         self.attention = Owl2AbstractorAttention(config, layer_idx)
-        self.output = Owl2AbstractorOutput(config)
+        self.output = Owl2AbstractorResidualMLP(config)
 
     def forward(self, h, image_embeds, output_attentions=False):
         x = self.norm1(h)

@@ -333,10 +333,9 @@ class Owl3ForCausalLM(Owl3PreTrainedModel, GenerationMixin):
         device = self.device if input_ids is None else input_ids.device
         kind = torch.full((batch, length), TOKEN_GENERATED if past > 0 else TOKEN_TEXT, dtype=torch.long, device=device)
         image_index = torch.full((batch, length), -1, dtype=torch.long, device=device)
-        starts_list, counts = [], []
+        counts = []
         for b in range(batch):
             s = image_starts[b][image_starts[b] >= 0] if image_starts is not None else torch.zeros(0, dtype=torch.long)
-            starts_list.append(s.to(device))
             counts.append(int(s.numel()))
             for n, pos in enumerate(s.tolist()):
                 if past <= pos < past + length:
@@ -346,8 +345,7 @@ class Owl3ForCausalLM(Owl3PreTrainedModel, GenerationMixin):
             kind = torch.where(attention_mask[:, past:].to(device) == 0, TOKEN_PAD, kind)
         return SequenceLayout(
             past_length=past, token_kind=kind, image_index=image_index, attention_mask=attention_mask,
-            images_per_sample=counts, image_starts=starts_list, tokens_per_image=self.config.tokens_per_image,
-            family="owl3",
+            images_per_sample=counts,
         )
 
     # ---- generation -------------------------------------------------------------------------------
