@@ -137,3 +137,20 @@ def test_sites_fire_on_every_generate_step(owl2):
     lengths = [length for n, length in calls if n.endswith("hook_resid_post")]
     assert len(lengths) == 3 and lengths[1:] == [1, 1]  # prefill, then two single-token decode steps
     assert len(calls) == 6
+
+
+def test_knockout_of_the_last_query_row_only_eager_equals_sdpa(owl2):
+    """Few edited rows take the SDPA split path (fast kernel + edited rows); it must match eager."""
+    outs = {}
+    for attn in ("eager", "sdpa"):
+        model = owl2.make_model(attn=attn).double()
+        with torch.no_grad():
+            plain = model(**batch(owl2)).logits
+            real = model.model.build_sequence(**batch(owl2)).attention_mask.bool()[:, :-1]
+        for layer in model.model.layers:
+            layer.self_attn.attention_edit = lambda ev: ~(
+                (ev.key_image >= 0)[:, None, :] & (ev.query_index == ev.query_index.max())[None, :, None])
+        outs[attn] = model(**batch(owl2)).logits.detach()
+        assert torch.equal(outs[attn][:, :-1][real], plain[:, :-1][real])  # earlier real rows: bitwise
+        assert (outs[attn][:, -1] - plain[:, -1]).abs().max() > 1e-6
+    assert (outs["eager"] - outs["sdpa"]).abs().max() < 1e-6
