@@ -82,7 +82,7 @@ class Allowed:
         self.shape, self._rows, self.fast, self.device = tuple(shape), rows, fast, device
         self._tensor: torch.Tensor | None = None
         self._additive: dict = {}
-        self._edits: dict = {}  # id(edit mask) -> (edit mask, kind, edited Allowed), see _apply_edit
+        self._last_edit: tuple | None = None  # (edit mask, kind, edited Allowed), see _apply_edit
         # set on an edited mask: the mask before the edit and the query rows [r0, r1) that differ
         self.unedited: Allowed | None = None
         self.changed_rows: tuple[int, int] | None = None
@@ -196,17 +196,17 @@ def _apply_edit(edit: Callable, event: AttentionEvent) -> Allowed | None:
     """The edited mask, or None when the edit keeps every key (then nothing changes at all).
 
     The result is memoised on the unedited mask, which is shared by every layer of one forward:
-    an edit that returns the same tensor object for several layers pays for the mask once.
+    an edit that returns the same tensor object for consecutive layers pays for the mask once.
     """
     keep = edit(event)
     if keep is None:
         return None
     base_mask = event.allowed
-    memo = base_mask._edits.get(id(keep))
+    memo = base_mask._last_edit
     if memo is not None and memo[0] is keep and memo[1] == event.kind:
         return memo[2]
     edited = _restrict(base_mask, keep, event)
-    base_mask._edits[id(keep)] = (keep, event.kind, edited)
+    base_mask._last_edit = (keep, event.kind, edited)  # one slot: older edit masks can be freed
     return edited
 
 
