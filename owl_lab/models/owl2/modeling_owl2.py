@@ -9,6 +9,11 @@ Per token t with modality m_t (0 text, 1 vision), one pre-norm LLaMA block (owl2
 Per-modality modules hold two copies under ``.multiway.{0,1}`` (official key names); a token uses
 copy m_t (per-token select). With ``config.modality_adaptive=False`` they are single stock modules.
 
+Every softmax (decoder, ViT, abstractor) runs through the attention core
+(:mod:`owl_lab.models.attention`). Writable sites per block: ``hook_resid_pre`` → ``hook_attn_out`` →
+``hook_resid_mid`` → ``hook_mlp_out`` → ``hook_resid_post`` ([B, L, D]) and ``self_attn.hook_z``
+([B, L, H, hd], context before ``W_o``); ``model.hook_image_embeds`` carries the image rows.
+
 Shapes: B batch, L positions in this call, P cached positions, H heads, Hkv KV heads, hd head dim.
 """
 from __future__ import annotations

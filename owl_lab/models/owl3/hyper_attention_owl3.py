@@ -16,6 +16,11 @@ query* attend them:
 * fused (241101): one softmax over [visible image keys (t >= s_n) ; causal text keys].
 
 Image K/V are recomputed on every call and never enter the KV cache.
+
+Every softmax runs through the attention core (:func:`owl_lab.models.attention.attention`), which
+applies a knockout (``attention_edit``) and emits ``hook_attn``. Writable sites, [B, L, nH, D] each:
+``hook_z`` (context before ``o_proj``), ``hook_cross_z`` (cross context X), ``hook_gate`` (g);
+``hook_gate_event`` observes the fusion (:class:`~owl_lab.models.observe.GateEvent`).
 """
 from __future__ import annotations
 
