@@ -285,7 +285,7 @@ def get_family(name: str | FamilySpec) -> FamilySpec:
     if isinstance(name, FamilySpec):
         return name
     if name not in FAMILIES:
-        raise ValueError(f"unknown model family {name!r}; registered families: {sorted(FAMILIES)}")
+        raise ValueError(f"unknown family {name!r}; registered families: {sorted(FAMILIES)}")
     return FAMILIES[name]
 
 

@@ -128,11 +128,8 @@ def _set_trainable(model, frozen: list[str]) -> list[torch.nn.Parameter]:
 
 
 def default_threads() -> int:
-    """torch intra-op threads for training: ``OMP_NUM_THREADS`` if set, else every core.
-
-    Alone on the 2-core machine, 2 threads run an owl2-tiny step 1.27x and an owl3-tiny step 1.3x
-    faster than 1 thread; two jobs side by side should each get ``OMP_NUM_THREADS=1``.
-    """
+    """torch intra-op threads for training: ``OMP_NUM_THREADS`` if set, else every core (two jobs side by
+    side should each get ``OMP_NUM_THREADS=1``; measured speed-ups: ``data/recipes/README.md``)."""
     return int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
 
 
@@ -231,10 +228,8 @@ def estimate_seconds(recipe: dict, fraction: float = 0.1, *, threads: int | None
     Runs the recipe (nothing saved, no evaluation) with ``max(1, round(fraction × steps))`` steps per
     stage, takes each stage's seconds per step and multiplies by its full step count; the rest
     (model build, encoder probes) is added once, unscaled. The learning-rate schedule shrinks with
-    the steps, which does not change the cost of a step. Checked against full runs alone at 2
-    threads (projected from a tenth → full run): owl2-tiny-r84 807 → 853 s, owl2-tiny-q16
-    718 → 693 s, owl2-tiny 708 → 606 s. A shared machine's speed drifts by 10-20 % over minutes, so
-    leave that much margin.
+    the steps, which does not change the cost of a step. How close the projection came on full runs:
+    ``data/recipes/README.md``.
 
     Returns:
         dict with ``fraction``, ``threads``, ``steps`` (full, per stage), ``ms_per_step`` (per stage),
@@ -258,7 +253,7 @@ def estimate_seconds(recipe: dict, fraction: float = 0.1, *, threads: int | None
 
 def _probe_vision(model, processor, world: dict, progress: bool) -> dict[str, float]:
     """Linear-probe accuracy (%) of each cell attribute on the encoder's patch features right after a
-    vision stage (:func:`owl_lab.analysis.probe.probe_cell_attributes`, 500 + 200 scenes, ~5 s).
+    vision stage (:func:`owl_lab.analysis.probe.probe_cell_attributes`, 500 + 200 scenes).
 
     Recorded in metrics.json as ``vision_probe``: an encoder that failed to pick up an attribute (the
     pattern plateau of some seeds) shows here, before the language stages spend 15 minutes on it.

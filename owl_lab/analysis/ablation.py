@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from owl_lab import evaluate
 from owl_lab.analysis.stats import binomial_se, paired_difference
-from owl_lab.evaluate import exact_match
 from owl_lab.families import FamilySpec, family_for_model_type
 from owl_lab.recipes import stage_freeze
 from owl_lab.zoo import resolve_checkpoint
@@ -48,7 +48,7 @@ def _vit_training(recipe: dict, spec: FamilySpec) -> str:
 
 def exists(name_or_dir: str | Path) -> bool:
     """True if ``load_owl`` can find this checkpoint (a shipped name or a checkpoint directory).
-    Notebooks use it to skip ablations whose recipe is written but not trained yet."""
+    Notebooks use it to list the variants a folder holds."""
     try:
         resolve_checkpoint(name_or_dir)
     except (FileNotFoundError, ValueError):
@@ -85,7 +85,7 @@ def describe(config, directory: str | Path | None = None) -> dict:
 
 def score_tasks(model, processor, eval_sets: Mapping[str, Sequence], batch_size: int = 64) -> dict[str, list[bool]]:
     """Teacher-forced exact-match flags per task (``evaluate.exact_match``), in question order."""
-    return {task: exact_match(model, processor, examples, batch_size) for task, examples in eval_sets.items()}
+    return {task: evaluate.exact_match(model, processor, examples, batch_size) for task, examples in eval_sets.items()}
 
 
 def shipped_accuracy(directory: str | Path) -> dict[str, tuple[float, int]]:

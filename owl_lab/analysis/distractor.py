@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from hooks.capture import capture
-from owl_lab.evaluate import exact_match
+from owl_lab import evaluate
 
 IMAGE_KINDS = ("cross", "joint")  # gated/static Owl3: a cross softmax over images; fused: one joint softmax
 
@@ -34,7 +34,7 @@ def circular_scores(model, processor, groups: Sequence[Sequence], batch_size: in
         raise ValueError("circular_scores needs a non-empty list of non-empty instance groups "
                          "(synth.distractor_eval output).")
     flat = [ex for g in groups for ex in g]
-    hits = exact_match(model, processor, flat, batch_size)
+    hits = evaluate.exact_match(model, processor, flat, batch_size)
     flags, k = [], 0
     for g in groups:
         flags.append(all(hits[k:k + len(g)]))

@@ -29,7 +29,7 @@ def test_lookups_by_name_model_and_directory(goldens, owl2_golden_dir, owl3_gold
 
 
 def test_unknown_family_errors_name_what_was_given():
-    with pytest.raises(ValueError, match=r"unknown model family 'llava'.*\['owl2', 'owl3'\]"):
+    with pytest.raises(ValueError, match=r"unknown family 'llava'.*\['owl2', 'owl3'\]"):
         get_family("llava")
 
     class Stranger:

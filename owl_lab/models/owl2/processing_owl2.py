@@ -1,4 +1,4 @@
-"""mPLUG-Owl2 processor: official inference preprocessing, prompt template and tokenization (owl2 SPEC §3.1, §6).
+"""mPLUG-Owl2 processor: official inference preprocessing, prompt template and tokenization (data/reference/owl2/SPEC.md §3.1, §6).
 
 * Images: RGB → squash-resize to max_edge × max_edge (bicubic, as the README / evaluation scripts)
   → CLIP: shortest edge to ``image_size`` (bicubic) → center crop → ×1/255 → CLIP mean/std.
