@@ -1,29 +1,34 @@
-"""Observation points shared by every Owl model and read by the ``hooks`` package.
+"""Observation points and writable sites shared by every Owl model, read by the ``hooks`` package.
 
 The models never compute interpretability statistics themselves. At a few named places they hand
 the *exact* tensors they are about to use to a :class:`HookPoint` — an identity ``nn.Module`` that
-does nothing unless someone registered a forward hook on it (TransformerLens style). Building the
-event objects below is skipped entirely when no hook is attached, so observation costs nothing
-when it is off, and because hooks only *read* what they are given, it never changes the numbers.
+does nothing unless someone registered a forward hook on it (TransformerLens style).
 
-Hook points every family provides (names follow the math):
+*Observation points* receive an event object. Building it is skipped entirely when no hook is
+attached, so observation costs nothing when it is off, and hooks only read what they are given:
 
-=============================  ==========================  ===========================================
-module path (suffix)            receives                    when
-=============================  ==========================  ===========================================
-``<root>.hook_layout``          :class:`SequenceLayout`     once per top-level forward (= one decode step)
-``...self_attn.hook_attn``      :class:`AttentionEvent`     every decoder attention softmax (kind
-                                                             ``self``, ``cross`` or ``joint``)
-``...self_attn.hook_gate``      :class:`GateEvent`          Owl3 gated hyper layers only
-``...attention.hook_attn``      :class:`AttentionEvent`     Owl2 abstractor attention (kind ``abstractor``)
-=============================  ==========================  ===========================================
+================================  ==========================  ========================================
+module path (suffix)               receives                    when
+================================  ==========================  ========================================
+``<root>.hook_layout``             :class:`SequenceLayout`     once per top-level forward (one step)
+``...self_attn.hook_attn``         :class:`AttentionEvent`     every decoder attention softmax (kind
+                                                                ``self``, ``cross`` or ``joint``)
+``...self_attn.hook_gate_event``   :class:`GateEvent`          Owl3 gated hyper layers only
+``...attention.hook_attn``         :class:`AttentionEvent`     Owl2 abstractor (kind ``abstractor``)
+================================  ==========================  ========================================
 
-Which module paths exist for a family is data: see ``hooks/mapping.py``.
+*Writable sites* receive a tensor the model is about to use; a forward hook that returns a tensor
+replaces it (``hook_resid_pre`` … ``hook_z``, ``hook_image_embeds``, Owl3 ``hook_gate`` /
+``hook_cross_z``). The events are built by the attention core (:mod:`owl_lab.models.attention`).
+Which module paths a family has is data: ``FamilySpec.paths`` and ``.sites`` in
+:mod:`owl_lab.families`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -36,11 +41,20 @@ TOKEN_PLACEHOLDER = 2  # Owl3: a token of a `<|image|>` placeholder (text token 
 TOKEN_GENERATED = 3  # a token fed back during generate() (decode steps)
 
 
-class HookPoint(nn.Module):
-    """Identity module marking a place to observe. ``hook(module, (event,), event)`` sees the event."""
+#: What one attention softmax is: decoder self-attention, Owl3 240728 cross attention over image
+#: keys, Owl3 241101 joint softmax over [image keys ; text keys], Owl2 abstractor, or a ViT layer.
+AttentionKind = Literal["self", "cross", "joint", "abstractor", "vision"]
 
-    def forward(self, event):  # noqa: D401 - identity
-        return event
+
+class HookPoint(nn.Module):
+    """Identity module marking a place to observe or edit (TransformerLens style).
+
+    Observation points receive an event (``hook(module, (event,), event)``). Writable sites receive
+    a tensor; a forward hook that returns a tensor replaces it, and the model uses the returned value.
+    """
+
+    def forward(self, x):  # noqa: D401 - identity
+        return x
 
     @property
     def active(self) -> bool:
@@ -62,9 +76,6 @@ class SequenceLayout:
         attention_mask: [B, P + L] long/bool over the decoder's whole sequence, 1 = real token,
             or None when nothing is padded.
         images_per_sample: number of images of each sample (len B).
-        image_starts: per sample, a 1-D long tensor of the sequence index where each image begins
-            (Owl2: first of its rows; Owl3: first placeholder token, ``s_n``).
-        tokens_per_image: rows/keys one image contributes (Owl2: queries + 1; Owl3: patches).
     """
 
     past_length: int
@@ -72,9 +83,6 @@ class SequenceLayout:
     image_index: torch.Tensor
     attention_mask: torch.Tensor | None
     images_per_sample: list[int]
-    image_starts: list[torch.Tensor]
-    tokens_per_image: int
-    family: str = ""
 
 
 @dataclass
@@ -88,7 +96,8 @@ class AttentionEvent:
     Attributes:
         layer: decoder layer index (0-based); abstractor layer index for kind ``abstractor``.
         kind: ``self`` (text/sequence keys), ``cross`` (Owl3 240728 image keys only),
-            ``joint`` (Owl3 241101: [image keys ; sequence keys]) or ``abstractor`` (Owl2).
+            ``joint`` (Owl3 241101: [image keys ; sequence keys]), ``abstractor`` (Owl2) or
+            ``vision`` (a ViT layer; no observation point today).
         query: [B, H, Lq, D] after RoPE.
         key: [B, H_kv, Lk, D] after (MI-)RoPE.
         scale: softmax scale (usually D ** -0.5).
@@ -100,14 +109,19 @@ class AttentionEvent:
             their image index here; Owl3's placeholder tokens are text keys (-1).
             For kind ``abstractor`` it is -1 for query keys, -2 for CLS, and the patch index
             (row-major) for patch keys.
-        allowed: function ``(q0, q1) -> bool [B, q1 - q0, Lk]`` giving, for queries q0..q1-1, which
-            keys the softmax may use (True = attend). Rows with no allowed key (e.g. Owl3 tokens
-            before the first image in a ``cross`` call) are not a softmax and must be skipped.
+        allowed: the mask the kernel used (:class:`owl_lab.models.attention.Allowed`), callable as
+            ``(q0, q1) -> bool [B, q1 - q0, Lk]`` for queries q0..q1-1 (True = attend); under a
+            per-head knockout ``[B, H, q1 - q0, Lk]`` (``allowed.per_head``). Rows with no allowed
+            key (e.g. Owl3 tokens before the first image in a ``cross`` call) are not a softmax
+            and must be skipped.
         probs: [B, H, Lq, Lk] when the model already materialised them (eager path), else None.
+        image_rope_positions: [B, N] MI-RoPE position of each image slot (-1 = padding slot) for
+            Owl3 ``cross``/``joint`` events with image keys and MI-RoPE on; else None.
+        grid: (rows, cols) of the patch grid for kind ``abstractor``; else None.
     """
 
     layer: int
-    kind: str
+    kind: AttentionKind
     query: torch.Tensor
     key: torch.Tensor
     scale: float
@@ -116,7 +130,8 @@ class AttentionEvent:
     key_image: torch.Tensor
     allowed: Callable[[int, int], torch.Tensor]
     probs: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
+    image_rope_positions: torch.Tensor | None = None
+    grid: tuple[int, int] | None = None
 
 
 @dataclass
@@ -130,8 +145,9 @@ class GateEvent:
             that see at least one image); other rows keep the self-attention output unchanged.
         self_context: [B, L, H, D] self-attention context before fusion.
         cross_context: [B, L, H, D] cross-attention context (zeros where not applied).
-        o_proj: the layer's output projection (linear, no bias), so the exact text/vision split of
-            the attention output is ``o_proj(self*(1-g))`` and ``o_proj(cross*g)``.
+        o_proj_weight: [hidden, H*D] weight of the layer's output projection (linear, no bias), so
+            the exact text/vision split of the attention output is ``F.linear(self*(1-g), W)`` and
+            ``F.linear(cross*g, W)``.
         query_index: [L] absolute sequence index of each row.
     """
 
@@ -140,5 +156,5 @@ class GateEvent:
     applied: torch.Tensor
     self_context: torch.Tensor
     cross_context: torch.Tensor
-    o_proj: nn.Module
+    o_proj_weight: torch.Tensor
     query_index: torch.Tensor
