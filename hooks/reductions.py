@@ -131,7 +131,7 @@ def allowed_rows(allowed: Callable[[int, int], torch.Tensor], rows: torch.Tensor
             if i == len(picked) or picked[i] != picked[i - 1] + 1:
                 parts.append(allowed(picked[start], picked[i - 1] + 1))
                 start = i
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)  # (per-head masks: [B, H, c, Lk])
 
     return sub
 
