@@ -13,7 +13,8 @@ it chunk by chunk over queries. For c queries:
    image's rows …), so we sum each run; with many runs we fall back to one matmul with a one-hot.
 
 Only one chunk tensor is alive at a time. Its default size is the event's own q tensor clamped to
-[1 MB, 8 MB] (small enough to stay in cache, large enough for efficient matmuls).
+[1 MB, 8 MB] (small enough to stay in cache, large enough for efficient matmuls), but never fewer
+than 64 query rows (a thin [rows, D] × [D, Lk] matmul runs far below the CPU's peak).
 """
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ import torch
 
 _MIN_AUTO_BYTES = 1 << 20
 _MAX_AUTO_BYTES = 8 << 20
+_MIN_AUTO_ROWS = 64  # (Owl3 with 64 images: 16 rows × 4096 image keys would fill 2 MB)
 _LOOP_RUNS = 8  # up to this many contiguous runs per sample: one sum per run; else reduceat / one-hot
-REDUCERS = ("auto", "loop", "reduceat", "onehot")
+REDUCERS = ("auto", "loop", "tiles", "reduceat", "onehot")
 
 
 @dataclass
@@ -65,16 +67,40 @@ def group_runs(key_group: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray, np
     return runs
 
 
+def _tiled(s: np.ndarray, e: np.ndarray) -> bool:
+    """True when the runs are back to back and all of one length (e.g. Owl3's image keys: T each)."""
+    return s.size > 1 and bool((s[1:] == e[:-1]).all()) and bool(((e - s) == (e[0] - s[0])).all())
+
+
 def _reduce_runs(p, runs_b, k0, k1, out_b, reducer: str) -> None:
     """out_b [H, c, G] += Σ over each run of p [H, c, Lk'] (p holds key columns k0..k1-1).
 
-    ``loop``: one vectorised sum per run (best for a handful of runs). ``reduceat``: all runs in one
-    pass with numpy's ``add.reduceat`` over the run boundaries (CPU; many runs, e.g. 64 images).
+    ``loop``: one vectorised sum per run (best for a handful of runs). ``tiles``: runs back to back
+    and of one length T (Owl3 image keys) are one ``view(..., n, T).sum(-1)``; runs clipped by the
+    chunk's key range at either end are looped. ``reduceat``: all runs in one pass with numpy's
+    ``add.reduceat`` over the run boundaries (CPU; many irregular runs, e.g. 64 placeholders).
     """
     starts, ends, groups = runs_b
     s, e = np.maximum(starts, k0) - k0, np.minimum(ends, k1) - k0  # clip the runs to the chunk's keys
     inside = s < e
     s, e, groups = s[inside], e[inside], groups[inside]
+    if reducer in ("auto", "tiles") and s.size > _LOOP_RUNS:
+        for lo, hi in ((0, s.size), (1, s.size), (0, s.size - 1), (1, s.size - 1)):  # clipped ends looped
+            if _tiled(s[lo:hi], e[lo:hi]):
+                H, c, _ = p.shape
+                n, T = hi - lo, int(e[lo] - s[lo])
+                sums = p[..., int(s[lo]):int(e[hi - 1])].view(H, c, n, T).sum(-1)  # [H, c, n]
+                g = groups[lo:hi]
+                if bool((np.diff(g) == 1).all()):  # images in order: one slice, no scatter
+                    out_b[..., int(g[0]):int(g[0]) + n] += sums
+                else:
+                    out_b.index_add_(-1, torch.from_numpy(g).to(out_b.device), sums)
+                edges = [i for i in (0, s.size - 1) if not lo <= i < hi]
+                for i in edges:
+                    out_b[..., int(groups[i])] += p[..., int(s[i]):int(e[i])].sum(-1)
+                return
+    if reducer == "tiles":
+        reducer = "loop" if s.size <= _LOOP_RUNS else "reduceat"
     if reducer == "auto":
         reducer = "loop" if s.size <= _LOOP_RUNS else "reduceat"
     if reducer == "loop":
@@ -127,8 +153,10 @@ def grouped_mass(
         chunk_bytes: size budget of one score chunk; default = the size of ``query`` clamped to
             [1 MB, 8 MB].
         reduce: how probabilities are summed into groups — ``loop`` (one sum per contiguous run),
-            ``reduceat`` (all runs at once, CPU), ``onehot`` (one matmul) or ``auto`` (loop for
-            few runs, else reduceat on CPU / onehot elsewhere). All exact; a knob for tests/tuning.
+            ``tiles`` (back-to-back runs of one length summed as one reshaped tensor, else like
+            auto), ``reduceat`` (all runs at once, CPU), ``onehot`` (one matmul) or ``auto`` (loop
+            for few runs, tiles when they tile, else reduceat on CPU / onehot elsewhere). All
+            exact; a knob for tests/tuning.
 
     Returns:
         :class:`MassResult` with ``mass`` [B, H, Lq, G] in fp32 (fp64 for fp64 inputs).
@@ -149,7 +177,7 @@ def grouped_mass(
     runs = group_runs(key_group)
     if reduce not in REDUCERS:
         raise ValueError(f"reduce must be one of {REDUCERS}, got {reduce!r}")
-    if reduce in ("auto", "reduceat") and device.type != "cpu":
+    if reduce in ("auto", "tiles", "reduceat") and device.type != "cpu":
         reduce = "onehot"  # reduceat runs in numpy
     onehot = None
     if reduce == "onehot":  # [B, G, Lk]: keys with group -1 get an all-zero column
@@ -163,9 +191,12 @@ def grouped_mass(
     sel = None if select is None else select.to(device, torch.long)
     maps = None if sel is None else torch.zeros(B, H, sel.numel(), Lk, dtype=cdtype, device=device)
 
-    if chunk_bytes is None:
+    auto_chunk = chunk_bytes is None
+    if auto_chunk:
         chunk_bytes = min(max(query.numel() * query.element_size(), _MIN_AUTO_BYTES), _MAX_AUTO_BYTES)
     rows = chunk_rows(B, H, Lk, chunk_bytes, torch.finfo(cdtype).bits // 8)
+    if auto_chunk:  # at least _MIN_AUTO_ROWS queries per chunk: thin score matmuls run far below peak
+        rows = max(rows, min(Lq, _MIN_AUTO_ROWS))
     if probs is None:
         Hkv, D = key.shape[1], key.shape[3]
         rep = H // Hkv

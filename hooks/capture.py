@@ -34,6 +34,7 @@ from hooks.groups import (
     token_groups,
 )
 from hooks.recording import AttentionRecord, FullMap, Recording
+from hooks.reductions import allowed_rows, choose_queries, head_subset, parse_reductions
 from owl_lab.families import FamilySpec, family_of, find_sites
 from owl_lab.models.observe import AttentionEvent, GateEvent, SequenceLayout
 
@@ -99,6 +100,12 @@ class capture:
         gate_vectors: also keep full gate vectors [B, L, H, D] and both output parts.
         chunk_bytes: size budget of one score chunk (default: the size of the event's q tensor,
             clamped to [1 MB, 8 MB]).
+        heads: in-hook head reduction of the attention mass: None (all heads), ``"mean"`` (mean
+            over heads, ``head`` = -1 in the table) or a list of head indices (only those are computed).
+        queries: in-hook query selection: None (all), ``"last"`` (each sample's last real query),
+            absolute positions (int / list; negative = from the end), a ``slice`` of positions, or
+            ``fn(query_index [Lq], token_kind [B, Lq]) -> bool [Lq] | [B, Lq]``. Other rows are
+            never computed. See :mod:`hooks.reductions` (also for the memory per table row).
     """
 
     def __init__(
@@ -111,8 +118,12 @@ class capture:
         full_maps=None,
         gate_vectors: bool = False,
         chunk_bytes: int | None = None,
+        heads=None,
+        queries=None,
     ):
         self.model = model
+        n_heads = getattr(getattr(model, "config", None), "num_attention_heads", None)
+        self.reductions = parse_reductions(heads, queries, n_heads if isinstance(n_heads, int) else None)
         spec = family_of(model)
         self.family = spec.name
         self._layout_sites = find_sites(model, spec, "layout")
@@ -225,11 +236,20 @@ class capture:
         valid_q = hist.valid_queries(event.query_index)  # [B, Lq]
         selector_given = event.layer in self._full_maps
         select = _select_rows(self._full_maps[event.layer], event.query_index) if selector_given else None
+        reduced = self._reduce_event(event, valid_q, select)
+        if reduced is None:
+            return  # no chosen query in this call (e.g. a position slice outside a decode step)
+        query, key, probs, allowed, row_mask, select, mass_rows, query_index, head_ids = reduced
         res = grouped_mass(
-            event.query, event.key, event.scale, event.allowed, kg_used.to(event.query.device), used.numel(),
-            probs=event.probs, row_mask=valid_q, select=select, chunk_bytes=self.chunk_bytes,
+            query, key, event.scale, allowed, kg_used.to(query.device), used.numel(),
+            probs=probs, row_mask=row_mask, select=select, chunk_bytes=self.chunk_bytes,
         )
-        tok = res.mass.float().cpu()  # [B, H, Lq, G_used]
+        res_mass, has_keys = res.mass, res.has_keys.cpu()
+        if mass_rows is not None:  # drop rows computed only for full_maps
+            res_mass, has_keys, row_mask = res_mass[:, :, mass_rows], has_keys[:, mass_rows], row_mask[:, mass_rows]
+        if self.reductions.heads == "mean":  # in fp32 (fp64 for fp64 models), before any row exists
+            res_mass = res_mass.mean(1, keepdim=True)
+        tok = res_mass.float().cpu()  # [B, H', Lq', G_used]
         seen = torch.zeros(kg.shape[0], used.numel() + 1)
         seen.scatter_add_(1, torch.where(kg_used < 0, used.numel(), kg_used), res.seen.cpu().float())
         seen = seen[:, :-1] > 0  # [B, G_used] groups with a key some valid query may see
@@ -248,15 +268,50 @@ class capture:
         rec = self.recording
         rec.attention_records.append(AttentionRecord(
             step=self._step, call=self._call, layer=int(event.layer), kind=event.kind, mass=mass,
-            query_index=event.query_index.detach().cpu().long(),
-            valid=valid_q & res.has_keys.cpu(), present=present, levels=levels, groups=names,
+            query_index=query_index, valid=row_mask & has_keys, present=present, levels=levels, groups=names,
+            heads=head_ids,
         ))
         if selector_given:
+            full_index = event.query_index.detach().cpu()[_select_rows(self._full_maps[event.layer], event.query_index)]
             rec.full_maps[(self._call, self._step, int(event.layer), event.kind)] = FullMap(
-                probs=res.maps.float().cpu(), query_index=event.query_index.detach().cpu()[select],
+                probs=res.maps.float().cpu(), query_index=full_index,
                 key_position=kp, key_image=ki, key_group=kg, groups=token_groups(n_img),
             )
         rec._changed()
+
+    def _reduce_event(self, event, valid_q: torch.Tensor, select: torch.Tensor | None):
+        """Apply ``heads`` / ``queries`` to one event before anything is computed.
+
+        Returns None when no row is to be computed, else (query, key, probs, allowed, row_mask [B, n],
+        select (rows into the computed ones), mass_rows (computed rows kept in the table, None = all),
+        query_index [n'] of the kept rows, head_ids [H'] (None = all heads, -1 = mean)).
+        """
+        query, key, probs, allowed = event.query, event.key, event.probs, event.allowed
+        query_index = event.query_index.detach().cpu().long()
+        row_mask, mass_rows, head_ids = valid_q, None, None
+        red = self.reductions
+        if isinstance(red.heads, tuple):
+            query, key, probs = head_subset(query, key, probs, red.heads)
+            head_ids = torch.tensor(red.heads, dtype=torch.long)
+        elif red.heads == "mean":
+            head_ids = torch.tensor([-1], dtype=torch.long)
+        if red.queries is not None:
+            kinds = self._history.kind[:, query_index]  # [B, Lq]
+            rows, keep = choose_queries(red.queries, query_index, valid_q, kinds, self._history.length)
+            computed = rows if select is None else torch.unique(torch.cat([rows, select.cpu()]))  # sorted
+            if computed.numel() == 0:
+                return None
+            mass_rows = torch.searchsorted(computed, rows)
+            if select is not None:
+                select = torch.searchsorted(computed, select.cpu())
+            row_mask = torch.zeros(valid_q.shape[0], computed.numel(), dtype=torch.bool)
+            row_mask[:, mass_rows] = keep & valid_q[:, rows]
+            dev_rows = computed.to(query.device)
+            query = query.index_select(2, dev_rows)
+            probs = None if probs is None else probs.index_select(2, dev_rows)
+            allowed = allowed_rows(allowed, computed)
+            query_index = query_index[rows]
+        return query, key, probs, allowed, row_mask, select, mass_rows, query_index, head_ids
 
     def _hook_gate(self, module, args, output):
         event = args[0]

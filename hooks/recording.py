@@ -28,6 +28,7 @@ class AttentionRecord:
             some valid query). Groups of one ``level`` partition those keys.
         levels, groups: the G level and group names (only groups some sample reports, modality
             level first: e.g. Owl3 self-attention has no ``visual``/``image:i`` column).
+        heads: [H] long head index of each row of axis 1 (-1 = mean over heads), None = 0..H-1.
     """
 
     step: int
@@ -40,6 +41,7 @@ class AttentionRecord:
     levels: list
     groups: list
     call: int = 0
+    heads: torch.Tensor | None = None
 
     def group_index(self, group: str, level: str | None = None) -> int:
         """Index of ``group`` along the last axis of ``mass`` (``pad`` exists at both levels:
@@ -231,7 +233,8 @@ def _mass_frame(records: list[AttentionRecord]) -> pd.DataFrame:
         b, h, q, g = keep.nonzero(as_tuple=True)
         g_np = g.numpy()
         frames.append(pd.DataFrame({
-            "batch": b.numpy(), "step": r.step, "layer": r.layer, "head": h.numpy(),
+            "batch": b.numpy(), "step": r.step, "layer": r.layer,
+            "head": (h if r.heads is None else r.heads[h]).numpy(),
             "query": r.query_index[q].numpy(), "kind": r.kind,
             "level": np.asarray(r.levels, dtype=object)[g_np],
             "group": np.asarray(r.groups, dtype=object)[g_np],

@@ -263,14 +263,15 @@ class ExplorerApp:
 
         self.cache = cache if cache is not None else DEFAULT_CACHE
         names = list_checkpoints()
-        self.model = w.Combobox(value=str(model or (names[0] if names else "")), options=names,
-                                description="model", placeholder="name or checkpoint dir", ensure_option=False)
+        self.model = model_picker(str(model or (names[0] if names else "")), names)
         self.task = w.Dropdown(options=sorted(ALL_TASKS), value="color", description="task")
         self.scene = w.BoundedIntText(value=0, min=0, max=9999, description="scene")
         self.seed = w.BoundedIntText(value=0, min=0, max=10**6, description="seed")
         self.prompt = w.Text(value="", description="prompt", placeholder="(the example's question)")
         self.layer = w.IntSlider(value=0, min=0, max=0, description="layer", continuous_update=False)
-        self.head = w.Dropdown(options=[("mean", None)], value=None, description="head")
+        # "mean" is a real value: a Dropdown whose value is None shows no selection at all.
+        self.head = w.Dropdown(options=[("mean", HEAD_MEAN)], value=HEAD_MEAN, description="head")
+        self.head.observe(self._head_none_to_mean, names="value")  # before _changed (observer order)
         self.token = w.IntText(value=-1, description="token", tooltip="-1 = last prompt position")
         self.text = w.HTML()
         self.outputs = {k: w.Output() for k in ("image", "layer_mass", "token_mass", "token_keys",
@@ -281,11 +282,20 @@ class ExplorerApp:
         for c in controls:
             c.observe(self._changed, names="value")
         self.widget = w.VBox([w.HBox(controls[:5]), w.HBox(controls[5:]), self.text, *self.outputs.values()])
+        if self.model.value:  # fill the layer range and head choice on load, before the first render
+            self._busy = True  # (no update() from the range changes themselves)
+            try:
+                self._sync_model_controls()
+            except (ValueError, FileNotFoundError, KeyError):
+                pass  # update() shows the error
+            finally:
+                self._busy = False
 
     def state(self) -> ExplorerState:
         return ExplorerState(model=self.model.value, task=self.task.value, scene=int(self.scene.value),
                              seed=int(self.seed.value),
-                             prompt=self.prompt.value, layer=int(self.layer.value), head=self.head.value,
+                             prompt=self.prompt.value, layer=int(self.layer.value),
+                             head=None if self.head.value in (None, HEAD_MEAN) else int(self.head.value),
                              token=None if self.token.value < 0 else int(self.token.value))
 
     def _sync_model_controls(self) -> None:
@@ -293,7 +303,15 @@ class ExplorerApp:
         model, _ = self.cache.get(self.model.value)
         n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
         self.layer.max = n_layers - 1
-        self.head.options = [("mean", None)] + [(str(h), h) for h in range(n_heads)]
+        options = [("mean", HEAD_MEAN)] + [(str(h), h) for h in range(n_heads)]
+        if list(self.head.options) != options:
+            keep = self.head.value if self.head.value in range(n_heads) else HEAD_MEAN
+            self.head.options = options
+            self.head.value = keep
+
+    def _head_none_to_mean(self, change) -> None:
+        if change["new"] is None:  # `app.head.value = None` (mean) shows as "mean", not as no selection
+            self.head.value = HEAD_MEAN
 
     def update(self) -> ExplorerView | None:
         """Read controls → explore → render. Errors are shown in the app (and returned as None)."""
@@ -318,7 +336,79 @@ class ExplorerApp:
         return view
 
     def _changed(self, change) -> None:
+        if change["owner"] is self.head and change["new"] is None:
+            return  # _head_none_to_mean already re-set it to HEAD_MEAN, which ran update()
         self.update()
+
+
+HEAD_MEAN = "mean"
+PATH_CHOICE = "checkpoint directory…"
+
+
+@lru_cache(maxsize=1)
+def _model_picker_class():
+    import ipywidgets as w
+    import traitlets
+
+    class ModelPicker(w.HBox):
+        """A Dropdown of the shipped checkpoints plus a free checkpoint-directory entry.
+
+        ``value`` (observable) is what to load: a shipped name or the typed path. Setting ``value``
+        to anything that is not a shipped name selects the path entry and shows it there.
+        """
+
+        value = traitlets.Unicode("")
+
+        def __init__(self, value: str, names: list[str]):
+            self.choice = w.Dropdown(options=[*names, PATH_CHOICE], description="model")
+            self.path = w.Text(placeholder="/path/to/checkpoint", continuous_update=False,
+                               layout=w.Layout(width="16em"))
+            super().__init__([self.choice, self.path])
+            self._names = list(names)
+            self._syncing = False
+            self.choice.observe(self._from_choice, names="value")
+            self.path.observe(self._from_path, names="value")
+            self.observe(self._to_children, names="value")
+            self.value = value
+            self._to_children({"new": value})
+
+        @property
+        def options(self) -> list[str]:
+            """The shipped checkpoint names offered."""
+            return list(self._names)
+
+        def _to_children(self, change) -> None:
+            self._syncing = True
+            try:
+                new = change["new"]
+                shipped = new in self._names
+                self.choice.value = new if shipped else PATH_CHOICE
+                if not shipped:
+                    self.path.value = new
+                self.path.layout.display = "none" if shipped else None
+            finally:
+                self._syncing = False
+
+        def _from_choice(self, change) -> None:
+            if self._syncing:
+                return
+            if change["new"] == PATH_CHOICE:
+                self.path.layout.display = None
+                if self.path.value:
+                    self.value = self.path.value
+            else:
+                self.value = change["new"]
+
+        def _from_path(self, change) -> None:
+            if not self._syncing and self.choice.value == PATH_CHOICE:
+                self.value = change["new"].strip()
+
+    return ModelPicker
+
+
+def model_picker(value: str, names: list[str]):
+    """The explorer's model control (see ``ModelPicker`` in :func:`_model_picker_class`)."""
+    return _model_picker_class()(value, names)
 
 
 def explorer_app(model: str | None = None, cache: ModelCache | None = None, run: bool = True) -> ExplorerApp:
@@ -330,4 +420,4 @@ def explorer_app(model: str | None = None, cache: ModelCache | None = None, run:
 
 
 __all__ = ["ExplorerState", "ExplorerView", "ExplorerApp", "ModelCache", "explore", "explorer_app",
-           "example", "sequence_labels", "figure_output"]
+           "example", "sequence_labels", "figure_output", "model_picker"]

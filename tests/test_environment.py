@@ -76,3 +76,23 @@ def test_the_lock_satisfies_pyproject_and_leaves_torch_to_the_user():
         spec = SpecifierSet(requirement[len(name):].split(";")[0])
         assert spec.contains(locked[name], prereleases=True), f"locked {name}=={locked[name]} violates {requirement}"
     assert "-c constraints.txt" in (PROJECT_ROOT / "Makefile").read_text()
+
+
+def test_environment_installs_at_the_locked_versions():
+    """conda hands the pip lines to pip as a requirements file written beside environment.yml, so a
+    relative ``-c constraints.txt`` there is the repository's lock. It must come before the
+    requirements, and every requirement but torch must be locked inside its range."""
+    from packaging.specifiers import SpecifierSet
+
+    reqs, other = _environment_pip()
+    env = yaml.safe_load((PROJECT_ROOT / "environment.yml").read_text())
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    assert pip_section[0] == "-c constraints.txt", f"environment.yml pip section must start with the lock: {pip_section[:2]}"
+    assert (PROJECT_ROOT / "constraints.txt").is_file()
+    locked = _locked()
+    for name, requirement in reqs.items():
+        if name == "torch":
+            continue
+        assert name in locked, f"environment.yml installs {name}, which constraints.txt does not lock"
+        spec = SpecifierSet(requirement[len(name):].split(";")[0])
+        assert spec.contains(locked[name], prereleases=True), f"locked {name}=={locked[name]} violates {requirement}"

@@ -32,7 +32,7 @@ def attention_case(draw):
     chunk = draw(st.sampled_from([1, 64, 1000, None]))
     scale = draw(st.floats(0.05, 3.0))
     big = draw(st.booleans())  # large logits: tests the max-subtraction
-    reduce = draw(st.sampled_from(["auto", "loop", "reduceat", "onehot"]))
+    reduce = draw(st.sampled_from(["auto", "loop", "tiles", "reduceat", "onehot"]))
     return B, H, Hkv, Lq, Lk, D, G, seed, mask_kind, chunk, scale, big, reduce
 
 
@@ -57,9 +57,12 @@ def make(case):
     else:
         allow = torch.rand(B, Lq, Lk, generator=g) < 0.5
         allow[:, : Lq // 2] = False  # leading rows without any key (like Owl3 cross before t0)
-    runs = (seed % 2) == 0  # contiguous groups (few runs) vs scattered groups (many runs)
-    if runs:
+    layout = seed % 3  # contiguous groups (few runs) / back-to-back runs of one length / scattered
+    if layout == 0:
         group = torch.randint(0, G, (B, Lk), generator=g).sort(dim=1).values  # few contiguous runs
+    elif layout == 1:  # like Owl3 image keys: run i = keys i*T .. (i+1)*T-1, group i mod G
+        T = 1 + seed % 2
+        group = ((torch.arange(Lk) // T) % G)[None].expand(B, Lk).clone()
     else:
         group = torch.randint(-1, G, (B, Lk), generator=g)  # scattered, some keys in no group
     return q, k, scale, allow, group, G, chunk, reduce
@@ -142,3 +145,20 @@ def test_low_precision_inputs_are_upcast():
     assert res.mass.dtype == torch.float32
     ref = reference_probs(q.bfloat16().float(), k.bfloat16().float(), 0.3, allow) @ onehot(group, 2)[:, None]
     torch.testing.assert_close(res.mass.double(), ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [None, 4 * 3 * 36 * 4, 1])
+def test_tiled_image_keys_in_order_equal_materialised_softmax(chunk):
+    """12 images × 3 keys in order (the slice path), queries seeing a growing prefix of images (the
+    chunk's key range clips runs), compared with a materialised softmax."""
+    g = torch.Generator().manual_seed(1)
+    B, H, Lq, Lk, D = 2, 4, 20, 36, 8
+    q, k = torch.randn(B, H, Lq, D, generator=g), torch.randn(B, 2, Lk, D, generator=g)
+    group = (torch.arange(Lk) // 3)[None].expand(B, Lk).clone()
+    allow = torch.arange(Lk)[None, :] < (torch.arange(Lq)[:, None] * 2 + 1)  # ragged, not run-aligned
+    allow = allow[None].expand(B, Lq, Lk).clone()
+    res = grouped_mass(q, k, 0.3, lambda a, b: allow[:, a:b], group, 12, chunk_bytes=chunk, reduce="auto")
+    s = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.3
+    p = torch.softmax(s.masked_fill(~allow[:, None], float("-inf")), -1)
+    want = p @ torch.nn.functional.one_hot(group, 12).float()[:, None]
+    torch.testing.assert_close(res.mass, want, rtol=0, atol=1e-6)

@@ -104,3 +104,26 @@ def test_app_builds_and_updates_without_frontend(data_root, cache, monkeypatch):
     assert app.view.family == "owl3" and app.outputs["gates"].outputs and not app.outputs["abstractor"].outputs
     app.model.value = "nope"  # errors are shown in the app, not raised into the frontend
     assert "error" in app.text.value and all(o.outputs == () for o in app.outputs.values())
+
+
+def test_app_model_picker_and_head_choice(data_root, cache, monkeypatch, tmp_path):
+    monkeypatch.setenv("OWL_LAB_DATA", str(data_root))
+    app = explorer_app(cache=cache, run=False)  # the controls are filled on load, before any render
+    assert app.view is None
+    assert app.head.label == "mean" and [label for label, _ in app.head.options] == ["mean", "0", "1", "2", "3"]
+    assert app.model.choice.options == ("owl2-mini", "owl3-mini", "checkpoint directory…")
+    assert app.model.path.layout.display == "none"  # the path entry shows only when chosen
+    app.head.value = 2
+    assert app.view.state.head == 2
+    app.head.value = None  # the notebook's way to ask for the mean: shown as "mean", not as no selection
+    assert app.head.label == "mean" and app.view.state.head is None
+    app.model.choice.value = "owl3-mini"  # a click in the dropdown
+    assert app.model.value == "owl3-mini" and app.view.family == "owl3"
+    app.model.choice.value = "checkpoint directory…"
+    assert app.model.path.layout.display is None and app.model.value == "owl3-mini"  # nothing typed yet
+    app.model.path.value = str(data_root / "checkpoints" / "owl2-mini")  # a typed directory (Enter)
+    assert app.view.family == "owl2" and app.view.state.model.endswith("owl2-mini")
+    app.model.value = "owl3-mini"  # code sets a shipped name: the dropdown follows
+    assert app.model.choice.value == "owl3-mini" and app.model.path.layout.display == "none"
+    app.model.value = str(tmp_path / "missing")
+    assert app.model.choice.value == "checkpoint directory…" and "error" in app.text.value
