@@ -13,6 +13,7 @@ from hooks.capture import capture
 from hooks.groups import group_vocabulary
 from hooks.mapping import HOOK_PATHS, detect_family
 from hooks.recording import AttentionRecord, FullMap, Recording
+from hooks.sites import edit, record, sites
 
 __all__ = [
     "capture",
@@ -24,4 +25,7 @@ __all__ = [
     "group_vocabulary",
     "HOOK_PATHS",
     "detect_family",
+    "sites",
+    "record",
+    "edit",
 ]
