@@ -11,6 +11,7 @@ See :mod:`hooks.capture` for the arguments, :mod:`hooks.groups` for the token gr
 from hooks.attention import MassResult, grouped_mass
 from hooks.capture import capture
 from hooks.groups import group_vocabulary
+from hooks.knockout import knockout
 from hooks.mapping import HOOK_PATHS, detect_family
 from hooks.recording import AttentionRecord, FullMap, Recording
 from hooks.sites import edit, record, sites
@@ -28,4 +29,5 @@ __all__ = [
     "sites",
     "record",
     "edit",
+    "knockout",
 ]
