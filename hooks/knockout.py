@@ -161,13 +161,22 @@ class _KnockedOwl2Sequence:
         return self.additive_mask(dtype)
 
 
-def _knocked_owl3_context(ctx, blocked_text: torch.Tensor, blocked_images: torch.Tensor | None):
-    """A copy of an Owl3 ``AttnContext`` whose text and image visibility exclude the blocked pairs."""
+def _knocked_owl3_context(ctx, blocked_text: torch.Tensor, blocked_images: torch.Tensor | None,
+                          blocked_patches: torch.Tensor | None = None):
+    """A copy of an Owl3 ``AttnContext`` whose text and image visibility exclude the blocked pairs.
+
+    blocked_text [B, Lq, Lk]; blocked_images [B, Lq, N] whole images; blocked_patches [B, Lq, N*T]
+    single image keys (an image whose every key is blocked for a query counts as not visible).
+    """
     base = type(ctx)
 
     class KnockedContext(base):
         def text_allowed(self, q0: int, q1: int, lk: int) -> torch.Tensor:
             return base.text_allowed(self, q0, q1, lk) & ~blocked_text[:, q0:q1, :lk]
+
+        def image_allowed(self, q0: int, q1: int) -> torch.Tensor:
+            allowed = base.image_allowed(self, q0, q1)
+            return allowed if blocked_patches is None else allowed & ~blocked_patches[:, q0:q1]
 
     fields = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx)}
     knocked = KnockedContext(**fields)
@@ -176,12 +185,16 @@ def _knocked_owl3_context(ctx, blocked_text: torch.Tensor, blocked_images: torch
         knocked.key_valid = torch.ones(ctx.batch_size, lk, dtype=torch.bool, device=ctx.query_index.device)
     if blocked_images is not None and ctx.image_visible is not None:
         knocked.image_visible = ctx.image_visible & ~blocked_images
+    if blocked_patches is not None and ctx.image_visible is not None:
+        b, lq, n = ctx.image_visible.shape
+        all_gone = blocked_patches.view(b, lq, n, -1).all(-1)  # [B, Lq, N]
+        knocked.image_visible = knocked.image_visible & ~all_gone
     return knocked
 
 
 @contextmanager
 def knockout(model: nn.Module, queries="all", keys="visual", layers: Iterable[int] | None = None,
-             heads: Iterable[int] | None = None):
+             heads: Iterable[int] | None = None, image_keys: torch.Tensor | None = None):
     """Block attention from ``queries`` to ``keys`` at ``layers`` inside the ``with`` block.
 
     Args:
@@ -189,6 +202,8 @@ def knockout(model: nn.Module, queries="all", keys="visual", layers: Iterable[in
         queries, keys: group names (see the module docstring), a list of them, or [B, S] bool masks.
         layers: decoder layers (None = all; an empty list = no-op).
         heads: must be None (all heads): a per-head mask would need a [B, H, Lq, Lk] tensor.
+        image_keys: Owl3 only, [B, N, T] bool: single image keys (patches) to block for ``queries``
+            in hyper layers, on top of ``keys`` (visual-token pruning uses it).
     """
     _check_group(queries)
     _check_group(keys)
@@ -196,6 +211,9 @@ def knockout(model: nn.Module, queries="all", keys="visual", layers: Iterable[in
         raise ValueError("heads= other than None is not supported: a per-head mask would need a [B, H, Lq, Lk] "
                          "tensor; knock out whole layers, or edit blocks.{i}.attn.hook_z for one head")
     spec = family_spec(model)
+    if image_keys is not None and spec.name != "owl3":
+        raise ValueError("image_keys= is for models whose images are keys outside the sequence (Owl3); "
+                         "Owl2 image rows are sequence positions: pass keys= a [B, S] bool mask")
     total = n_layers(model, spec)
     layers = list(range(total)) if layers is None else sorted({int(i) for i in layers})
     bad = [i for i in layers if not 0 <= i < total]
@@ -217,14 +235,18 @@ def knockout(model: nn.Module, queries="all", keys="visual", layers: Iterable[in
         ctx = args[1]
         lk = ctx.past_length + ctx.query_index.shape[0]
         blocked_text = plan.blocked_sequence(ctx.query_index, lk)
-        blocked_images = None
+        blocked_images = blocked_patches = None
         if ctx.image_visible is not None and len(args) > 2 and args[2] is not None:
             blocked_images = plan.blocked_images(ctx.query_index, ctx.image_visible.shape[-1])
-        if not blocked_text.any() and (blocked_images is None or not blocked_images.any()):
+            if image_keys is not None:
+                q_in = _positions_in(queries, plan.history)[:, ctx.query_index.cpu()]  # [B, Lq]
+                blocked_patches = q_in[:, :, None] & image_keys.flatten(1).cpu().bool()[:, None, :]
+        if not blocked_text.any() and not any(x is not None and x.any() for x in (blocked_images, blocked_patches)):
             return None
         device = ctx.query_index.device
         knocked = _knocked_owl3_context(ctx, blocked_text.to(device),
-                                        None if blocked_images is None else blocked_images.to(device))
+                                        None if blocked_images is None else blocked_images.to(device),
+                                        None if blocked_patches is None else blocked_patches.to(device))
         return (args[0], knocked, *args[2:])
 
     # How the mask reaches the kernel is the one family-specific step (the mask objects differ).
