@@ -155,7 +155,8 @@ class _KnockedOwl2Sequence:
         return self._masks[dtype]
 
     def sdpa_mask(self, dtype: torch.dtype):
-        return self.additive_mask(dtype), False
+        # a boolean mask (True = attend) is a quarter of the additive one and gives the same softmax
+        return self.allowed(0, self._seq.length)[:, None], False
 
     def eager_mask(self, dtype: torch.dtype):
         return self.additive_mask(dtype)

@@ -80,5 +80,36 @@ def answer_logprob(logits: torch.Tensor, positions: torch.Tensor, ids: torch.Ten
     return logp.gather(1, ids.to(logp.device)[:, None])[:, 0]
 
 
-__all__ = ["POSITION_GROUPS", "answer_logprob", "gather_positions", "last_positions", "layouts",
+MIN_N = 50  # a null result on fewer examples cannot say the claimed effect is absent
+
+
+def verdict(effects: list[tuple[float, float, int]], k: float = 2.0) -> str:
+    """Verdict on a claim measured once per seed: ``effects`` = [(effect, se, n), ...], each oriented so
+    that a positive effect is the claim's direction.
+
+    ``reproduced``: every seed beyond ``k`` SE in the claim's direction; ``opposite``: every seed beyond
+    ``k`` SE the other way; ``not reproduced``: no seed supports it beyond ``k`` SE and every seed has
+    ``n >= MIN_N``; ``inconclusive``: anything else (seeds disagree, or too few examples).
+    """
+    if not effects:
+        raise ValueError("verdict needs at least one (effect, se, n)")
+    supports = [m > k * se for m, se, _ in effects]
+    against = [-m > k * se for m, se, _ in effects]
+    if all(supports):
+        return "reproduced"
+    if all(against):
+        return "opposite"
+    if not any(supports) and all(n >= MIN_N for _, _, n in effects):
+        return "not reproduced"
+    return "inconclusive"
+
+
+def mean_se(values) -> tuple[float, float, int]:
+    """(mean, standard error, n) of per-example values."""
+    t = torch.as_tensor(list(values), dtype=torch.float64)
+    n = t.numel()
+    return float(t.mean()), float(t.std() / n**0.5) if n > 1 else 0.0, n
+
+
+__all__ = ["MIN_N", "POSITION_GROUPS", "mean_se", "verdict", "answer_logprob", "gather_positions", "last_positions", "layouts",
            "position_groups", "token_strings"]
