@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from owl_lab.families import FAMILIES, FamilySpec
+from owl_lab.families import FamilySpec, family_of
 
 #: Order in which one block's sites are listed (the order the forward computes them).
 _BLOCK_ORDER = ("hook_resid_pre", "attn.hook_z", "attn.hook_gate", "attn.hook_cross_z", "hook_attn_out",
@@ -44,14 +44,8 @@ _SITE_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
 def family_spec(model: nn.Module) -> FamilySpec:
-    """The registry entry of ``model`` (from ``config.model_type``); ValueError for unknown models."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    for spec in FAMILIES.values():
-        if model_type in spec.model_types:
-            return spec
-    known = sorted(t for s in FAMILIES.values() for t in s.model_types)
-    raise ValueError(f"no registered family has config.model_type={model_type!r} "
-                     f"({type(model).__name__}); registered model types: {known}")
+    """The registry entry of ``model`` (``owl_lab.families.family_of``; ValueError for unknown models)."""
+    return family_of(model)
 
 
 def _module(model: nn.Module, path: str) -> nn.Module | None:
@@ -114,15 +108,6 @@ def _fallback(model: nn.Module, spec: FamilySpec, name: str) -> Site | None:
     return None
 
 
-def _is_value_point(model: nn.Module, spec: FamilySpec, name: str) -> bool:
-    """False for the gate sites of a model from before the causal toolkit, whose ``hook_gate`` module
-    is the observation point of the whole ``GateEvent`` (the redesign moved that to ``gate_event``)."""
-    m = _SITE_RE.match(name)
-    if m is None or m.group(2) not in ("attn.hook_gate", "attn.hook_cross_z") or "gate_event" not in spec.paths:
-        return True
-    return _module(model, spec.paths["gate_event"].replace("{i}", m.group(1))) is not None
-
-
 def resolve(model: nn.Module) -> dict[str, Site]:
     """Every site of ``model`` by name, in forward order (image embeddings first)."""
     spec = family_spec(model)
@@ -139,7 +124,7 @@ def resolve(model: nn.Module) -> dict[str, Site]:
             if m:
                 point = _module(model, module_path.replace("{i}", m.group(1)) if m.groups() else module_path)
                 break
-        if point is not None and _is_value_point(model, spec, name):
+        if point is not None:
             sites[name] = Site(name, point, "point")
         elif (site := _fallback(model, spec, name)) is not None and site.module is not None:
             sites[name] = site

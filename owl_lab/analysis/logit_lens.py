@@ -126,7 +126,7 @@ def direct_logit_attribution(model: nn.Module, batch: dict, token_ids: torch.Ten
             handles.append(attn.v_proj.register_forward_hook(
                 lambda m, a, out, i=i: values.__setitem__(i, out)))
         elif split == "gated" and hasattr(attn, "gate_proj"):
-            point = _gate_event_point(model, spec, i)
+            point = model.get_submodule(spec.path("gate_event", i=i))
             handles.append(point.register_forward_hook(lambda m, a, out, i=i: gate_events.__setitem__(i, a[0])))
     try:
         with layouts(model) as seen, hooks.record(model, names) as cache:
@@ -175,20 +175,9 @@ def direct_logit_attribution(model: nn.Module, batch: dict, token_ids: torch.Ten
 def _split_kind(model: nn.Module) -> str:
     """How the attention term splits by modality: ``owl2`` (image rows), ``gated`` (Owl3 gate), or ``none``."""
     spec = family_spec(model)
-    if spec.image_token_id is not None:  # image rows live in the sequence
+    if spec.images_in_sequence:  # image rows are decoder positions: split their attention by key
         return "owl2"
     return "gated" if getattr(model.config, "hyper_attention", None) == "gated" else "none"
-
-
-def _gate_event_point(model: nn.Module, spec, layer: int) -> nn.Module:
-    """The gate-event observation point (``gate_event`` after the redesign, ``hook_gate`` before)."""
-    attn = spec.paths["attention"].replace("{i}", str(layer))
-    for path in (spec.paths.get("gate_event", "").replace("{i}", str(layer)), f"{attn}.hook_gate"):
-        try:
-            return model.get_submodule(path)
-        except AttributeError:
-            continue
-    raise ValueError(f"layer {layer} has no gate observation point")
 
 
 __all__ = ["direct_logit_attribution", "logit_lens"]

@@ -62,7 +62,7 @@ def _received(model, batch, layer: int) -> tuple[torch.Tensor, torch.Tensor, obj
         raise ValueError("every sample of a pruning batch must have the same number of images")
     index = torch.stack(per_sample)  # [B, N*T]
     layout = seen[0]
-    T = layout.tokens_per_image
+    T = int((fm.key_image[0] == 0).sum())  # keys (Owl2 rows / Owl3 patches) of one image
     return scores.gather(1, index).view(B, -1, T), index.view(B, -1, T), (layout, fm)
 
 
