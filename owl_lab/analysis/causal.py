@@ -83,23 +83,25 @@ def answer_logprob(logits: torch.Tensor, positions: torch.Tensor, ids: torch.Ten
 MIN_N = 50  # a null result on fewer examples cannot say the claimed effect is absent
 
 
-def verdict(effects: list[tuple[float, float, int]], k: float = 2.0) -> str:
+def verdict(effects: list[tuple[float, float, int]], threshold: float = 0.0, k: float = 2.0) -> str:
     """Verdict on a claim measured once per seed: ``effects`` = [(effect, se, n), ...], each oriented so
-    that a positive effect is the claim's direction.
+    that a positive effect is the claim's direction; ``threshold`` is the size the claim names (0: any).
 
-    ``reproduced``: every seed beyond ``k`` SE in the claim's direction; ``opposite``: every seed beyond
-    ``k`` SE the other way; ``not reproduced``: no seed supports it beyond ``k`` SE and every seed has
-    ``n >= MIN_N``; ``inconclusive``: anything else (seeds disagree, or too few examples).
+    ``reproduced``: every seed's effect exceeds ``threshold`` by more than ``k`` SE; ``opposite``: every
+    seed is more than ``k`` SE below 0; ``not reproduced``: no seed supports it, every seed has
+    ``n >= MIN_N`` and (for a named size) every seed's upper bound ``effect + k·SE`` lies below it;
+    ``inconclusive``: anything else (seeds disagree, or too few examples to rule the claim out).
     """
     if not effects:
         raise ValueError("verdict needs at least one (effect, se, n)")
-    supports = [m > k * se for m, se, _ in effects]
-    against = [-m > k * se for m, se, _ in effects]
+    supports = [m - k * se > threshold for m, se, _ in effects]
+    against = [m + k * se < 0 for m, se, _ in effects]
+    below = [m + k * se < threshold for m, se, _ in effects]
     if all(supports):
         return "reproduced"
     if all(against):
         return "opposite"
-    if not any(supports) and all(n >= MIN_N for _, _, n in effects):
+    if not any(supports) and all(n >= MIN_N for _, _, n in effects) and (threshold == 0 or all(below)):
         return "not reproduced"
     return "inconclusive"
 

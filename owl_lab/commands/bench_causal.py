@@ -7,10 +7,12 @@ a full activation-patching sweep.
 * **patching** — wall time of :func:`owl_lab.analysis.patching.patching_sweep` (every layer × resid/attn/mlp ×
   image/question/last) over one clean/corrupt pair on the shipped ``owl2-tiny``.
 
-Hook into ``owl-lab bench`` with ``--causal`` (see :func:`add_arguments` / :func:`run_rows`).
+Run alone: ``python -m owl_lab.commands.bench_causal`` (takes ``owl-lab bench``'s size options). To add the rows
+to ``owl-lab bench``: ``add_arguments(parser)`` adds ``--causal``; ``run_rows(args)`` prints and returns them.
 """
 from __future__ import annotations
 
+import argparse
 import ctypes
 import gc
 import json
@@ -25,6 +27,7 @@ import hooks
 from owl_lab import load_owl
 from owl_lab.analysis.patching import patching_sweep
 from owl_lab.commands.bench import _reset_peak, _status_kb, build
+from owl_lab.commands.bench import add_arguments as bench_arguments
 from owl_lab.synth.counterfactual import collate_pairs, counterfactual_pairs
 
 MODES = ("plain", "knockout")
@@ -134,3 +137,18 @@ def run_rows(args) -> list[dict]:
 
 
 __all__ = ["add_arguments", "knockout_rows", "patching_seconds", "run_rows"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m owl_lab.commands.bench_causal [bench's size options]``: the causal rows alone."""
+    parser = argparse.ArgumentParser(prog="owl-lab bench (causal rows)")
+    bench_arguments(parser)  # the same sizes as owl-lab bench
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    _reset_peak()
+    run_rows(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

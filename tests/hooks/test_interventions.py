@@ -147,3 +147,15 @@ def test_hooks_are_removed_on_exceptions_and_bad_input_is_rejected(owl):
         with hooks.edit(model, {"blocks.0.hook_mlp_out": lambda v: v[:, :1]}):
             model(**owl["clean"])
     assert _hooks_left(model) == 0
+
+
+@torch.no_grad()
+def test_knockout_of_one_head_sits_between_none_and_all(owl):
+    model, clean, ref = owl["model"], owl["clean"], owl["clean_logits"]
+    with hooks.knockout(model, queries="last", keys="visual", heads=[0]):
+        one = model(**clean).logits
+    with hooks.knockout(model, queries="last", keys="visual"):
+        every = model(**clean).logits
+    assert not torch.equal(one, ref) and not torch.equal(one, every)
+    with pytest.raises(ValueError, match="heads"), hooks.knockout(model, heads=[99]):
+        pass
