@@ -31,6 +31,7 @@ self-attention output passes unchanged); in the fused (241101) softmax the remai
 renormalise. A knockout that blocks nothing in a call (``layers=[]``, a group with no positions)
 leaves that call untouched, so the logits stay bitwise equal.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -43,20 +44,31 @@ from hooks.groups import BOS, GENERATED, N_TOKEN_FIXED, PLACEHOLDER, QUESTION, S
 from hooks.sites import family_spec, n_layers
 from owl_lab.models.observe import TOKEN_PAD
 
-_FIXED = {"bos": (BOS,), "question": (QUESTION,), "placeholder": (PLACEHOLDER,), "generated": (GENERATED,),
-          "text": (BOS, QUESTION, PLACEHOLDER, GENERATED)}
+_FIXED = {
+    "bos": (BOS,),
+    "question": (QUESTION,),
+    "placeholder": (PLACEHOLDER,),
+    "generated": (GENERATED,),
+    "text": (BOS, QUESTION, PLACEHOLDER, GENERATED),
+}
 NAMES = ("visual", "text", "bos", "question", "placeholder", "generated", "last", "all")
 _DECODER_KINDS = ("self", "cross", "joint")
 
 
 def _check_group(group) -> None:
     if not isinstance(group, (str, list, tuple, torch.Tensor)):
-        raise ValueError(f"a knockout group is a name, a list of names or a [B, S] bool tensor, got {type(group)}")
+        raise ValueError(
+            f"a knockout group is a name, a list of names or a [B, S] bool tensor, got {type(group)}"
+        )
     names = [group] if isinstance(group, str) else (group if isinstance(group, (list, tuple)) else [])
     for name in names:
-        if not isinstance(name, str) or not (name in NAMES or (name.startswith("image:") and name[6:].isdigit())):
-            raise ValueError(f"unknown knockout group {name!r}; expected one of {list(NAMES)}, 'image:k', "
-                             "a list of them, or a [B, S] bool tensor")
+        if not isinstance(name, str) or not (
+            name in NAMES or (name.startswith("image:") and name[6:].isdigit())
+        ):
+            raise ValueError(
+                f"unknown knockout group {name!r}; expected one of {list(NAMES)}, 'image:k', "
+                "a list of them, or a [B, S] bool tensor"
+            )
 
 
 def _positions_in(group, history: SequenceHistory) -> torch.Tensor:
@@ -114,8 +126,11 @@ class _Plan:
 
     def _positions(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._resolved is None or self._resolved[0] != self.history.length:
-            self._resolved = (self.history.length, _positions_in(self.queries, self.history),
-                              _positions_in(self.keys, self.history))
+            self._resolved = (
+                self.history.length,
+                _positions_in(self.queries, self.history),
+                _positions_in(self.keys, self.history),
+            )
         return self._resolved[1], self._resolved[2]
 
     def keep(self, event) -> torch.Tensor | None:
@@ -147,8 +162,14 @@ class _Plan:
 
 
 @contextmanager
-def knockout(model: nn.Module, queries="all", keys="visual", layers: Iterable[int] | None = None,
-             heads: Iterable[int] | None = None, image_keys: torch.Tensor | None = None):
+def knockout(
+    model: nn.Module,
+    queries="all",
+    keys="visual",
+    layers: Iterable[int] | None = None,
+    heads: Iterable[int] | None = None,
+    image_keys: torch.Tensor | None = None,
+):
     """Block attention from ``queries`` to ``keys`` at ``layers`` inside the ``with`` block.
 
     Args:
@@ -163,8 +184,10 @@ def knockout(model: nn.Module, queries="all", keys="visual", layers: Iterable[in
     _check_group(keys)
     spec = family_spec(model)
     if image_keys is not None and spec.images_in_sequence:
-        raise ValueError(f"image_keys= is for images that are keys outside the sequence; {spec.name} image rows "
-                         "are sequence positions: pass keys= a [B, S] bool mask")
+        raise ValueError(
+            f"image_keys= is for images that are keys outside the sequence; {spec.name} image rows "
+            "are sequence positions: pass keys= a [B, S] bool mask"
+        )
     total = n_layers(model, spec)
     layers = list(range(total)) if layers is None else sorted({int(i) for i in layers})
     bad = [i for i in layers if not 0 <= i < total]
@@ -178,9 +201,12 @@ def knockout(model: nn.Module, queries="all", keys="visual", layers: Iterable[in
     modules = [model.get_submodule(spec.path("attention", i=i)) for i in layers]
     busy = [m for m in modules if getattr(m, "attention_edit", None) is not None]
     if busy:
-        raise RuntimeError("another knockout is active on these layers; nest knockouts on disjoint layers only")
+        raise RuntimeError(
+            "another knockout is active on these layers; nest knockouts on disjoint layers only"
+        )
     handle = model.get_submodule(spec.paths["layout"]).register_forward_hook(
-        lambda module, args, out: plan.update(args[0]))
+        lambda module, args, out: plan.update(args[0])
+    )
     try:
         for m in modules:
             m.attention_edit = plan.keep

@@ -24,6 +24,7 @@ writable, and the gate sites do not exist.
 Every hook is removed when the ``with`` block exits, also on an exception. Hooks fire on every
 forward call, so an edit applies to a plain forward and to every step of ``generate``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,8 +39,16 @@ from torch import nn
 from owl_lab.families import FamilySpec, family_of
 
 #: Order in which one block's sites are listed (the order the forward computes them).
-_BLOCK_ORDER = ("hook_resid_pre", "attn.hook_z", "attn.hook_gate", "attn.hook_cross_z", "hook_attn_out",
-                "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
+_BLOCK_ORDER = (
+    "hook_resid_pre",
+    "attn.hook_z",
+    "attn.hook_gate",
+    "attn.hook_cross_z",
+    "hook_attn_out",
+    "hook_resid_mid",
+    "hook_mlp_out",
+    "hook_resid_post",
+)
 _SITE_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
@@ -111,7 +120,9 @@ def _fallback(model: nn.Module, spec: FamilySpec, name: str) -> Site | None:
 def resolve(model: nn.Module) -> dict[str, Site]:
     """Every site of ``model`` by name, in forward order (image embeddings first)."""
     spec = family_spec(model)
-    names = ["hook_image_embeds"] + [f"blocks.{i}.{s}" for i in range(n_layers(model, spec)) for s in _BLOCK_ORDER]
+    names = ["hook_image_embeds"] + [
+        f"blocks.{i}.{s}" for i in range(n_layers(model, spec)) for s in _BLOCK_ORDER
+    ]
     patterns = {}
     for pattern, module_path in spec.sites.items():
         regex = re.escape(pattern).replace(re.escape("{i}"), r"(\d+)")
@@ -142,8 +153,10 @@ def _lookup(model: nn.Module, names: Iterable[str]) -> list[Site]:
     table = resolve(model)
     unknown = [n for n in names if n not in table]
     if unknown:
-        raise ValueError(f"unknown site(s) {unknown} for {type(model).__name__}; hooks.sites(model) lists "
-                         f"{len(table)}, e.g. {list(table)[:4]}")
+        raise ValueError(
+            f"unknown site(s) {unknown} for {type(model).__name__}; hooks.sites(model) lists "
+            f"{len(table)}, e.g. {list(table)[:4]}"
+        )
     return [table[n] for n in names]
 
 
@@ -157,11 +170,13 @@ def _attach(site: Site, fn: Callable[[torch.Tensor], torch.Tensor | None]):
         if new is None:
             return None
         if new is not old and new.shape != as_view(old).shape:
-            raise ValueError(f"edit of {site.name} returned shape {tuple(new.shape)}, "
-                             f"expected {tuple(as_view(old).shape)}")
+            raise ValueError(
+                f"edit of {site.name} returned shape {tuple(new.shape)}, expected {tuple(as_view(old).shape)}"
+            )
         return new.flatten(-2) if site.heads and new is not old else new
 
     if site.how == "input":
+
         def pre_hook(module, args):
             new = back(fn(as_view(args[0])), args[0])
             return None if new is None or new is args[0] else (new, *args[1:])
@@ -171,7 +186,9 @@ def _attach(site: Site, fn: Callable[[torch.Tensor], torch.Tensor | None]):
     def hook(module, args, output):
         if site.how == "features":
             new = back(fn(output.features), output.features)
-            return None if new is None or new is output.features else dataclasses.replace(output, features=new)
+            return (
+                None if new is None or new is output.features else dataclasses.replace(output, features=new)
+            )
         if isinstance(output, tuple):
             new = back(fn(as_view(output[0])), output[0])
             return None if new is None or new is output[0] else (new, *output[1:])
@@ -231,6 +248,7 @@ def record(model: nn.Module, names: Iterable[str] | str, detach: bool = True):
     def keeper(name):
         def keep(value):
             cache.steps[name].append(value.detach() if detach else value)
+
         return keep
 
     with _hooked(model, {n: keeper(n) for n in names}):
@@ -246,8 +264,10 @@ def edit(model: nn.Module, edits: Mapping[str, Callable[[torch.Tensor], torch.Te
     """
     for site in _lookup(model, list(edits)):
         if not site.writable:
-            raise ValueError(f"{site.name} is read-only on {type(model).__name__} (no HookPoint for it); "
-                             "edit hook_resid_pre of the next block or hook_attn_out instead")
+            raise ValueError(
+                f"{site.name} is read-only on {type(model).__name__} (no HookPoint for it); "
+                "edit hook_resid_pre of the next block or hook_attn_out instead"
+            )
     with _hooked(model, dict(edits)):
         yield model
 

@@ -4,6 +4,7 @@ Positions are those of the sequence the decoder sees (Owl2: image rows expanded 
 from the model's own :class:`SequenceLayout`, so every analysis agrees on what "last" or "image"
 means for both families.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -113,5 +114,15 @@ def mean_se(values) -> tuple[float, float, int]:
     return float(t.mean()), float(t.std() / n**0.5) if n > 1 else 0.0, n
 
 
-__all__ = ["MIN_N", "POSITION_GROUPS", "mean_se", "verdict", "answer_logprob", "gather_positions", "last_positions", "layouts",
-           "position_groups", "token_strings"]
+__all__ = [
+    "MIN_N",
+    "POSITION_GROUPS",
+    "mean_se",
+    "verdict",
+    "answer_logprob",
+    "gather_positions",
+    "last_positions",
+    "layouts",
+    "position_groups",
+    "token_strings",
+]

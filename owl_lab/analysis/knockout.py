@@ -19,6 +19,7 @@ In Owl2 the image is a run of rows in the sequence; in Owl3 it exists only as ke
 layers, so a window without a hyper layer cannot block an image flow there (its change is 0 by
 construction, reported like any other).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -52,9 +53,16 @@ def answer_ids(processor, examples: Sequence[Example]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def knockout_sweep(model: nn.Module, processor, examples: Sequence[Example], window: int = 2,
-                   flows: Sequence[str] = FLOWS, per_image: bool = False, batch_size: int = 64,
-                   progress: bool = True) -> pd.DataFrame:
+def knockout_sweep(
+    model: nn.Module,
+    processor,
+    examples: Sequence[Example],
+    window: int = 2,
+    flows: Sequence[str] = FLOWS,
+    per_image: bool = False,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> pd.DataFrame:
     """Relative change of the answer's probability when each flow is blocked in each layer window.
 
     Args:
@@ -78,7 +86,7 @@ def knockout_sweep(model: nn.Module, processor, examples: Sequence[Example], win
     if per_image:
         flows += [f"image:{k}→last" for k in range(max(len(e.images) for e in examples))]
     starts = range(0, n - window + 1)
-    chunks = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
+    chunks = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
     rows = []
     bar = tqdm(total=len(chunks) * len(flows) * len(starts), desc="knockout", disable=not progress)
     offset = 0
@@ -97,13 +105,27 @@ def knockout_sweep(model: nn.Module, processor, examples: Sequence[Example], win
                 with hooks.knockout(model, queries=queries, keys=keys, layers=range(s, s + window)):
                     p = answer_logprob(model(**batch).logits, pos, ids).exp()
                 rel = (p - base) / base
-                rows.extend((flow, s, s + window - 1, s + (window - 1) / 2, offset + b, float(base[b]), float(p[b]),
-                             float(rel[b]), correct[b]) for b in range(len(chunk)))
+                rows.extend(
+                    (
+                        flow,
+                        s,
+                        s + window - 1,
+                        s + (window - 1) / 2,
+                        offset + b,
+                        float(base[b]),
+                        float(p[b]),
+                        float(rel[b]),
+                        correct[b],
+                    )
+                    for b in range(len(chunk))
+                )
                 bar.update()
         offset += len(chunk)
     bar.close()
-    return pd.DataFrame(rows, columns=["flow", "start", "end", "center", "example", "p", "p_knocked",
-                                       "relative_change", "correct"])
+    return pd.DataFrame(
+        rows,
+        columns=["flow", "start", "end", "center", "example", "p", "p_knocked", "relative_change", "correct"],
+    )
 
 
 def summarize(df: pd.DataFrame, correct_only: bool = True) -> pd.DataFrame:

@@ -18,6 +18,7 @@ further by modality:
 * Owl3 fused (241101) and non-hyper layers: no split (``part == "all"`` only; non-hyper Owl3 layers
   read text alone, so there the whole term is text).
 """
+
 from __future__ import annotations
 
 import pandas as pd
@@ -101,8 +102,9 @@ def _owl2_visual_attention(model, layer: int, probs: torch.Tensor, values: torch
 
 
 @torch.no_grad()
-def direct_logit_attribution(model: nn.Module, batch: dict, token_ids: torch.Tensor,
-                             positions: torch.Tensor | None = None) -> pd.DataFrame:
+def direct_logit_attribution(
+    model: nn.Module, batch: dict, token_ids: torch.Tensor, positions: torch.Tensor | None = None
+) -> pd.DataFrame:
     """Each block's direct contribution to the logit of ``token_ids[b]`` at ``positions[b]``.
 
     Args:
@@ -116,18 +118,23 @@ def direct_logit_attribution(model: nn.Module, batch: dict, token_ids: torch.Ten
     """
     spec = family_spec(model)
     n = n_layers(model)
-    names = ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_{c}_out" for i in range(n) for c in ("attn", "mlp")]
+    names = ["blocks.0.hook_resid_pre"] + [
+        f"blocks.{i}.hook_{c}_out" for i in range(n) for c in ("attn", "mlp")
+    ]
     names.append(f"blocks.{n - 1}.hook_resid_post")
     split = _split_kind(model)
     gate_events, values, handles = {}, {}, []
     for i in range(n):
         attn = model.get_submodule(spec.paths["attention"].replace("{i}", str(i)))
         if split == "owl2":
-            handles.append(attn.v_proj.register_forward_hook(
-                lambda m, a, out, i=i: values.__setitem__(i, out)))
+            handles.append(
+                attn.v_proj.register_forward_hook(lambda m, a, out, i=i: values.__setitem__(i, out))
+            )
         elif split == "gated" and hasattr(attn, "gate_proj"):
             point = model.get_submodule(spec.path("gate_event", i=i))
-            handles.append(point.register_forward_hook(lambda m, a, out, i=i: gate_events.__setitem__(i, a[0])))
+            handles.append(
+                point.register_forward_hook(lambda m, a, out, i=i: gate_events.__setitem__(i, a[0]))
+            )
     try:
         with layouts(model) as seen, hooks.record(model, names) as cache:
             out = model(**batch, output_attentions=split == "owl2")
@@ -162,8 +169,9 @@ def direct_logit_attribution(model: nn.Module, batch: dict, token_ids: torch.Ten
             attn = model.get_submodule(spec.paths["attention"].replace("{i}", str(i)))
             g_cross = gather_positions(ev.gate * ev.cross_context, pos)  # [B, H, hd]
             visual = attn.o_proj(g_cross.reshape(g_cross.shape[0], -1))
-        elif spec.name == "owl3" and not hasattr(model.get_submodule(spec.paths["attention"].replace("{i}", str(i))),
-                                                 "v_kv_proj"):
+        elif spec.name == "owl3" and not hasattr(
+            model.get_submodule(spec.paths["attention"].replace("{i}", str(i))), "v_kv_proj"
+        ):
             visual = torch.zeros_like(attn_out)  # a plain Qwen2 layer reads text only
         if visual is not None:
             add(i, "attn", "visual", dla(visual))

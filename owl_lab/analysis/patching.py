@@ -16,6 +16,7 @@ every position reproduces the clean run from there on in Owl2, whose image lives
 :func:`owl_lab.analysis.causal.position_groups`): ``image`` (Owl2 image rows; Owl3 ``<|image|>``
 placeholder), ``question`` (the other prompt tokens), ``last`` (where the answer is predicted).
 """
+
 from __future__ import annotations
 
 import pandas as pd
@@ -36,16 +37,26 @@ from owl_lab.analysis.causal import (
 SITES = {"resid": "hook_resid_pre", "attn": "hook_attn_out", "mlp": "hook_mlp_out"}
 
 
-def _logit_diff(logits: torch.Tensor, pos: torch.Tensor, good: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+def _logit_diff(
+    logits: torch.Tensor, pos: torch.Tensor, good: torch.Tensor, bad: torch.Tensor
+) -> torch.Tensor:
     at = gather_positions(logits, pos).float()  # [B, V]
     rows = torch.arange(at.shape[0])
     return at[rows, good] - at[rows, bad]
 
 
 @torch.no_grad()
-def patching_sweep(model: nn.Module, clean: dict, corrupt: dict, clean_ids: torch.Tensor,
-                   corrupt_ids: torch.Tensor, sites=tuple(SITES), groups=POSITION_GROUPS, layers=None,
-                   progress: bool = True) -> pd.DataFrame:
+def patching_sweep(
+    model: nn.Module,
+    clean: dict,
+    corrupt: dict,
+    clean_ids: torch.Tensor,
+    corrupt_ids: torch.Tensor,
+    sites=tuple(SITES),
+    groups=POSITION_GROUPS,
+    layers=None,
+    progress: bool = True,
+) -> pd.DataFrame:
     """Patch clean activations into the corrupt run at every (layer, site, group).
 
     Args:
@@ -61,7 +72,9 @@ def patching_sweep(model: nn.Module, clean: dict, corrupt: dict, clean_ids: torc
     """
     unknown = sorted(set(sites) - set(SITES)) + sorted(set(groups) - set(POSITION_GROUPS) - {"all"})
     if unknown:
-        raise ValueError(f"unknown site/group {unknown}; sites {list(SITES)}, groups {list(POSITION_GROUPS)} + all")
+        raise ValueError(
+            f"unknown site/group {unknown}; sites {list(SITES)}, groups {list(POSITION_GROUPS)} + all"
+        )
     layers = list(range(n_layers(model))) if layers is None else list(layers)
     names = [f"blocks.{i}.{SITES[s]}" for i in layers for s in sites]
     with layouts(model) as seen, hooks.record(model, names) as cache:
@@ -73,7 +86,9 @@ def patching_sweep(model: nn.Module, clean: dict, corrupt: dict, clean_ids: torc
     with layouts(model) as seen_corrupt:
         ld_corrupt = _logit_diff(model(**corrupt).logits, pos, clean_ids, corrupt_ids)
     if not torch.equal(seen_corrupt[0].token_kind, layout.token_kind):
-        raise ValueError("clean and corrupt batches have different token layouts; build them with collate_pairs")
+        raise ValueError(
+            "clean and corrupt batches have different token layouts; build them with collate_pairs"
+        )
     denom = ld_clean - ld_corrupt
     rows = []
     jobs = [(i, s, g) for i in layers for s in sites for g in groups]
@@ -84,10 +99,13 @@ def patching_sweep(model: nn.Module, clean: dict, corrupt: dict, clean_ids: torc
         with hooks.edit(model, {name: lambda v, src=source, m=mask: torch.where(m, src, v)}):
             ld = _logit_diff(model(**corrupt).logits, pos, clean_ids, corrupt_ids)
         rec = (ld - ld_corrupt) / denom
-        rows.extend((i, s, g, b, float(ld[b]), float(ld_clean[b]), float(ld_corrupt[b]), float(rec[b]))
-                    for b in range(ld.shape[0]))
-    return pd.DataFrame(rows, columns=["layer", "site", "group", "batch", "ld", "ld_clean", "ld_corrupt",
-                                       "recovered"])
+        rows.extend(
+            (i, s, g, b, float(ld[b]), float(ld_clean[b]), float(ld_corrupt[b]), float(rec[b]))
+            for b in range(ld.shape[0])
+        )
+    return pd.DataFrame(
+        rows, columns=["layer", "site", "group", "batch", "ld", "ld_clean", "ld_corrupt", "recovered"]
+    )
 
 
 def summarize(df: pd.DataFrame, by=("layer", "site", "group")) -> pd.DataFrame:

@@ -19,6 +19,7 @@ What a "visual token" is differs by family:
 Accuracy is the teacher-forced first answer token at the last prompt position (argmax), per example,
 so fractions are compared on the same examples (paired).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -40,16 +41,22 @@ RULES = ("attention", "random")
 
 def _received(model, batch, layer: int) -> tuple[torch.Tensor, torch.Tensor, object]:
     """(scores [B, N, T], key index [B, N, T] into the full map's keys, layout) at ``layer``."""
-    with layouts(model) as seen, capture(model, layers=[layer], full_maps={layer: None}, gates=False,
-                                        abstractor=False) as rec:
+    with (
+        layouts(model) as seen,
+        capture(model, layers=[layer], full_maps={layer: None}, gates=False, abstractor=False) as rec,
+    ):
         model(**batch)
     # Owl2 image rows are keys of the self-attention; Owl3 image keys those of cross / joint attention
     rows_in_sequence = family_spec(model).name == "owl2"
-    maps = [m for (call, step, lyr, kind), m in rec.full_maps.items()
-            if lyr == layer and (rows_in_sequence or kind != "self")]
+    maps = [
+        m
+        for (call, step, lyr, kind), m in rec.full_maps.items()
+        if lyr == layer and (rows_in_sequence or kind != "self")
+    ]
     if len(maps) != 1:
-        raise ValueError(f"layer {layer} has no attention over image keys to rank them by "
-                         "(Owl3: choose a hyper layer)")
+        raise ValueError(
+            f"layer {layer} has no attention over image keys to rank them by (Owl3: choose a hyper layer)"
+        )
     fm = maps[0]
     scores = fm.probs.mean(1).sum(1)  # [B, Lk] attention received, mean over heads, summed over queries
     B = scores.shape[0]
@@ -80,9 +87,17 @@ def _drop_mask(scores: torch.Tensor, fraction: float, rule: str, generator: torc
 
 
 @torch.no_grad()
-def prune_sweep(model: nn.Module, processor, examples: Sequence[Example], layer: int,
-                fractions: Sequence[float] = (0.0, 0.25, 0.5, 0.75), rules: Sequence[str] = RULES,
-                seed: int = 0, batch_size: int = 64, progress: bool = True) -> pd.DataFrame:
+def prune_sweep(
+    model: nn.Module,
+    processor,
+    examples: Sequence[Example],
+    layer: int,
+    fractions: Sequence[float] = (0.0, 0.25, 0.5, 0.75),
+    rules: Sequence[str] = RULES,
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> pd.DataFrame:
     """Accuracy when a fraction of each image's visual tokens is dropped after ``layer``.
 
     Returns:
@@ -90,14 +105,16 @@ def prune_sweep(model: nn.Module, processor, examples: Sequence[Example], layer:
     """
     bad = sorted(set(rules) - set(RULES))
     if bad or any(not 0 <= f <= 1 for f in fractions):
-        raise ValueError(f"rules must be a subset of {RULES} and fractions in [0, 1]; got {list(rules)}, {list(fractions)}")
+        raise ValueError(
+            f"rules must be a subset of {RULES} and fractions in [0, 1]; got {list(rules)}, {list(fractions)}"
+        )
     n = n_layers(model)
     if not 0 <= layer < n - 1:
         raise ValueError(f"layer must be in 0..{n - 2} (some layer must follow it), got {layer}")
     owl2 = family_spec(model).name == "owl2"
     generator = torch.Generator().manual_seed(seed)
     rows, offset = [], 0
-    chunks = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
+    chunks = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
     bar = tqdm(total=len(chunks) * len(rules) * len(fractions), desc="pruning", disable=not progress)
     for chunk in chunks:
         batch = processor(text=[e.text for e in chunk], images=[e.images for e in chunk], return_tensors="pt")
@@ -120,8 +137,10 @@ def prune_sweep(model: nn.Module, processor, examples: Sequence[Example], layer:
                 at = gather_positions(logits, pos).float()
                 p = torch.softmax(at, -1)[torch.arange(B), ids]
                 ok = at.argmax(-1) == ids
-                rows.extend((rule, fraction, int(drop[0, 0].sum()), offset + b, bool(ok[b]), float(p[b]))
-                            for b in range(B))
+                rows.extend(
+                    (rule, fraction, int(drop[0, 0].sum()), offset + b, bool(ok[b]), float(p[b]))
+                    for b in range(B)
+                )
                 bar.update()
         offset += B
     bar.close()
@@ -137,9 +156,18 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         diff = flags - base.loc[flags.index].astype(float)
         n = len(flags)
         acc = 100 * flags.mean()
-        out.append(dict(rule=rule, fraction=fraction, dropped=int(d.dropped.iloc[0]), n=n, accuracy=acc,
-                        se=(acc * (100 - acc) / n) ** 0.5, drop=-100 * diff.mean(),
-                        drop_se=100 * diff.std(ddof=1) / n**0.5 if n > 1 else 0.0))
+        out.append(
+            dict(
+                rule=rule,
+                fraction=fraction,
+                dropped=int(d.dropped.iloc[0]),
+                n=n,
+                accuracy=acc,
+                se=(acc * (100 - acc) / n) ** 0.5,
+                drop=-100 * diff.mean(),
+                drop_se=100 * diff.std(ddof=1) / n**0.5 if n > 1 else 0.0,
+            )
+        )
     return pd.DataFrame(out)
 
 

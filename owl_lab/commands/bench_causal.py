@@ -10,6 +10,7 @@ a full activation-patching sweep.
 Run alone: ``python -m owl_lab.commands.bench_causal`` (takes ``owl-lab bench``'s size options). To add the rows
 to ``owl-lab bench``: ``add_arguments(parser)`` adds ``--causal``; ``run_rows(args)`` prints and returns them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,8 +90,17 @@ def knockout_rows(spec: dict, repeats: int) -> list[dict]:
             if round_:
                 best[mode] = min(best[mode], elapsed)
     del model, batch, fns
-    rows = [{"family": spec["family"], "L": spec["L"], "images": spec["images"], "mode": m,
-             "seconds": best[m], "peak_mb": _memory({**spec, "mode": m})} for m in MODES]
+    rows = [
+        {
+            "family": spec["family"],
+            "L": spec["L"],
+            "images": spec["images"],
+            "mode": m,
+            "seconds": best[m],
+            "peak_mb": _memory({**spec, "mode": m}),
+        }
+        for m in MODES
+    ]
     for r in rows:
         r["time_ratio"] = r["seconds"] / rows[0]["seconds"]
         r["mem_ratio"] = r["peak_mb"] / rows[0]["peak_mb"] if rows[0]["peak_mb"] > 0 else math.nan
@@ -108,31 +118,59 @@ def patching_seconds(name: str = "owl2-tiny") -> float:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--causal", action="store_true",
-                        help="also bench attention knockout vs plain and a full patching sweep (owl2-tiny)")
+    parser.add_argument(
+        "--causal",
+        action="store_true",
+        help="also bench attention knockout vs plain and a full patching sweep (owl2-tiny)",
+    )
 
 
 def run_rows(args) -> list[dict]:
     """Print and return the causal rows for the sizes ``args`` selects (bench's own arguments)."""
-    base = {"quick": args.quick, "hidden": args.hidden, "layers": args.layers, "heads": args.heads,
-            "threads": args.threads}
-    specs = [{**base, "family": "owl2", "L": n, "length": n, "images": 1, "text": 0}
-             for n in ([64, 128] if args.quick else args.lengths) if "owl2" in args.families]
+    base = {
+        "quick": args.quick,
+        "hidden": args.hidden,
+        "layers": args.layers,
+        "heads": args.heads,
+        "threads": args.threads,
+    }
+    specs = [
+        {**base, "family": "owl2", "L": n, "length": n, "images": 1, "text": 0}
+        for n in ([64, 128] if args.quick else args.lengths)
+        if "owl2" in args.families
+    ]
     if "owl3" in args.families:
         text = 64 if args.quick else args.owl3_text
-        specs += [{**base, "family": "owl3", "L": text, "length": text, "images": n, "text": text}
-                  for n in ([2] if args.quick else args.images)]
+        specs += [
+            {**base, "family": "owl3", "L": text, "length": text, "images": n, "text": text}
+            for n in ([2] if args.quick else args.images)
+        ]
     rows = []
-    print(f"{'family':6s} {'L':>5s} {'images':>6s} {'mode':8s} {'time s':>8s} {'peak MB':>9s} {'time x':>7s} {'mem x':>7s}")
+    print(
+        f"{'family':6s} {'L':>5s} {'images':>6s} {'mode':8s} {'time s':>8s} {'peak MB':>9s} {'time x':>7s} {'mem x':>7s}"
+    )
     for spec in specs:
         for r in knockout_rows(spec, 1 if args.quick else args.repeats):
-            print(f"{r['family']:6s} {r['L']:5d} {r['images']:6d} {r['mode']:8s} {r['seconds']:8.3f} "
-                  f"{r['peak_mb']:9.1f} {r['time_ratio']:7.2f} {r['mem_ratio']:7.2f}", flush=True)
+            print(
+                f"{r['family']:6s} {r['L']:5d} {r['images']:6d} {r['mode']:8s} {r['seconds']:8.3f} "
+                f"{r['peak_mb']:9.1f} {r['time_ratio']:7.2f} {r['mem_ratio']:7.2f}",
+                flush=True,
+            )
             rows.append(r)
     seconds = patching_seconds()
     print(f"patching sweep (owl2-tiny, one pair, 6 layers x 3 sites x 3 groups): {seconds:.2f} s", flush=True)
-    rows.append({"family": "owl2", "L": 0, "images": 1, "mode": "patching_sweep", "seconds": seconds,
-                 "peak_mb": math.nan, "time_ratio": math.nan, "mem_ratio": math.nan})
+    rows.append(
+        {
+            "family": "owl2",
+            "L": 0,
+            "images": 1,
+            "mode": "patching_sweep",
+            "seconds": seconds,
+            "peak_mb": math.nan,
+            "time_ratio": math.nan,
+            "mem_ratio": math.nan,
+        }
+    )
     return rows
 
 

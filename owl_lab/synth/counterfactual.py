@@ -21,6 +21,7 @@ as "top left" → "top right" that share it), so a single-token logit difference
 >>> pairs = counterfactual_pairs("color", 4, seed=0)
 >>> pairs[0].clean.text == pairs[0].corrupt.text, pairs[0].clean.answer, pairs[0].corrupt.answer
 """
+
 from __future__ import annotations
 
 import random
@@ -92,8 +93,12 @@ def _edited(edit: str, rng: random.Random, scene: Scene, obj: Obj) -> Obj | None
         return replace(obj, color=rng.choice([c for c in COLORS if c != obj.color]))
     if edit == "shape":
         return replace(obj, shape=rng.choice([s for s in SHAPES if s != obj.shape]))
-    cells = [(r, c) for r in range(GRID) for c in range(GRID)
-             if scene.at(r, c) is None and _first_word(position_name(r, c)) != _first_word(obj.position)]
+    cells = [
+        (r, c)
+        for r in range(GRID)
+        for c in range(GRID)
+        if scene.at(r, c) is None and _first_word(position_name(r, c)) != _first_word(obj.position)
+    ]
     if not cells:
         return None
     r, c = rng.choice(cells)
@@ -104,8 +109,9 @@ def _answer(edit: str, obj: Obj) -> str:
     return {"color": obj.color, "shape": obj.shape, "position": obj.position}[edit]
 
 
-def make_pair(rng: random.Random, edit: str, render_size: int = NATIVE_SIZE,
-              n_objects: tuple[int, int] = N_OBJECTS) -> CounterfactualPair:
+def make_pair(
+    rng: random.Random, edit: str, render_size: int = NATIVE_SIZE, n_objects: tuple[int, int] = N_OBJECTS
+) -> CounterfactualPair:
     """One clean/corrupt pair drawn from ``rng`` (redraws scenes until the edit is possible)."""
     if edit not in EDITS:
         raise ValueError(f"unknown edit {edit!r}; expected one of {EDITS}")
@@ -118,20 +124,33 @@ def make_pair(rng: random.Random, edit: str, render_size: int = NATIVE_SIZE,
         new = _edited(edit, rng, scene, obj)
         if new is None:
             continue
-        corrupt_scene = edit_scene(scene, obj, **{f: getattr(new, f) for f in ("color", "shape", "row", "col")})
+        corrupt_scene = edit_scene(
+            scene, obj, **{f: getattr(new, f) for f in ("color", "shape", "row", "col")}
+        )
         text = f"{IMAGE_PLACEHOLDER}{question}"
-        clean = Example(edit, text, _answer(edit, obj), [render(scene, render_size)], [scene],
-                        {"counterfactual": "clean"})
-        corrupt = Example(edit, text, _answer(edit, new), [render(corrupt_scene, render_size)], [corrupt_scene],
-                          {"counterfactual": "corrupt"})
+        clean = Example(
+            edit, text, _answer(edit, obj), [render(scene, render_size)], [scene], {"counterfactual": "clean"}
+        )
+        corrupt = Example(
+            edit,
+            text,
+            _answer(edit, new),
+            [render(corrupt_scene, render_size)],
+            [corrupt_scene],
+            {"counterfactual": "corrupt"},
+        )
         return CounterfactualPair(edit, clean, corrupt, obj, new)
 
 
-def counterfactual_pairs(edit: str, n: int, seed: int = 0, render_size: int = NATIVE_SIZE) -> list[CounterfactualPair]:
+def counterfactual_pairs(
+    edit: str, n: int, seed: int = 0, render_size: int = NATIVE_SIZE
+) -> list[CounterfactualPair]:
     """``n`` seeded pairs for one edit (seed strings disjoint from training and ``eval_set``)."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    return [make_pair(random.Random(f"{seed}/counterfactual/{edit}/{i}"), edit, render_size) for i in range(n)]
+    return [
+        make_pair(random.Random(f"{seed}/counterfactual/{edit}/{i}"), edit, render_size) for i in range(n)
+    ]
 
 
 def collate_pairs(processor, pairs: list[CounterfactualPair]):
@@ -142,12 +161,19 @@ def collate_pairs(processor, pairs: list[CounterfactualPair]):
     """
     if not pairs:
         raise ValueError("collate_pairs needs at least one pair")
-    batches = [processor(text=[getattr(p, side).text for p in pairs],
-                         images=[getattr(p, side).images for p in pairs], return_tensors="pt")
-               for side in ("clean", "corrupt")]
+    batches = [
+        processor(
+            text=[getattr(p, side).text for p in pairs],
+            images=[getattr(p, side).images for p in pairs],
+            return_tensors="pt",
+        )
+        for side in ("clean", "corrupt")
+    ]
     tok = processor.tokenizer
-    ids = [[tok.convert_tokens_to_ids(_first_word(getattr(p, side).answer)) for p in pairs]
-           for side in ("clean", "corrupt")]
+    ids = [
+        [tok.convert_tokens_to_ids(_first_word(getattr(p, side).answer)) for p in pairs]
+        for side in ("clean", "corrupt")
+    ]
     return batches[0], batches[1], torch.tensor(ids[0]), torch.tensor(ids[1])
 
 

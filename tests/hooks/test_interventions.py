@@ -2,6 +2,7 @@
 
 Owl2 (image rows in the sequence), Owl3 gated (240728) and Owl3 fused (241101).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -24,11 +25,21 @@ def _hooks_left(model) -> int:
 def owl(request):
     model, processor = load_owl(request.param)
     model.eval()
-    clean, corrupt, clean_ids, corrupt_ids = collate_pairs(processor, counterfactual_pairs("color", 3, seed=5))
+    clean, corrupt, clean_ids, corrupt_ids = collate_pairs(
+        processor, counterfactual_pairs("color", 3, seed=5)
+    )
     with torch.no_grad(), layouts(model) as seen:
         clean_logits, corrupt_logits = model(**clean).logits, model(**corrupt).logits
-    return dict(name=request.param, model=model, processor=processor, clean=clean, corrupt=corrupt,
-                clean_logits=clean_logits, corrupt_logits=corrupt_logits, layout=seen[0])
+    return dict(
+        name=request.param,
+        model=model,
+        processor=processor,
+        clean=clean,
+        corrupt=corrupt,
+        clean_logits=clean_logits,
+        corrupt_logits=corrupt_logits,
+        layout=seen[0],
+    )
 
 
 def test_sites_follow_the_contract(owl):
@@ -36,10 +47,19 @@ def test_sites_follow_the_contract(owl):
     n = owl["model"].config.num_hidden_layers
     assert names[0] == "hook_image_embeds"
     for i in range(n):
-        for s in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
-                  "attn.hook_z"):
+        for s in (
+            "hook_resid_pre",
+            "hook_resid_mid",
+            "hook_resid_post",
+            "hook_attn_out",
+            "hook_mlp_out",
+            "attn.hook_z",
+        ):
             assert f"blocks.{i}.{s}" in names
-    with torch.no_grad(), hooks.record(owl["model"], ["blocks.1.hook_resid_post", "blocks.1.attn.hook_z"]) as cache:
+    with (
+        torch.no_grad(),
+        hooks.record(owl["model"], ["blocks.1.hook_resid_post", "blocks.1.attn.hook_z"]) as cache,
+    ):
         owl["model"](**owl["clean"])
     B, L, V = owl["clean_logits"].shape
     assert cache["blocks.1.hook_resid_post"].shape[:2] == (B, L)
@@ -97,7 +117,9 @@ def test_capture_under_knockout_records_the_softmax_used(owl):
     mass = rec.attention_mass
     at_last = mass[mass["query"].isin(last) & (mass.level == "modality")]
     assert len(at_last) > 0
-    assert at_last[at_last.group == "visual"].mass.abs().max() == 0 or at_last[at_last.group == "visual"].empty
+    assert (
+        at_last[at_last.group == "visual"].mass.abs().max() == 0 or at_last[at_last.group == "visual"].empty
+    )
     sums = at_last.groupby(["batch", "layer", "head", "query", "kind"], observed=True).mass.sum()
     assert (sums - 1).abs().max() < 1e-5
 

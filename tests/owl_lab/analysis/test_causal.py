@@ -1,4 +1,5 @@
 """The verdict rule of the causal notebooks and the position groups."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """Knockout sweeps: table shape, exact zero where nothing can flow, and bad input."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,7 +16,9 @@ def test_sweep_table_and_summary(tiny_owl, hooks_left):
     assert len(df) == len(FLOWS) * n * 4
     assert set(df.flow) == set(FLOWS)
     assert ((df.p > 0) & (df.p <= 1)).all() and (df.relative_change >= -1).all()
-    if variant.startswith("owl3"):  # image keys exist only in hyper layers: elsewhere the image flows are exact no-ops
+    if variant.startswith(
+        "owl3"
+    ):  # image keys exist only in hyper layers: elsewhere the image flows are exact no-ops
         hyper = set(model.config.hyper_layer_indices)
         plain = df[df.flow.str.startswith("visual") & ~df.start.isin(hyper)]
         assert (plain.relative_change == 0).all()
@@ -27,7 +30,9 @@ def test_sweep_table_and_summary(tiny_owl, hooks_left):
 def test_per_image_flows_and_bad_input(tiny_owl):
     _, model, processor, _ = tiny_owl
     examples = eval_set("color", 2, seed=1)
-    df = knockout_sweep(model, processor, examples, window=2, flows=["visual→last"], per_image=True, progress=False)
+    df = knockout_sweep(
+        model, processor, examples, window=2, flows=["visual→last"], per_image=True, progress=False
+    )
     assert set(df.flow) == {"visual→last", "image:0→last"}
     one = df.pivot_table(index=["start", "example"], columns="flow", values="p_knocked")
     assert (one["visual→last"] - one["image:0→last"]).abs().max() < 1e-6  # one image: the same flow

@@ -1,4 +1,5 @@
 """Logit lens and direct logit attribution on tiny random Owls (Owl2, Owl3 gated, Owl3 fused)."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Activation patching: exact endpoints (patch everything = clean, patch nothing = corrupt)."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """Visual-token pruning: fraction 0 is the plain model; dropping everything after K = a visual knockout."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,19 +23,27 @@ def test_endpoints(tiny_owl, hooks_left):
     if layer >= model.config.num_hidden_layers - 1:
         pytest.skip("no layer after the first hyper layer in this tiny config")
     df = prune_sweep(model, processor, examples, layer=layer, fractions=(0.0, 1.0), progress=False)
-    batch = processor(text=[e.text for e in examples], images=[e.images for e in examples], return_tensors="pt")
+    batch = processor(
+        text=[e.text for e in examples], images=[e.images for e in examples], return_tensors="pt"
+    )
     ids = answer_ids(processor, examples)
     with torch.no_grad(), layouts(model) as seen:
         plain = model(**batch).logits
         pos = last_positions(seen[0])
-        with hooks.knockout(model, queries="all", keys="visual", layers=range(layer + 1, model.config.num_hidden_layers)):
+        with hooks.knockout(
+            model, queries="all", keys="visual", layers=range(layer + 1, model.config.num_hidden_layers)
+        ):
             knocked = model(**batch).logits
     p_plain = torch.softmax(gather_positions(plain, pos).float(), -1)[torch.arange(3), ids]
     p_knocked = torch.softmax(gather_positions(knocked, pos).float(), -1)[torch.arange(3), ids]
     for rule in ("attention", "random"):
         d = df[df.rule == rule].sort_values(["fraction", "example"])
-        assert torch.allclose(torch.tensor(d[d.fraction == 0].p.values, dtype=torch.float32), p_plain, atol=1e-6)
-        assert torch.allclose(torch.tensor(d[d.fraction == 1].p.values, dtype=torch.float32), p_knocked, atol=1e-5)
+        assert torch.allclose(
+            torch.tensor(d[d.fraction == 0].p.values, dtype=torch.float32), p_plain, atol=1e-6
+        )
+        assert torch.allclose(
+            torch.tensor(d[d.fraction == 1].p.values, dtype=torch.float32), p_knocked, atol=1e-5
+        )
     s = summarize(df)
     assert set(s.columns) >= {"rule", "fraction", "accuracy", "se", "drop", "drop_se"}
     assert hooks_left(model) == 0

@@ -1,4 +1,5 @@
 """Counterfactual pairs: same prompt and token layout, one attribute of the asked object changed."""
+
 from __future__ import annotations
 
 import random
@@ -22,8 +23,11 @@ def test_pairs_differ_in_exactly_one_attribute_of_the_asked_object(edit):
         assert len(clean.objects) == len(corrupt.objects)
         changed = [(a, b) for a, b in zip(clean.objects, corrupt.objects, strict=True) if a != b]
         assert changed == [(pair.before, pair.after)]
-        fields = {f for f in ("shape", "color", "size", "pattern", "row", "col", "dx", "dy")
-                  if getattr(pair.before, f) != getattr(pair.after, f)}
+        fields = {
+            f
+            for f in ("shape", "color", "size", "pattern", "row", "col", "dx", "dy")
+            if getattr(pair.before, f) != getattr(pair.after, f)
+        }
         assert (fields <= {"row", "col"} and fields) if edit == "position" else fields == {edit}
         assert not np.array_equal(np.asarray(pair.clean.images[0]), np.asarray(pair.corrupt.images[0]))
 
@@ -32,8 +36,10 @@ def test_pairs_are_seeded_and_reproducible():
     a = counterfactual_pairs("color", 5, seed=1)
     b = counterfactual_pairs("color", 5, seed=1)
     assert [p.clean.text for p in a] == [p.clean.text for p in b]
-    assert all(np.array_equal(np.asarray(x.corrupt.images[0]), np.asarray(y.corrupt.images[0]))
-               for x, y in zip(a, b, strict=True))
+    assert all(
+        np.array_equal(np.asarray(x.corrupt.images[0]), np.asarray(y.corrupt.images[0]))
+        for x, y in zip(a, b, strict=True)
+    )
     assert [p.clean.answer for p in counterfactual_pairs("color", 5, seed=2)] != [p.clean.answer for p in a]
 
 
