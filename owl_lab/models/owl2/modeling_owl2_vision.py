@@ -16,6 +16,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from ..observe import AttentionEvent, HookPoint
+from ..observe_vision import vision_event
 from .configuration_owl2 import Owl2Config
 
 # ================================================================================================
@@ -56,15 +57,16 @@ class Owl2VisionEmbeddings(nn.Module):
 class Owl2VisionAttention(nn.Module):
     """Unmasked MHA with a fused QKV whose output is laid out [h, {q,k,v}, hd] (not [3, h, hd])."""
 
-    def __init__(self, config: Owl2Config):
+    def __init__(self, config: Owl2Config, layer_idx: int = 0):
         super().__init__()
         s = config.vision_settings
-        self.config = config
+        self.config, self.layer_idx = config, layer_idx
         self.num_heads = s.num_attention_heads
         self.head_dim = s.hidden_size // s.num_attention_heads
         self.scale = self.head_dim**-0.5
         self.query_key_value = nn.Linear(s.hidden_size, 3 * s.hidden_size)
         self.dense = nn.Linear(s.hidden_size, s.hidden_size)
+        self.hook_attn = HookPoint()  # kind "vision" events (observe_vision), only read by hooks
 
     def forward(self, x: torch.Tensor, output_attentions: bool = False):
         N, T, _ = x.shape
@@ -76,6 +78,10 @@ class Owl2VisionAttention(nn.Module):
             ctx = probs @ v
         else:  # fast path
             probs, ctx = None, F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        if self.hook_attn.active:
+            s = self.config.vision_settings
+            grid = s.image_size // s.patch_size
+            self.hook_attn(vision_event(self.layer_idx, q, k, self.scale, (grid, grid), s.use_cls_token, probs))
         ctx = ctx.transpose(1, 2).reshape(N, T, -1)  # [N, T, Dv]
         return self.dense(ctx), (probs if output_attentions else None)
 
@@ -95,11 +101,11 @@ class Owl2VisionMLP(nn.Module):
 class Owl2VisionLayer(nn.Module):
     """Pre-LN block: x += Attn(LN(x)); x += MLP(LN(x))."""
 
-    def __init__(self, config: Owl2Config):
+    def __init__(self, config: Owl2Config, layer_idx: int = 0):
         super().__init__()
         s = config.vision_settings
         self.input_layernorm = nn.LayerNorm(s.hidden_size, eps=s.layer_norm_eps)
-        self.self_attn = Owl2VisionAttention(config)
+        self.self_attn = Owl2VisionAttention(config, layer_idx)
         self.post_attention_layernorm = nn.LayerNorm(s.hidden_size, eps=s.layer_norm_eps)
         self.mlp = Owl2VisionMLP(config)
 
@@ -114,7 +120,7 @@ class Owl2VisionEncoder(nn.Module):
     def __init__(self, config: Owl2Config):
         super().__init__()
         self.layers = nn.ModuleList(
-            [Owl2VisionLayer(config) for _ in range(config.vision_settings.num_hidden_layers)]
+            [Owl2VisionLayer(config, k) for k in range(config.vision_settings.num_hidden_layers)]
         )
 
 
