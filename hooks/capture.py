@@ -35,6 +35,7 @@ from hooks.groups import (
 )
 from hooks.mapping import detect_family, find_sites
 from hooks.recording import AttentionRecord, FullMap, Recording
+from hooks.vision import VisionView, parse_vision, summarize_vision, vision_sites
 from owl_lab.models.observe import AttentionEvent, GateEvent, SequenceLayout
 
 DECODER_KINDS = ("self", "cross", "joint")
@@ -97,6 +98,9 @@ class capture:
             of positions. Stored in ``rec.full_maps[(call, step, layer, kind)]`` (``(step, layer, kind)``
             reads call 0).
         gate_vectors: also keep full gate vectors [B, L, H, D] and both output parts.
+        vision: the vision encoder's attention (kind ``vision``, :mod:`hooks.vision`) in ``rec.vision``:
+            False (default, off), True = per-query mass on CLS / local / far patches, ``"grid"`` = also
+            the received attention per patch, ``"full"`` = also head-mean [T, T] maps (for rollout).
         chunk_bytes: size budget of one score chunk (default: the size of the event's q tensor,
             clamped to [1 MB, 8 MB]).
     """
@@ -111,6 +115,7 @@ class capture:
         full_maps=None,
         gate_vectors: bool = False,
         chunk_bytes: int | None = None,
+        vision: bool | str = False,
     ):
         self.model = model
         self.family = detect_family(model)
@@ -146,6 +151,10 @@ class capture:
         self._full_maps = _parse_full_maps(full_maps, chosen)
         self.gate_vectors = gate_vectors
         self.chunk_bytes = chunk_bytes
+        self._vision = parse_vision(vision)
+        self._vision_sites = vision_sites(model, self.family) if self._vision else []
+        if self._vision and not self._vision_sites:
+            raise ValueError(f"vision={vision!r}, but {type(model).__name__} has no vision attention hook points")
         self._handles: list = []
         self.recording: Recording | None = None
 
@@ -154,6 +163,7 @@ class capture:
         if self._handles:
             raise RuntimeError("this capture is already active")
         self.recording = Recording(self.family)
+        self.recording.vision = VisionView(self._vision)
         self._history = SequenceHistory()
         self._step, self._call = -1, -1
         self._groups: dict = {}
@@ -166,6 +176,8 @@ class capture:
                 self._handles.append(site.module.register_forward_hook(self._hook_gate))
             for site in self._abs_sites:
                 self._handles.append(site.module.register_forward_hook(self._hook_abstractor))
+            for _, point in self._vision_sites:
+                self._handles.append(point.register_forward_hook(self._hook_vision))
         except BaseException:
             self._remove()
             raise
@@ -279,3 +291,8 @@ class capture:
         calls[-1].append(summarize_abstractor(event, self.chunk_bytes))
         self.recording._changed()
 
+    def _hook_vision(self, module, args, output):
+        event = args[0]
+        if not isinstance(event, AttentionEvent) or event.kind != "vision":
+            raise TypeError(f"vision hook_attn expects an AttentionEvent of kind 'vision', got {event!r:.80}")
+        self.recording.vision.add(summarize_vision(event, self._vision, self.chunk_bytes))
