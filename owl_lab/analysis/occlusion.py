@@ -170,3 +170,59 @@ def occlusion_map(model, processor, example, *, answer: str | None = None, token
         flat[mask.flatten()] = attr[0, 0].flatten().float()  # every pixel of a cell holds the cell's value
         out[n] = flat.view(grid)
     return out
+
+
+# ------------------------------------------------------------------------------- scoring many questions
+MAP_TYPES = ("raw", "composed", "rollout", "integrated_gradients", "occlusion")
+
+
+def askable(examples) -> list:
+    """The examples whose question names one object of a single-image scene (see :func:`asked_object`)."""
+    return [ex for ex in examples if asked_object(ex) is not None]
+
+
+def object_hits(model, processor, examples, *, maps=MAP_TYPES, ig_steps: int = 8,
+                perturbations_per_eval: int = 64, progress: bool = True):
+    """Per question and map type, the share of the map's weight on the asked-about object.
+
+    Maps (all for the first answer token, teacher-forced on the reference answer): ``raw``,
+    ``composed`` and ``rollout`` from :func:`~owl_lab.analysis.pixels.answer_to_pixels`,
+    ``integrated_gradients`` (|IG| per patch, :func:`~owl_lab.analysis.attribution.attribute`,
+    ``ig_steps`` steps) and ``occlusion`` (:func:`occlusion_map`, drops clipped at 0).
+
+    Returns:
+        DataFrame: question, task, map, share, chance (the object's area share), lift = share / chance.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from owl_lab.analysis.attribution import attribute
+    from owl_lab.analysis.pixels import answer_to_pixels
+
+    unknown = sorted(set(maps) - set(MAP_TYPES))
+    if unknown:
+        raise ValueError(f"unknown map types {unknown}; choose from {MAP_TYPES}")
+    rows = []
+    for q, ex in enumerate(tqdm(examples, disable=not progress, desc="questions")):
+        obj = asked_object(ex)
+        if obj is None:
+            raise ValueError(f"question {q} ({ex.text!r}) names no single object; filter with askable()")
+        found = {}
+        if {"raw", "composed", "rollout"} & set(maps):
+            path = answer_to_pixels(model, processor, ex, rollout_encoder="rollout" in maps)
+            found.update({k: v[0, 0] for k, v in path.maps.items() if k in maps})
+        if "integrated_gradients" in maps:
+            batch = processor(text=ex.text, images=ex.images)
+            found["integrated_gradients"] = attribute(model, batch, target=ex.answer, n_steps=ig_steps,
+                                                      tokenizer=processor).patch_maps[0].abs()
+        if "occlusion" in maps:
+            found["occlusion"] = occlusion_map(model, processor, ex,
+                                               perturbations_per_eval=perturbations_per_eval)[0]
+        grid = tuple(next(iter(found.values())).shape)
+        cover = object_cover(obj, grid)
+        chance = float(cover.mean())
+        for name in maps:
+            share = object_share(found[name], cover)
+            rows.append({"question": q, "task": ex.task, "map": name, "share": share, "chance": chance,
+                         "lift": share / chance})
+    return pd.DataFrame(rows)
