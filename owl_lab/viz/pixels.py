@@ -18,6 +18,18 @@ def _grid(m) -> np.ndarray:
     return arr
 
 
+def _png_source(rgb: np.ndarray) -> str:
+    """A PNG data URI of an RGB array: a few kB in the figure instead of one JSON number per pixel."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb.astype(np.uint8)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 def pixel_overlay_figure(image, maps: dict, *, cover=None, opacity: float = 0.55, title: str = "") -> go.Figure:
     """The image, then each map [grid_h, grid_w] over it, scaled to its own positive maximum.
 
@@ -30,12 +42,13 @@ def pixel_overlay_figure(image, maps: dict, *, cover=None, opacity: float = 0.55
     rgb = np.asarray(image.convert("RGB"))
     h, w = rgb.shape[:2]
     fig = make_subplots(rows=1, cols=1 + len(maps), subplot_titles=["image", *maps], horizontal_spacing=0.03)
-    fig.add_trace(go.Image(z=rgb), row=1, col=1)
+    source = _png_source(rgb)
+    fig.add_trace(go.Image(source=source), row=1, col=1)
     for col, (name, m) in enumerate(maps.items(), start=2):
         z = np.clip(_grid(m), 0, None)
         z = z / z.max() if z.max() > 0 else z
         gh, gw = z.shape
-        fig.add_trace(go.Image(z=rgb), row=1, col=col)
+        fig.add_trace(go.Image(source=source), row=1, col=col)
         fig.add_trace(go.Heatmap(z=z, x0=w / gw / 2, dx=w / gw, y0=h / gh / 2, dy=h / gh, zmin=0, zmax=1,
                                  colorscale="Inferno", opacity=opacity, showscale=col == 2,
                                  colorbar_title="share of max", name=name), row=1, col=col)
