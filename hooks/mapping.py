@@ -34,7 +34,7 @@ HOOK_PATHS: dict[str, dict[str, str]] = {
     "owl3": {
         "layout": "hook_layout",
         "attention": "language_model.model.layers.{i}.self_attn.hook_attn",
-        "gate": "language_model.model.layers.{i}.self_attn.hook_gate",
+        "gate": "language_model.model.layers.{i}.self_attn.hook_gate_event",
     },
 }
 

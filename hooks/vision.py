@@ -32,6 +32,7 @@ from torch import nn
 
 from owl_lab.families import FAMILIES
 from owl_lab.models.observe import AttentionEvent
+from owl_lab.models.observe_vision import KEY_CLS
 
 #: ``capture(vision=...)`` values: what each keeps beyond the per-query masses.
 VISION_LEVELS = {"mass": 0, "grid": 1, "full": 2}
@@ -100,7 +101,9 @@ def summarize_vision(event: AttentionEvent, keep: str = "mass", chunk_bytes: int
         raise ValueError(f"keep must be one of {sorted(VISION_LEVELS)}, got {keep!r}")
     q, k = event.query.detach(), event.key.detach()
     N, H, T, D = q.shape
-    grid, has_cls = tuple(event.extra["grid"]), bool(event.extra["has_cls"])
+    if event.grid is None:
+        raise ValueError("a 'vision' event must carry its patch grid (event.grid)")
+    grid, has_cls = tuple(event.grid), bool((event.key_image[0] == KEY_CLS).any())
     cls = int(has_cls)
     dev = q.device
     near = local_mask(grid, has_cls).to(dev)

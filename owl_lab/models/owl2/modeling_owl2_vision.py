@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from ..observe import AttentionEvent, HookPoint
-from ..observe_vision import vision_event
+from ..attention import Allowed, attention
+from ..observe import HookPoint
+from ..observe_vision import vision_key_facts
 from .configuration_owl2 import Owl2Config
 
 # ================================================================================================
@@ -66,24 +67,25 @@ class Owl2VisionAttention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.query_key_value = nn.Linear(s.hidden_size, 3 * s.hidden_size)
         self.dense = nn.Linear(s.hidden_size, s.hidden_size)
+        self.attention_edit = None  # knockout slot, see owl_lab.models.attention
         self.hook_attn = HookPoint()  # kind "vision" events (observe_vision), only read by hooks
 
     def forward(self, x: torch.Tensor, output_attentions: bool = False):
         N, T, _ = x.shape
         qkv = self.query_key_value(x).view(N, T, self.num_heads, 3, self.head_dim)  # [N, T, h, 3, hd]
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # 3 × [N, h, T, hd]
-        if output_attentions or self.config._attn_implementation == "eager":
-            # manual path; softmax in the model dtype like the official ViT (no fp32 upcast)
-            probs = torch.softmax((q @ k.transpose(-1, -2)) * self.scale, dim=-1)  # [N, h, T, T]
-            ctx = probs @ v
-        else:  # fast path
-            probs, ctx = None, F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        if self.hook_attn.active:
+        allowed = Allowed((N, T, T), fast="all", device=x.device)
+
+        def describe() -> dict:
             s = self.config.vision_settings
             grid = s.image_size // s.patch_size
-            self.hook_attn(vision_event(self.layer_idx, q, k, self.scale, (grid, grid), s.use_cls_token, probs))
+            return vision_key_facts(N, T, (grid, grid), s.use_cls_token, x.device)
+
+        # softmax in the model dtype like the official ViT (no fp32 upcast)
+        ctx, probs, _ = attention(self, q, k, v, allowed, self.scale, "vision", describe,
+                                  output_attentions=output_attentions, softmax_dtype=None)
         ctx = ctx.transpose(1, 2).reshape(N, T, -1)  # [N, T, Dv]
-        return self.dense(ctx), (probs if output_attentions else None)
+        return self.dense(ctx), probs
 
 
 class Owl2VisionMLP(nn.Module):
@@ -211,6 +213,7 @@ class Owl2AbstractorAttention(nn.Module):
         q_pos, k_pos = self.position_tables()
         self.register_buffer("q_pos_embed", q_pos, persistent=False)
         self.register_buffer("k_pos_embed", k_pos, persistent=False)
+        self.attention_edit = None  # knockout slot, see owl_lab.models.attention
         self.hook_attn = HookPoint()
 
     def position_tables(self):
@@ -232,33 +235,24 @@ class Owl2AbstractorAttention(nn.Module):
         q = self.query(x + pos[:Q]).view(split).transpose(1, 2)  # [N, h, Q, hd]
         k = self.key(s + pos).view(split).transpose(1, 2)  # [N, h, Q+T, hd]
         v = self.value(s).view(split).transpose(1, 2)  # [N, h, Q+T, hd]
-        # Always the explicit path: the map is small (Q × (Q+T) per head), observers get the exact
-        # probabilities used, and attaching a hook cannot change the numbers. Softmax in the model
-        # dtype, as official.
-        probs = torch.softmax((q @ k.transpose(-1, -2)) * self.scale, dim=-1)  # [N, h, Q, Q+T]
-        ctx = probs @ v  # [N, h, Q, hd]
-        if self.hook_attn.active:
-            self.hook_attn(self._event(q, k, probs, T))
+        # Always the explicit (eager) kernel, softmax in the model dtype, as official: the map is
+        # small (Q × (Q+T) per head) and observers get the exact probabilities used.
+        allowed = Allowed((N, Q, Q + T), fast="all", device=x.device)
+        ctx, probs, _ = attention(self, q, k, v, allowed, self.scale, "abstractor", lambda: self._describe(N, Q, T),
+                                  softmax_dtype=None, implementation="eager")  # ctx [N, h, Q, hd]
         ctx = ctx.transpose(1, 2).reshape(N, Q, -1)  # [N, Q, Da]
         return ctx, (probs if output_attentions else None)
 
-    def _event(self, q, k, probs, T) -> AttentionEvent:
-        N, _, Q, _ = q.shape
+    def _describe(self, N: int, Q: int, T: int) -> dict:
         g, cls = self.settings.grid_size, int(self.settings.use_cls_token)
-        dev = q.device
+        dev = self.q_pos_embed.device
         key_image = torch.cat([
             torch.full((Q,), -1, device=dev),  # query keys
             torch.full((cls,), -2, device=dev),  # CLS
             torch.arange(T - cls, device=dev),  # patches, row-major
         ]).expand(N, -1)  # [N, Q+T]
-        return AttentionEvent(
-            layer=self.layer_idx, kind="abstractor", query=q, key=k, scale=self.scale,
-            query_index=torch.arange(Q, device=dev),
-            key_position=torch.full((N, Q + T), -1, device=dev),
-            key_image=key_image,
-            allowed=lambda q0, q1: torch.ones(N, q1 - q0, Q + T, dtype=torch.bool, device=dev),
-            probs=probs, extra={"grid": (g, g)},
-        )
+        return dict(query_index=torch.arange(Q, device=dev), key_position=torch.full((N, Q + T), -1, device=dev),
+                    key_image=key_image, grid=(g, g))
 
 
 class Owl2AbstractorMLP(nn.Module):
@@ -276,7 +270,7 @@ class Owl2AbstractorMLP(nn.Module):
         return self.w2(self.ffn_ln(F.silu(self.w1(z)) * self.w3(z)))
 
 
-class Owl2AbstractorOutput(nn.Module):
+class Owl2AbstractorResidualMLP(nn.Module):
     """y = x + out_proj(ctx) (residual from the NORMED query); h = y + mlp(norm2(y))."""
 
     def __init__(self, config: Owl2Config):
@@ -298,7 +292,7 @@ class Owl2AbstractorCrossAttention(nn.Module):
         self.norm1 = nn.LayerNorm(a.hidden_size)  # queries, eps 1e-5
         self.normk = nn.LayerNorm(a.encoder_hidden_size)  # image tokens, eps 1e-5
         self.attention = Owl2AbstractorAttention(config, layer_idx)
-        self.output = Owl2AbstractorOutput(config)
+        self.output = Owl2AbstractorResidualMLP(config)
 
     def forward(self, h, image_embeds, output_attentions=False):
         x = self.norm1(h)
