@@ -11,8 +11,8 @@ removed when the block ends, also when it raises. Hooks only read, so the number
 
 Arguments ``gates`` and ``abstractor``: ``None`` (default) = capture it if the model has it,
 ``True`` = required (ValueError if the model has none, e.g. gates on Owl2 or fused Owl3 241101),
-``False`` = off. No model has both, so ``gates=True, abstractor=True`` together (the form in
-DESIGN.md) means "the family's own internals": whichever of the two the model has is captured,
+``False`` = off. No model has both, so ``gates=True, abstractor=True`` together (the form of the
+lab's design contract) means "the family's own internals": whichever of the two the model has is captured,
 and neither being present is not an error (attention is still recorded).
 """
 from __future__ import annotations
@@ -33,20 +33,20 @@ from hooks.groups import (
     key_groups,
     token_groups,
 )
-from hooks.mapping import detect_family, find_sites
 from hooks.recording import AttentionRecord, FullMap, Recording
 from hooks.vision import VisionView, parse_vision, summarize_vision, vision_sites
+from owl_lab.families import FamilySpec, family_of, find_sites
 from owl_lab.models.observe import AttentionEvent, GateEvent, SequenceLayout
 
 DECODER_KINDS = ("self", "cross", "joint")
 QuerySelector = None | int | slice | Iterable
 
 
-def _gated(model, family: str, gate_sites) -> tuple[bool, str]:
+def _gated(model, spec: FamilySpec, gate_sites) -> tuple[bool, str]:
     """(has a gate?, why not). Owl3 240728-style hyper layers only (``hyper_attention`` 'gated', or
     'static_gate' whose g is a parameter); not Owl2, not fused 241101, not the 'sum' ablation."""
-    if family != "owl3":
-        return False, f"{family} has no adaptive gate (only mPLUG-Owl3 240728 gated hyper layers do)"
+    if not spec.has("gate_event"):
+        return False, f"{spec.name} has no adaptive gate (only mPLUG-Owl3 240728 gated hyper layers do)"
     kind = getattr(model.config, "hyper_attention", None)
     if kind is not None and kind not in ("gated", "static_gate"):
         how = "one fused softmax over image and text keys" if kind == "fused" else f"{kind!r} mixing"
@@ -88,7 +88,7 @@ class capture:
     """Context manager recording attention mass, gates and abstractor maps of an Owl model.
 
     Args:
-        model: an Owl2 or Owl3 model (``config.model_type`` 'mplug_owl2' / 'mplugowl3').
+        model: a model of a registered family (:mod:`owl_lab.families`; Owl2, Owl3).
         attention: record attention mass per token group for every decoder layer / head / query.
         gates: Owl3 240728 gate values and text/vision output split (None = if present).
         abstractor: Owl2 abstractor query→patch maps (None = if present).
@@ -118,11 +118,12 @@ class capture:
         vision: bool | str = False,
     ):
         self.model = model
-        self.family = detect_family(model)
-        self._layout_sites = find_sites(model, self.family, "layout")
+        spec = family_of(model)
+        self.family = spec.name
+        self._layout_sites = find_sites(model, spec, "layout")
         if not self._layout_sites:
             raise ValueError(f"{type(model).__name__} has no hook_layout point; is it an owl_lab model?")
-        attn_sites = find_sites(model, self.family, "attention")
+        attn_sites = find_sites(model, spec, "attention_event")
         available = [s.index for s in attn_sites]
         if layers is None:
             chosen = available
@@ -134,14 +135,14 @@ class capture:
         self.layers = chosen
         self._attn_sites = [s for s in attn_sites if s.index in chosen] if attention else []
 
-        gate_sites = [s for s in find_sites(model, self.family, "gate") if s.index in chosen]
-        has_gates, why = _gated(model, self.family, gate_sites)
+        gate_sites = [s for s in find_sites(model, spec, "gate_event") if s.index in chosen]
+        has_gates, why = _gated(model, spec, gate_sites)
         either = gates is True and abstractor is True  # "whatever this family has" (see module doc)
         if gates and not has_gates and not either:
             raise ValueError(f"gates=True, but the model has no gate to capture: {why}.")
         self._gate_sites = gate_sites if (gates is not False and has_gates) else []
 
-        abs_sites = find_sites(model, self.family, "abstractor")
+        abs_sites = find_sites(model, spec, "abstractor_event")
         if abstractor and not abs_sites and not either:
             raise ValueError(
                 f"abstractor=True, but the model has no visual abstractor ({self.family}; only "
@@ -152,7 +153,7 @@ class capture:
         self.gate_vectors = gate_vectors
         self.chunk_bytes = chunk_bytes
         self._vision = parse_vision(vision)
-        self._vision_sites = vision_sites(model, self.family) if self._vision else []
+        self._vision_sites = vision_sites(model, spec) if self._vision else []
         if self._vision and not self._vision_sites:
             raise ValueError(f"vision={vision!r}, but {type(model).__name__} has no vision attention hook points")
         self._handles: list = []
@@ -176,8 +177,8 @@ class capture:
                 self._handles.append(site.module.register_forward_hook(self._hook_gate))
             for site in self._abs_sites:
                 self._handles.append(site.module.register_forward_hook(self._hook_abstractor))
-            for _, point in self._vision_sites:
-                self._handles.append(point.register_forward_hook(self._hook_vision))
+            for site in self._vision_sites:
+                self._handles.append(site.module.register_forward_hook(self._hook_vision))
         except BaseException:
             self._remove()
             raise

@@ -22,7 +22,6 @@ exact q/k (or its probabilities on the eager path): no [N, H, T, T] tensor is ma
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,8 +29,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from owl_lab.families import FAMILIES
-from owl_lab.models.observe import AttentionEvent
+from owl_lab.families import FamilySpec, HookSite, find_sites
+from owl_lab.models.observe import AttentionEvent, HookPoint
 from owl_lab.models.observe_vision import KEY_CLS
 
 #: ``capture(vision=...)`` values: what each keeps beyond the per-query masses.
@@ -51,15 +50,21 @@ def parse_vision(vision) -> str | None:
     raise ValueError(f"vision must be False, True, 'mass', 'grid' or 'full'; got {vision!r}")
 
 
-def vision_sites(model: nn.Module, family: str) -> list[tuple[int, nn.Module]]:
-    """(layer, hook point) of every vision-encoder attention, from the family registry's ``vision_layer``."""
-    pattern = FAMILIES[family].paths.get("vision_layer")
-    if pattern is None:
-        return []
-    body = re.escape(pattern + ".self_attn.hook_attn").replace(re.escape("{k}"), r"(\d+)")
-    regex = re.compile(rf"^{body}$")
-    found = [(int(m.group(1)), mod) for path, mod in model.named_modules() if (m := regex.match(path))]
-    return sorted(found, key=lambda s: s[0])
+def vision_sites(model: nn.Module, spec: FamilySpec | str) -> list[HookSite]:
+    """The ``hook_attn`` point of every vision-encoder attention, sorted by encoder layer.
+
+    From the registry: its ``vision_event`` observation point when the family lists one, else the
+    ``self_attn.hook_attn`` of each ``vision_layer``.
+    """
+    sites = find_sites(model, spec, "vision_event")
+    if sites:
+        return sites
+    found = []
+    for layer in find_sites(model, spec, "vision_layer"):
+        point = getattr(getattr(layer.module, "self_attn", None), "hook_attn", None)
+        if isinstance(point, HookPoint):
+            found.append(HookSite("vision_event", layer.index, f"{layer.path}.self_attn.hook_attn", point))
+    return found
 
 
 @dataclass

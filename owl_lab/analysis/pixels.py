@@ -36,8 +36,7 @@ import pandas as pd
 import torch
 
 from hooks.capture import capture
-from owl_lab.families import FAMILIES
-from owl_lab.zoo import model_family
+from owl_lab.families import family_of
 
 MAP_KINDS = ("raw", "composed", "rollout")
 PIXEL_COLUMNS = ["map", "image", "token", "position", "layer", "gh", "gw", "weight"]
@@ -94,17 +93,17 @@ class PixelPath:
 def answer_positions(model, batch) -> tuple[list[int], list[int]]:
     """Decoder query positions that predict each answer token (labels != -100), and those token ids.
 
-    Owl2 expands each image marker into ``tokens_per_image`` rows, so positions live on the expanded
-    sequence (the one ``capture`` reports).
+    A family that expands each image marker into ``tokens_per_image`` rows (Owl2) has positions on the
+    expanded sequence (the one ``capture`` reports).
     """
     labels, ids = batch.get("labels"), batch["input_ids"]
     if labels is None or labels.shape[0] != 1:
         raise ValueError("answer_positions needs a one-sample batch built with answers= (labels [1, L]).")
-    marker = FAMILIES[model_family(model)].image_token_id
-    extra = (int(model.config.tokens_per_image) - 1) if marker is not None else 0
+    spec = family_of(model)
     shift = torch.zeros_like(ids[0])
-    if marker is not None:
-        shift = torch.cumsum((ids[0] == marker).long(), 0) * extra  # rows added up to and incl. p
+    if spec.expands_image_marker:
+        extra = int(model.config.tokens_per_image) - 1
+        shift = torch.cumsum((ids[0] == spec.image_token_id).long(), 0) * extra  # rows added up to and incl. p
     where = (labels[0] != -100).nonzero().flatten()
     if where.numel() == 0:
         raise ValueError("the batch has no answer tokens (all labels are -100).")
@@ -145,7 +144,7 @@ def answer_to_pixels(model, processor, example, *, answer: str | None = None, to
     Returns:
         :class:`PixelPath`; ``path.maps[kind]`` [T, N, gh, gw], ``path.table`` tidy.
     """
-    family = model_family(model)
+    spec = family_of(model)
     images = list(example.images)
     if not images:
         raise ValueError("answer_to_pixels needs a prompt with at least one image.")
@@ -153,14 +152,11 @@ def answer_to_pixels(model, processor, example, *, answer: str | None = None, to
     positions, token_ids = answer_positions(model, batch)
     chosen = _choose(tokens, len(positions))
     positions, token_ids = [positions[i] for i in chosen], [token_ids[i] for i in chosen]
-    hyper = getattr(model.config, "hyper_layer_indices", None)
-    every = list(range(model.config.num_hidden_layers))
-    layers = every if layers is None else sorted(int(i) for i in layers)
-    if hyper is not None:
-        layers = [i for i in layers if i in hyper]
+    seeing = spec.image_layers(model.config)  # decoder layers whose attention can see the image
+    asked = seeing if layers is None else sorted(int(i) for i in layers)
+    layers = [i for i in asked if i in seeing]
     if not layers:
-        raise ValueError("no decoder layer to read: Owl3 maps come from the hyper layers "
-                         f"{hyper}; got layers={layers}.")
+        raise ValueError(f"no decoder layer to read: only layers {seeing} see the image; got layers={asked}.")
     forward = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad(), capture(model, layers=layers, full_maps={i: positions for i in layers},
                                   vision="full" if rollout_encoder else False) as rec:
@@ -172,7 +168,7 @@ def answer_to_pixels(model, processor, example, *, answer: str | None = None, to
     tok = getattr(processor, "tokenizer", processor)
     return PixelPath(
         maps={k: v.mean(0) for k, v in per_layer.items()}, per_layer=per_layer, layers=layers,
-        tokens=list(tok.convert_ids_to_tokens(token_ids)), positions=positions, images=images, family=family,
+        tokens=list(tok.convert_ids_to_tokens(token_ids)), positions=positions, images=images, family=spec.name,
     )
 
 

@@ -166,9 +166,9 @@ class AnswerPixelPicker:
         ex = self.examples[self.question.value]
         n_tokens = len(processor.tokenizer(ex.answer, add_special_tokens=False).input_ids) + 1  # + end token
         self.token.max = n_tokens - 1
-        hyper = getattr(model.config, "hyper_layer_indices", None)
-        layers = list(hyper) if hyper is not None else list(range(model.config.num_hidden_layers))
-        options = ["all", *layers]
+        from owl_lab.families import family_of
+
+        options = ["all", *family_of(model).image_layers(model.config)]
         if list(self.layer.options) != options:
             self.layer.options = options
             self.layer.value = "all"

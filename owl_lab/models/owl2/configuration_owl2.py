@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from transformers import LlamaConfig
 
-IMAGE_TOKEN_INDEX = -200  # the id `<|image|>` becomes in input_ids (not a vocabulary entry)
+from owl_lab.models.loading import read_config_json
+
+IMAGE_TOKEN_INDEX = -200  # the id `<|image|>` becomes in input_ids (not a vocabulary entry); the one constant
 IGNORE_INDEX = -100  # label value ignored by the loss
 DEFAULT_IMAGE_TOKEN = "<|image|>"
 
-# Released 7B values (owl2 SPEC §1.2 / §1.3). Only meaningful fields; the official file nests the full
+# Released 7B values (data/reference/owl2/SPEC.md §1.2 / §1.3). Only meaningful fields; the official file nests the full
 # PretrainedConfig.to_dict() of each sub-config, which we keep verbatim when we read one.
 DEFAULT_VISUAL_MODEL: dict[str, Any] = {
     "model_type": "mplug_owl_vision_model",
@@ -102,7 +105,7 @@ class Owl2AbstractorSettings:
     num_hidden_layers: int
     num_attention_heads: int
     intermediate_size: int
-    layer_norm_eps: float  # only the FFN-internal ``ffn_ln``; norm1/normk/norm2 use 1e-5 (owl2 SPEC §3.3)
+    layer_norm_eps: float  # only the FFN-internal ``ffn_ln``; norm1/normk/norm2 use 1e-5 (data/reference/owl2/SPEC.md §3.3)
     encoder_hidden_size: int
     grid_size: int
     use_cls_token: bool
@@ -188,8 +191,14 @@ class Owl2Config(LlamaConfig):
         return out
 
 
+def load_config(directory: str | Path) -> Owl2Config:
+    """``config.json`` of a checkpoint directory → :class:`Owl2Config` (legacy ``torch_dtype`` read as ``dtype``)."""
+    return Owl2Config.from_dict(read_config_json(directory))
+
+
 __all__ = [
     "Owl2Config",
+    "load_config",
     "Owl2VisionSettings",
     "Owl2AbstractorSettings",
     "IMAGE_TOKEN_INDEX",

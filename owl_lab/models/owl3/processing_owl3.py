@@ -1,6 +1,6 @@
 """Owl3 processor: chat template, chunk-wise tokenization around ``<|image|>``, images, media_offset.
 
-Follows the official processor (owl3 SPEC §3.1–3.5) and adds what it lacks: batches (right padding +
+Follows the official processor (data/reference/owl3/SPEC.md §3.1–3.5) and adds what it lacks: batches (right padding +
 attention_mask), ``answers=`` → labels, and correct per-image cutting for several images.
 
 * Prompt: ``<|im_start|>system\\n<|im_end|>`` + ``\\n<|im_start|>user\\n{text}<|im_end|>`` +
@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, BatchFeature
 
+from owl_lab.models.owl3.configuration_owl3 import load_config
 from owl_lab.models.owl3.media_owl3 import NO_IMAGE_MARKER
 
 IMAGE_TOKEN = "<|image|>"
@@ -236,7 +237,5 @@ class Owl3Processor:
             settings.pop("processor_class", None)
             return cls(tokenizer, **settings)
         if config is None:
-            from owl_lab.models.owl3.loading_owl3 import load_config
-
             config = load_config(directory)
         return cls.from_config(config, tokenizer)
