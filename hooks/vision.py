@@ -20,6 +20,7 @@ attends to fully would read 1). Everything is computed query-chunk by query-chun
 exact q/k (or its probabilities on the eager path): no [N, H, T, T] tensor is materialised unless
 ``"full"`` asks for the head mean.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -98,7 +99,9 @@ def local_mask(grid: tuple[int, int], has_cls: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def summarize_vision(event: AttentionEvent, keep: str = "mass", chunk_bytes: int | None = None) -> VisionRecord:
+def summarize_vision(
+    event: AttentionEvent, keep: str = "mass", chunk_bytes: int | None = None
+) -> VisionRecord:
     """Reduce one ``vision`` event (see module doc); exact softmax, query-chunked."""
     if event.kind != "vision":
         raise ValueError(f"summarize_vision expects an event of kind 'vision', got {event.kind!r}")
@@ -135,7 +138,10 @@ def summarize_vision(event: AttentionEvent, keep: str = "mass", chunk_bytes: int
             full[:, q0:q1] = p.mean(1)
         del p
     return VisionRecord(
-        layer=int(event.layer), mass=mass.cpu(), grid=grid, has_cls=has_cls,
+        layer=int(event.layer),
+        mass=mass.cpu(),
+        grid=grid,
+        has_cls=has_cls,
         received=None if received is None else (received / T).view(N, H, *grid).cpu(),
         full=None if full is None else full.cpu(),
     )
@@ -161,11 +167,15 @@ class VisionView:
 
     def _need(self, level: str) -> None:
         if self.keep is None:
-            raise ValueError("vision attention was not captured: use capture(model, vision=True | 'grid' | 'full')")
+            raise ValueError(
+                "vision attention was not captured: use capture(model, vision=True | 'grid' | 'full')"
+            )
         if not self.records:
             raise ValueError("no vision-encoder pass was observed (no image in the inputs?)")
         if VISION_LEVELS[self.keep] < VISION_LEVELS[level]:
-            raise ValueError(f"this needs capture(model, vision={level!r}) (captured with vision={self.keep!r})")
+            raise ValueError(
+                f"this needs capture(model, vision={level!r}) (captured with vision={self.keep!r})"
+            )
 
     def _stack(self, field: str) -> torch.Tensor:
         per_layer = zip(*[[getattr(r, field) for r in p] for p in self.records], strict=True)
@@ -212,7 +222,23 @@ def _frames(r: VisionRecord, offset: int) -> list[pd.DataFrame]:
     m = r.mass.reshape(-1, 3).numpy()
     columns = [("locality", "local", m[:, 1]), ("locality", "far", m[:, 2])]
     if r.has_cls:
-        columns = [("token", "cls", m[:, 0]), ("token", "patches", m[:, 1] + m[:, 2]),
-                   ("locality", "cls", m[:, 0]), *columns]
-    return [pd.DataFrame({"layer": r.layer, "image": n + offset, "head": h, "query": q, "level": level,
-                          "group": group, "mass": values}) for level, group, values in columns]
+        columns = [
+            ("token", "cls", m[:, 0]),
+            ("token", "patches", m[:, 1] + m[:, 2]),
+            ("locality", "cls", m[:, 0]),
+            *columns,
+        ]
+    return [
+        pd.DataFrame(
+            {
+                "layer": r.layer,
+                "image": n + offset,
+                "head": h,
+                "query": q,
+                "level": level,
+                "group": group,
+                "mass": values,
+            }
+        )
+        for level, group, values in columns
+    ]

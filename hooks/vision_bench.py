@@ -8,6 +8,7 @@ with ``layers`` blocks: every block pays the same observation cost, so the ratio
 the ratio of the 24-block one. Time is process CPU time of one encoder forward, one intra-op thread,
 best of ``repeats``, modes interleaved (a shared machine's noise hits every mode alike).
 """
+
 from __future__ import annotations
 
 import time
@@ -23,19 +24,38 @@ def vit_l_448(layers: int = 2) -> Owl2ForCausalLM:
     """A random Owl2 whose ViT has ViT-L/14 width at 448 px (tiny decoder, unused here)."""
     torch.manual_seed(0)
     config = Owl2Config(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-        vocab_size=100, visual_config={
-            "visual_model": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": layers,
-                             "num_attention_heads": 16, "image_size": 448, "patch_size": 14},
-            "visual_abstractor": {"num_learnable_queries": 8, "hidden_size": 64, "num_hidden_layers": 1,
-                                  "num_attention_heads": 2, "intermediate_size": 128, "encoder_hidden_size": 1024,
-                                  "grid_size": 32},
-        })
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=100,
+        visual_config={
+            "visual_model": {
+                "hidden_size": 1024,
+                "intermediate_size": 4096,
+                "num_hidden_layers": layers,
+                "num_attention_heads": 16,
+                "image_size": 448,
+                "patch_size": 14,
+            },
+            "visual_abstractor": {
+                "num_learnable_queries": 8,
+                "hidden_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "intermediate_size": 128,
+                "encoder_hidden_size": 1024,
+                "grid_size": 32,
+            },
+        },
+    )
     return Owl2ForCausalLM(config).eval()
 
 
-def vision_capture_cost(layers: int = 2, repeats: int = 3, modes=("plain", "mass", "grid"),
-                        threads: int = 1) -> pd.DataFrame:
+def vision_capture_cost(
+    layers: int = 2, repeats: int = 3, modes=("plain", "mass", "grid"), threads: int = 1
+) -> pd.DataFrame:
     """CPU seconds of one ViT forward at 448 px per mode, and the ratio to the plain forward.
 
     Modes: ``plain`` (no hooks), ``mass`` (``capture(vision=True)``), ``grid`` (``vision="grid"``),
@@ -51,7 +71,9 @@ def vision_capture_cost(layers: int = 2, repeats: int = 3, modes=("plain", "mass
         def run(mode):
             if mode == "plain":
                 return tower(pixels).last_hidden_state
-            with capture(model, attention=False, abstractor=False, vision=True if mode == "mass" else mode) as rec:
+            with capture(
+                model, attention=False, abstractor=False, vision=True if mode == "mass" else mode
+            ) as rec:
                 out = tower(pixels).last_hidden_state
             return out, rec
 
@@ -66,8 +88,13 @@ def vision_capture_cost(layers: int = 2, repeats: int = 3, modes=("plain", "mass
                     best[m] = min(best[m], time.process_time() - t0)
     finally:
         torch.set_num_threads(old_threads)
-    return pd.DataFrame({"mode": list(modes), "cpu_seconds": [best[m] for m in modes],
-                         "ratio": [best[m] / best["plain"] for m in modes]})
+    return pd.DataFrame(
+        {
+            "mode": list(modes),
+            "cpu_seconds": [best[m] for m in modes],
+            "ratio": [best[m] / best["plain"] for m in modes],
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ hiding the cell hurts the answer.
 The procedural scenes know where every object is (:mod:`owl_lab.synth.shapes`), so a map can be
 scored by the share of its (positive) weight that lands on the object the question names.
 """
+
 from __future__ import annotations
 
 import re
@@ -52,7 +53,9 @@ def asked_object(example) -> Obj | None:
     shapes = [w for w in SHAPES if re.search(rf"\b{w}\b", text)]
     if not colors and not shapes:
         return None
-    hits = [o for o in scene.objects if all(o.color == c for c in colors) and all(o.shape == s for s in shapes)]
+    hits = [
+        o for o in scene.objects if all(o.color == c for c in colors) and all(o.shape == s for s in shapes)
+    ]
     return hits[0] if len(hits) == 1 else None
 
 
@@ -104,8 +107,18 @@ def background_pixels(processor, example, color=BACKGROUND) -> torch.Tensor:
     return processor(text=example.text, images=blank)["pixel_values"]
 
 
-def occlusion_map(model, processor, example, *, answer: str | None = None, tokens="first", grid=None,
-                  baseline="background", score: str = "logprob", perturbations_per_eval: int = 16) -> torch.Tensor:
+def occlusion_map(
+    model,
+    processor,
+    example,
+    *,
+    answer: str | None = None,
+    tokens="first",
+    grid=None,
+    baseline="background",
+    score: str = "logprob",
+    perturbations_per_eval: int = 16,
+) -> torch.Tensor:
     """Drop of the answer's probability when each patch cell of each image is occluded: [N_img, gh, gw].
 
     Args:
@@ -153,7 +166,8 @@ def occlusion_map(model, processor, example, *, answer: str | None = None, token
 
     out = torch.zeros(N, *grid)
     for n in range(N):
-        def prob(image_n: torch.Tensor) -> torch.Tensor:  # image_n [k, 3, S, S] → p(answer) [k]
+
+        def prob(image_n: torch.Tensor, n: int = n) -> torch.Tensor:  # image_n [k, 3, S, S] → score [k]
             k = image_n.shape[0]
             px = pixels.repeat(k, 1, 1, 1).view(k, N, *pixels.shape[1:]).clone()
             px[:, n] = image_n
@@ -164,8 +178,12 @@ def occlusion_map(model, processor, example, *, answer: str | None = None, token
             return total if score == "logprob" else total.exp()
 
         ablation = FeatureAblation(prob)
-        attr = ablation.attribute(pixels[n:n + 1], baselines=fill[n:n + 1], feature_mask=mask,
-                                  perturbations_per_eval=perturbations_per_eval)  # [1, 3, S, S]
+        attr = ablation.attribute(
+            pixels[n : n + 1],
+            baselines=fill[n : n + 1],
+            feature_mask=mask,
+            perturbations_per_eval=perturbations_per_eval,
+        )  # [1, 3, S, S]
         flat = torch.zeros(grid[0] * grid[1])
         flat[mask.flatten()] = attr[0, 0].flatten().float()  # every pixel of a cell holds the cell's value
         out[n] = flat.view(grid)
@@ -181,8 +199,16 @@ def askable(examples) -> list:
     return [ex for ex in examples if asked_object(ex) is not None]
 
 
-def object_hits(model, processor, examples, *, maps=MAP_TYPES, ig_steps: int = 8,
-                perturbations_per_eval: int = 64, progress: bool = True):
+def object_hits(
+    model,
+    processor,
+    examples,
+    *,
+    maps=MAP_TYPES,
+    ig_steps: int = 8,
+    perturbations_per_eval: int = 64,
+    progress: bool = True,
+):
     """Per question and map type, the share of the map's weight on the asked-about object.
 
     Maps (all for the first answer token, teacher-forced on the reference answer): ``raw``,
@@ -213,16 +239,28 @@ def object_hits(model, processor, examples, *, maps=MAP_TYPES, ig_steps: int = 8
             found.update({k: v[0, 0] for k, v in path.maps.items() if k in maps})
         if "integrated_gradients" in maps:
             batch = processor(text=ex.text, images=ex.images)
-            found["integrated_gradients"] = attribute(model, batch, target=ex.answer, n_steps=ig_steps,
-                                                      tokenizer=processor).patch_maps[0].abs()
+            found["integrated_gradients"] = (
+                attribute(model, batch, target=ex.answer, n_steps=ig_steps, tokenizer=processor)
+                .patch_maps[0]
+                .abs()
+            )
         if "occlusion" in maps:
-            found["occlusion"] = occlusion_map(model, processor, ex,
-                                               perturbations_per_eval=perturbations_per_eval)[0]
+            found["occlusion"] = occlusion_map(
+                model, processor, ex, perturbations_per_eval=perturbations_per_eval
+            )[0]
         grid = tuple(next(iter(found.values())).shape)
         cover = object_cover(obj, grid)
         chance = float(cover.mean())
         for name in maps:
             share = object_share(found[name], cover)
-            rows.append({"question": q, "task": ex.task, "map": name, "share": share, "chance": chance,
-                         "lift": share / chance})
+            rows.append(
+                {
+                    "question": q,
+                    "task": ex.task,
+                    "map": name,
+                    "share": share,
+                    "chance": chance,
+                    "lift": share / chance,
+                }
+            )
     return pd.DataFrame(rows)

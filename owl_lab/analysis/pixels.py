@@ -27,6 +27,7 @@ products of those pieces (for a token at decoder position t predicting answer to
 
 Layer aggregate ``"all"`` is the mean over the decoder layers observed (Owl3: the hyper layers).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -72,11 +73,20 @@ class PixelPath:
             names = [*self.layers, "all"]
             L, T, N, gh, gw = full.shape
             idx = np.indices((L, T, N, gh, gw)).reshape(5, -1)
-            frames.append(pd.DataFrame({
-                "map": kind, "image": idx[2], "token": np.asarray(self.tokens, dtype=object)[idx[1]],
-                "position": np.asarray(self.positions)[idx[1]], "layer": np.asarray(names, dtype=object)[idx[0]],
-                "gh": idx[3], "gw": idx[4], "weight": full.reshape(-1).numpy(),
-            }))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "map": kind,
+                        "image": idx[2],
+                        "token": np.asarray(self.tokens, dtype=object)[idx[1]],
+                        "position": np.asarray(self.positions)[idx[1]],
+                        "layer": np.asarray(names, dtype=object)[idx[0]],
+                        "gh": idx[3],
+                        "gw": idx[4],
+                        "weight": full.reshape(-1).numpy(),
+                    }
+                )
+            )
         return pd.concat(frames, ignore_index=True)[PIXEL_COLUMNS]
 
     def figure(self, token: int = 0, image: int = 0, kinds=None, title: str | None = None):
@@ -85,8 +95,9 @@ class PixelPath:
 
         kinds = list(self.maps) if kinds is None else list(kinds)
         maps = {k: self.maps[k][token, image] for k in kinds}
-        return pixel_overlay_figure(self.images[image], maps,
-                                    title=title or f"answer token {self.tokens[token]!r} → image {image}")
+        return pixel_overlay_figure(
+            self.images[image], maps, title=title or f"answer token {self.tokens[token]!r} → image {image}"
+        )
 
 
 # ------------------------------------------------------------------------------- positions
@@ -103,7 +114,9 @@ def answer_positions(model, batch) -> tuple[list[int], list[int]]:
     shift = torch.zeros_like(ids[0])
     if spec.expands_image_marker:
         extra = int(model.config.tokens_per_image) - 1
-        shift = torch.cumsum((ids[0] == spec.image_token_id).long(), 0) * extra  # rows added up to and incl. p
+        shift = (
+            torch.cumsum((ids[0] == spec.image_token_id).long(), 0) * extra
+        )  # rows added up to and incl. p
     where = (labels[0] != -100).nonzero().flatten()
     if where.numel() == 0:
         raise ValueError("the batch has no answer tokens (all labels are -100).")
@@ -126,8 +139,17 @@ def rollout(full: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------- the main call
-def answer_to_pixels(model, processor, example, *, answer: str | None = None, tokens="first",
-                     rollout_encoder: bool = True, abstractor_layer: int = -1, layers=None) -> PixelPath:
+def answer_to_pixels(
+    model,
+    processor,
+    example,
+    *,
+    answer: str | None = None,
+    tokens="first",
+    rollout_encoder: bool = True,
+    abstractor_layer: int = -1,
+    layers=None,
+) -> PixelPath:
     """Maps from chosen answer tokens to each image's patch grid (see the module docstring).
 
     Args:
@@ -148,7 +170,9 @@ def answer_to_pixels(model, processor, example, *, answer: str | None = None, to
     images = list(example.images)
     if not images:
         raise ValueError("answer_to_pixels needs a prompt with at least one image.")
-    batch = processor(text=example.text, images=images, answers=answer if answer is not None else example.answer)
+    batch = processor(
+        text=example.text, images=images, answers=answer if answer is not None else example.answer
+    )
     positions, token_ids = answer_positions(model, batch)
     chosen = _choose(tokens, len(positions))
     positions, token_ids = [positions[i] for i in chosen], [token_ids[i] for i in chosen]
@@ -158,8 +182,15 @@ def answer_to_pixels(model, processor, example, *, answer: str | None = None, to
     if not layers:
         raise ValueError(f"no decoder layer to read: only layers {seeing} see the image; got layers={asked}.")
     forward = {k: v for k, v in batch.items() if k != "labels"}
-    with torch.no_grad(), capture(model, layers=layers, full_maps={i: positions for i in layers},
-                                  vision="full" if rollout_encoder else False) as rec:
+    with (
+        torch.no_grad(),
+        capture(
+            model,
+            layers=layers,
+            full_maps={i: positions for i in layers},
+            vision="full" if rollout_encoder else False,
+        ) as rec,
+    ):
         model(**forward)
     if rec.abstractor_records:
         per_layer = _owl2_maps(rec, layers, positions, len(images), abstractor_layer, rollout_encoder)
@@ -167,8 +198,13 @@ def answer_to_pixels(model, processor, example, *, answer: str | None = None, to
         per_layer = _owl3_maps(rec, layers, positions, len(images), rollout_encoder)
     tok = getattr(processor, "tokenizer", processor)
     return PixelPath(
-        maps={k: v.mean(0) for k, v in per_layer.items()}, per_layer=per_layer, layers=layers,
-        tokens=list(tok.convert_ids_to_tokens(token_ids)), positions=positions, images=images, family=spec.name,
+        maps={k: v.mean(0) for k, v in per_layer.items()},
+        per_layer=per_layer,
+        layers=layers,
+        tokens=list(tok.convert_ids_to_tokens(token_ids)),
+        positions=positions,
+        images=images,
+        family=spec.name,
     )
 
 
@@ -180,7 +216,9 @@ def _choose(tokens, n: int) -> list[int]:
     chosen = [int(i) for i in ([tokens] if isinstance(tokens, int) else tokens)]
     bad = [i for i in chosen if not -n <= i < n]
     if bad:
-        raise ValueError(f"answer-token indices {bad} out of range: the answer has {n} tokens (eos included).")
+        raise ValueError(
+            f"answer-token indices {bad} out of range: the answer has {n} tokens (eos included)."
+        )
     return [i % n for i in chosen]
 
 
@@ -204,7 +242,9 @@ def _owl2_maps(rec, layers, positions, n_img, abstractor_layer, with_rollout) ->
     for i in layers:
         fm = rec.full_maps[(0, i, "self")]
         p = _rows(fm, positions)  # [T, Lk]
-        d = torch.stack([p[:, (fm.key_image[0] == n).nonzero().flatten()[:Q]] for n in range(n_img)], 1)  # [T, N, Q]
+        d = torch.stack(
+            [p[:, (fm.key_image[0] == n).nonzero().flatten()[:Q]] for n in range(n_img)], 1
+        )  # [T, N, Q]
         comp.append(torch.einsum("tnq,nqhw->tnhw", d, patch))
         raw.append(d.sum(-1)[..., None, None] * patch.mean(1)[None])
         if with_rollout:
@@ -225,13 +265,20 @@ def _owl3_maps(rec, layers, positions, n_img, with_rollout) -> dict:
             raise ValueError(f"layer {i} recorded no cross/joint attention (no image visible to the answer?)")
         fm = rec.full_maps[key]
         p = _rows(fm, positions)  # [T, Lk]
-        c = torch.stack([p[:, ((fm.key_image[0] == n) & (fm.key_position[0] < 0)).nonzero().flatten()]
-                         for n in range(n_img)], 1)  # [T, N, P]
+        c = torch.stack(
+            [
+                p[:, ((fm.key_image[0] == n) & (fm.key_position[0] < 0)).nonzero().flatten()]
+                for n in range(n_img)
+            ],
+            1,
+        )  # [T, N, P]
         P = c.shape[-1]
         g = int(round(P**0.5))
         share = torch.ones(len(positions))
         if len(split):
-            rows = split[(split["layer"] == i) & (split["call"] == 0) & (split["step"] == 0)].set_index("query")
+            rows = split[(split["layer"] == i) & (split["call"] == 0) & (split["step"] == 0)].set_index(
+                "query"
+            )
             share = torch.tensor([float(rows.loc[t, "vision_share"]) for t in positions])
         raw.append(c.view(-1, n_img, g, g))
         comp.append((share[:, None, None] * c).view(-1, n_img, g, g))

@@ -1,4 +1,5 @@
 """Figures for notebook 16: pixel maps laid over the image, and how much of each map lands on the object."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,7 +31,9 @@ def _png_source(rgb: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def pixel_overlay_figure(image, maps: dict, *, cover=None, opacity: float = 0.55, title: str = "") -> go.Figure:
+def pixel_overlay_figure(
+    image, maps: dict, *, cover=None, opacity: float = 0.55, title: str = ""
+) -> go.Figure:
     """The image, then each map [grid_h, grid_w] over it, scaled to its own positive maximum.
 
     Args:
@@ -49,16 +52,39 @@ def pixel_overlay_figure(image, maps: dict, *, cover=None, opacity: float = 0.55
         z = z / z.max() if z.max() > 0 else z
         gh, gw = z.shape
         fig.add_trace(go.Image(source=source), row=1, col=col)
-        fig.add_trace(go.Heatmap(z=z, x0=w / gw / 2, dx=w / gw, y0=h / gh / 2, dy=h / gh, zmin=0, zmax=1,
-                                 colorscale="Inferno", opacity=opacity, showscale=col == 2,
-                                 colorbar_title="share of max", name=name), row=1, col=col)
+        fig.add_trace(
+            go.Heatmap(
+                z=z,
+                x0=w / gw / 2,
+                dx=w / gw,
+                y0=h / gh / 2,
+                dy=h / gh,
+                zmin=0,
+                zmax=1,
+                colorscale="Inferno",
+                opacity=opacity,
+                showscale=col == 2,
+                colorbar_title="share of max",
+                name=name,
+            ),
+            row=1,
+            col=col,
+        )
     if cover is not None:
         c = _grid(cover)
         gh, gw = c.shape
         for r, k in zip(*np.nonzero(c > 0), strict=True):
             for col in range(1, 2 + len(maps)):
-                fig.add_shape(type="rect", x0=k * w / gw, x1=(k + 1) * w / gw, y0=r * h / gh, y1=(r + 1) * h / gh,
-                              line=dict(color="cyan", width=1), row=1, col=col)
+                fig.add_shape(
+                    type="rect",
+                    x0=k * w / gw,
+                    x1=(k + 1) * w / gw,
+                    y0=r * h / gh,
+                    y1=(r + 1) * h / gh,
+                    line=dict(color="cyan", width=1),
+                    row=1,
+                    col=col,
+                )
     fig.update_xaxes(showticklabels=False)
     fig.update_yaxes(showticklabels=False, autorange="reversed")
     fig.update_layout(title=title, template="plotly_white", height=300, width=240 * (1 + len(maps)))
@@ -75,12 +101,31 @@ def object_hit_figure(summary: pd.DataFrame, *, title: str = "") -> go.Figure:
     fig = go.Figure()
     for i, model in enumerate(models):
         rows = summary[summary["model"] == model]
-        fig.add_trace(go.Bar(x=rows["map"], y=rows["share"], name=model, marker_color=[VISUAL, TEXT][i % 2],
-                             error_y=dict(type="data", array=2 * rows["share_se"].to_numpy())))
-        fig.add_trace(go.Scatter(x=rows["map"], y=rows["chance"], mode="markers", name=f"{model} chance (area)",
-                                 marker=dict(symbol="line-ew-open", size=28, color="black")))
-    fig.update_layout(barmode="group", template="plotly_white", height=360, title=title,
-                      yaxis_title="share of map weight on the object (±2 SE)")
+        fig.add_trace(
+            go.Bar(
+                x=rows["map"],
+                y=rows["share"],
+                name=model,
+                marker_color=[VISUAL, TEXT][i % 2],
+                error_y=dict(type="data", array=2 * rows["share_se"].to_numpy()),
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=rows["map"],
+                y=rows["chance"],
+                mode="markers",
+                name=f"{model} chance (area)",
+                marker=dict(symbol="line-ew-open", size=28, color="black"),
+            )
+        )
+    fig.update_layout(
+        barmode="group",
+        template="plotly_white",
+        height=360,
+        title=title,
+        yaxis_title="share of map weight on the object (±2 SE)",
+    )
     return fig
 
 
@@ -100,8 +145,9 @@ class PixelView:
         return f"{self.question!r} → {self.token!r}: {nums}"
 
 
-def answer_pixels_view(model, processor, example, *, token: int = 0, layer="all",
-                       occlusion: bool = True) -> PixelView:
+def answer_pixels_view(
+    model, processor, example, *, token: int = 0, layer="all", occlusion: bool = True
+) -> PixelView:
     """Maps of one answer token of one question over its (first) image, with their object shares.
 
     Args:
@@ -124,15 +170,21 @@ def answer_pixels_view(model, processor, example, *, token: int = 0, layer="all"
     else:
         raise ValueError(f"layer must be 'all' or one of {path.layers}; got {layer!r}")
     if occlusion:
-        maps["occlusion"] = occlusion_map(model, processor, example, tokens=[token], perturbations_per_eval=64)[0]
+        maps["occlusion"] = occlusion_map(
+            model, processor, example, tokens=[token], perturbations_per_eval=64
+        )[0]
     obj = asked_object(example)
     cover = None if obj is None else object_cover(obj, tuple(maps["composed"].shape))
     numbers = {} if cover is None else {k: object_share(v, cover) for k, v in maps.items()}
     if cover is not None:
         numbers["chance"] = float(cover.mean())
     tok = path.tokens[token]
-    fig = pixel_overlay_figure(example.images[0], maps, cover=cover,
-                               title=f"{example.text!r} → {tok!r} (layer {layer}); cyan: the asked-about object")
+    fig = pixel_overlay_figure(
+        example.images[0],
+        maps,
+        cover=cover,
+        title=f"{example.text!r} → {tok!r} (layer {layer}); cyan: the asked-about object",
+    )
     return PixelView(example.text, tok, numbers, fig)
 
 
@@ -147,8 +199,13 @@ class AnswerPixelPicker:
             raise ValueError("the picker needs at least one model and one example")
         self.models, self.examples, self.occlusion = models, examples, occlusion
         self.model = w.Dropdown(options=list(models), description="model")
-        self.question = w.Dropdown(options=[(f"{i}: {e.text.replace('<|image|>', '')} ({e.answer})", i)
-                                            for i, e in enumerate(examples)], value=0, description="question")
+        self.question = w.Dropdown(
+            options=[
+                (f"{i}: {e.text.replace('<|image|>', '')} ({e.answer})", i) for i, e in enumerate(examples)
+            ],
+            value=0,
+            description="question",
+        )
         self.token = w.IntSlider(value=0, min=0, max=4, description="answer token", continuous_update=False)
         self.layer = w.Dropdown(options=["all"], value="all", description="layer")
         self.text = w.HTML()
@@ -157,8 +214,9 @@ class AnswerPixelPicker:
         self._sync()
         for c in (self.model, self.question, self.token, self.layer):
             c.observe(lambda _change: self.update(), names="value")
-        self.widget = w.VBox([w.HBox([self.model, self.question]), w.HBox([self.token, self.layer]),
-                              self.text, self.output])
+        self.widget = w.VBox(
+            [w.HBox([self.model, self.question]), w.HBox([self.token, self.layer]), self.text, self.output]
+        )
 
     def _sync(self) -> None:
         """Bound the token slider by the answer's length and the layer menu by the model's path layers."""
@@ -178,8 +236,14 @@ class AnswerPixelPicker:
 
         self._sync()
         model, processor = self.models[self.model.value]
-        self.view = answer_pixels_view(model, processor, self.examples[self.question.value],
-                                       token=self.token.value, layer=self.layer.value, occlusion=self.occlusion)
+        self.view = answer_pixels_view(
+            model,
+            processor,
+            self.examples[self.question.value],
+            token=self.token.value,
+            layer=self.layer.value,
+            occlusion=self.occlusion,
+        )
         self.text.value = f"<code>{self.view.text}</code>"
         self.output.outputs = (figure_output(self.view.figure),)
         return self.view
@@ -192,5 +256,11 @@ def answer_pixel_picker(models: dict, examples: list, occlusion: bool = True) ->
     return picker
 
 
-__all__ = ["AnswerPixelPicker", "PixelView", "answer_pixel_picker", "answer_pixels_view", "object_hit_figure",
-           "pixel_overlay_figure"]
+__all__ = [
+    "AnswerPixelPicker",
+    "PixelView",
+    "answer_pixel_picker",
+    "answer_pixels_view",
+    "object_hit_figure",
+    "pixel_overlay_figure",
+]

@@ -1,4 +1,5 @@
 """capture(vision=...): the vision encoders' attention (kind 'vision') on both tiny families."""
+
 from __future__ import annotations
 
 import pytest
@@ -65,7 +66,7 @@ def test_vision_masses_sum_to_one_per_level(owl):
         cls_query = df[(df["query"] == 0) & (df["group"] == "local")]
         assert (cls_query["mass"] == 0).all()
     with pytest.raises(ValueError, match="vision='grid'"):
-        rec.vision.maps
+        _ = rec.vision.maps
 
 
 def test_vision_capture_leaves_logits_bitwise_equal(owl):
@@ -116,4 +117,4 @@ def test_vision_off_by_default(owl):
     with torch.no_grad(), capture(model) as rec:
         model(**batch)
     with pytest.raises(ValueError, match="not captured"):
-        rec.vision.mass
+        _ = rec.vision.mass

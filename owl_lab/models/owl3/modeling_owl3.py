@@ -38,10 +38,10 @@ from owl_lab.models.observe import (
     HookPoint,
     SequenceLayout,
 )
+from owl_lab.models.observe_vision import vision_event
 from owl_lab.models.owl3.configuration_owl3 import Owl3Config, complete_config, load_config
 from owl_lab.models.owl3.hyper_attention_owl3 import AttnContext, Owl3Attention, Owl3HyperAttention
 from owl_lab.models.owl3.media_owl3 import pad_per_sample, resolve_media
-from owl_lab.models.observe_vision import vision_event
 
 
 class Owl3VisionAttention(SiglipAttention):

@@ -1,4 +1,5 @@
 """owl_lab.analysis.occlusion: captum occlusion against a hand-occluded forward; the object scorer."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,7 +22,9 @@ from owl_lab.synth.tasks import Example
 
 
 def known_scene_example() -> Example:
-    scene = Scene((Obj("circle", "red", "large", "plain", 0, 2), Obj("square", "blue", "small", "plain", 2, 0)))
+    scene = Scene(
+        (Obj("circle", "red", "large", "plain", 0, 2), Obj("square", "blue", "small", "plain", 2, 0))
+    )
     return Example("color", "<|image|>What color is the circle?", "red", [render(scene)], [scene])
 
 
@@ -47,7 +50,9 @@ def test_asked_object_per_question_kind():
             elif task == "position":
                 assert e.answer == obj.position
             else:
-                assert e.answer == getattr(obj, {"color": "color", "size": "size", "pattern": "pattern"}[task])
+                assert e.answer == getattr(
+                    obj, {"color": "color", "size": "size", "pattern": "pattern"}[task]
+                )
     assert found >= 30
     for task in ("count", "caption", "add"):
         assert all(asked_object(e) is None for e in synth.eval_set(task, 4, seed=1))

@@ -1,4 +1,5 @@
 """owl_lab.analysis.pixels: the composed answer→pixels maps against the models' own eager attentions."""
+
 from __future__ import annotations
 
 import pytest
@@ -51,11 +52,11 @@ def test_composed_maps_equal_eager_products(owl):
         if name.startswith("owl2"):
             Q = model.config.tokens_per_image - 1
             start = int((batch["input_ids"][0] == -200).nonzero()[0])
-            d = out.attentions[layer][0, :, t, start:start + Q].mean(0)  # [T, Q] decoder → query rows
+            d = out.attentions[layer][0, :, t, start : start + Q].mean(0)  # [T, Q] decoder → query rows
             with torch.no_grad():
                 feats = model.model.vision_model(forward["pixel_values"]).last_hidden_state
                 abstr = model.model.visual_abstractor(feats, output_attentions=True).attentions[-1]
-            A = abstr[0].mean(0)[:, Q + 1:]  # [Q, P] query → patches (after the query keys and CLS)
+            A = abstr[0].mean(0)[:, Q + 1 :]  # [Q, P] query → patches (after the query keys and CLS)
             assert torch.allclose(got, d @ A, atol=1e-5)
             raw = path.per_layer["raw"][li, :, 0].flatten(1)
             assert torch.allclose(raw, d.sum(-1, keepdim=True) * A.mean(0), atol=1e-5)

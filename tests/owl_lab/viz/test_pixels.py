@@ -1,4 +1,5 @@
 """owl_lab.viz.pixels: the overlay, the hit-rate bars and the question / token picker."""
+
 from __future__ import annotations
 
 import pandas as pd
@@ -8,7 +9,12 @@ import torch
 from owl_lab import load_owl
 from owl_lab.synth import Obj, Scene, render
 from owl_lab.synth.tasks import Example
-from owl_lab.viz.pixels import answer_pixel_picker, answer_pixels_view, object_hit_figure, pixel_overlay_figure
+from owl_lab.viz.pixels import (
+    answer_pixel_picker,
+    answer_pixels_view,
+    object_hit_figure,
+    pixel_overlay_figure,
+)
 
 
 def _example(answer_color="red") -> Example:
@@ -24,8 +30,15 @@ def test_overlay_and_hit_figures():
     assert len(fig.data) == 5 and len(fig.layout.shapes) == 3  # the outlined cell in each of 3 panels
     with pytest.raises(ValueError, match="2-D"):
         pixel_overlay_figure(ex.images[0], {"a": torch.rand(2, 8, 8)})
-    summary = pd.DataFrame({"model": ["m", "m"], "map": ["raw", "composed"], "share": [0.1, 0.3],
-                            "share_se": [0.01, 0.02], "chance": [0.04, 0.04]})
+    summary = pd.DataFrame(
+        {
+            "model": ["m", "m"],
+            "map": ["raw", "composed"],
+            "share": [0.1, 0.3],
+            "share_se": [0.01, 0.02],
+            "chance": [0.04, 0.04],
+        }
+    )
     assert len(object_hit_figure(summary).data) == 2
 
 
