@@ -28,7 +28,8 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from ..attention import attention, check_attn_implementation
-from ..cache_compat import CACHE_FIELD, resolve_cache
+from ..cache_compat import CACHE_FIELD
+from ..generation_utils import left_align, prepare_cache, restore_prompt
 from ..observe import HookPoint
 from .configuration_owl2 import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Owl2Config
 from .modeling_owl2_vision import (
@@ -209,10 +210,7 @@ class Owl2Model(Owl2PreTrainedModel):
         sequence; hidden_states follow the official (transformers 4.31) convention: the input of every
         layer, then the final normed output. ``cache=`` is the transformers >= 5.24 name of
         ``past_key_values=`` (see cache_compat)."""
-        past_key_values = resolve_cache(past_key_values, cache)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = Owl2Cache(config=self.config)
+        past_key_values, use_cache = prepare_cache(self.config, use_cache, past_key_values, cache, Owl2Cache)
         if sequence is None:
             sequence = self.build_sequence(input_ids, _pixels(pixel_values, images), attention_mask, None,
                                            position_ids, inputs_embeds, modality_indicators, past_key_values)
@@ -273,14 +271,11 @@ class Owl2ForCausalLM(Owl2PreTrainedModel, GenerationMixin):
         ``cache=`` is the transformers >= 5.24 name of ``past_key_values=`` (generate passes it)."""
         if kwargs:
             raise TypeError(f"Unexpected arguments for Owl2ForCausalLM.forward: {sorted(kwargs)}")
-        past_key_values = resolve_cache(past_key_values, cache)
         check_attn_implementation(self.config)
+        past_key_values, use_cache = prepare_cache(self.config, use_cache, past_key_values, cache, Owl2Cache)
         output_attentions = bool(output_attentions if output_attentions is not None else self.config.output_attentions)
         output_hidden_states = bool(output_hidden_states if output_hidden_states is not None
                                     else self.config.output_hidden_states)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = Owl2Cache(config=self.config)
 
         seq = self.model.build_sequence(input_ids, _pixels(pixel_values, images), attention_mask, labels,
                                         position_ids, inputs_embeds, modality_indicators, past_key_values)
@@ -307,21 +302,13 @@ class Owl2ForCausalLM(Owl2PreTrainedModel, GenerationMixin):
         """HF generate with the image alias and right padding handled: right-padded prompts are
         moved to left padding for decoding (the returned prompt part is the caller's input_ids)."""
         pixel_values = _pixels(pixel_values, images)
-        original = None
-        if input_ids is not None and attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
-            original = input_ids
-            order = torch.argsort(attention_mask.to(torch.int), dim=1, stable=True)  # pads first
-            input_ids, attention_mask = input_ids.gather(1, order), attention_mask.gather(1, order)
         if pixel_values is not None:
             kwargs["pixel_values"] = pixel_values
-        out = super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        if original is not None:
-            sequences = out if isinstance(out, torch.Tensor) else out.sequences
-            sequences = torch.cat([original.to(sequences.device), sequences[:, original.shape[1]:]], dim=1)
-            if isinstance(out, torch.Tensor):
-                return sequences
-            out.sequences = sequences
-        return out
+        if input_ids is None:
+            return super().generate(attention_mask=attention_mask, **kwargs)
+        ids, mask, order = left_align(input_ids, attention_mask)
+        out = super().generate(input_ids=ids, attention_mask=mask, **kwargs)
+        return out if order is None else restore_prompt(out, input_ids)
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
         inputs = super().prepare_inputs_for_generation(*args, **kwargs)

@@ -11,7 +11,8 @@ Everything else (visibility masks, MI-RoPE positions, decode-step behaviour) is 
 ``image_starts`` and the query positions, so no module keeps state between calls, and beam search can
 expand both tensors along the batch dimension like any other input.
 
-Official ``media_offset`` formats accepted here (owl3 SPEC §3.5, golden README §7):
+Official ``media_offset`` formats accepted here (owl3 SPEC §3.5; §7 of the golden fixtures' README,
+``tests/fixtures/reference/owl3/goldens/owl3-tiny-a/README.md``):
 
 * dense ``[B, L, 2]`` (240728 / 241014): row t of sample b is ``(base_b, base_b + c_t)`` with
   c_t = #{n : s_n < t} and base_b the index of the sample's first image in the batch-global

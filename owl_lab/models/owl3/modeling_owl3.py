@@ -23,13 +23,13 @@ import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel, SiglipVisionModel
 from transformers import initialization as init
-from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm, Qwen2RotaryEmbedding
 from transformers.models.siglip.modeling_siglip import SiglipAttention
 
 from owl_lab.models.attention import check_attn_implementation
-from owl_lab.models.cache_compat import CACHE_FIELD, resolve_cache
+from owl_lab.models.cache_compat import CACHE_FIELD
+from owl_lab.models.generation_utils import left_align, prepare_cache, restore_prompt
 from owl_lab.models.observe import (
     TOKEN_GENERATED,
     TOKEN_PAD,
@@ -310,16 +310,13 @@ class Owl3ForCausalLM(Owl3PreTrainedModel, GenerationMixin):
         ``cache=`` is the transformers >= 5.24 name of ``past_key_values=`` (generate passes it; without
         the explicit parameter it would vanish into ``**kwargs``).
         """
-        past_key_values = resolve_cache(past_key_values, cache)
         check_attn_implementation(self.config)  # before the SigLIP tower, which would run anything
+        past_key_values, use_cache = prepare_cache(self.config, use_cache, past_key_values, cache)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.language_model.model.embed_tokens(input_ids)
         batch, length = inputs_embeds.shape[:2]
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         self._check_attention_mask(attention_mask, batch, past + length)
         if image_embeds is None and (pixel_values is not None or media_offset is not None):
@@ -395,19 +392,11 @@ class Owl3ForCausalLM(Owl3PreTrainedModel, GenerationMixin):
             image_embeds, image_starts = self.prepare_images(pixel_values, media_offset, input_ids.shape, attention_mask)
         elif image_embeds is None and media_offset is not None:
             resolve_media(media_offset, 0, input_ids.shape[0], attention_mask)  # validates: text-only
-        ids, mask = input_ids, attention_mask
-        if not bool(attention_mask.all()):
-            order = torch.sort(attention_mask.long(), dim=1, stable=True).indices  # pads first, order kept
-            ids, mask = input_ids.gather(1, order), attention_mask.gather(1, order)
-            if image_starts is not None:
-                new_index = torch.argsort(order, dim=1)  # old position → new position
-                moved = new_index.gather(1, image_starts.clamp(min=0).to(order.device))
-                image_starts = torch.where(image_starts >= 0, moved.to(image_starts.device), -1)
+        ids, mask, order = left_align(input_ids, attention_mask)
+        if order is not None and image_starts is not None:
+            new_index = torch.argsort(order, dim=1)  # old position → new position
+            moved = new_index.gather(1, image_starts.clamp(min=0).to(order.device))
+            image_starts = torch.where(image_starts >= 0, moved.to(image_starts.device), -1)
         out = super().generate(input_ids=ids, attention_mask=mask, image_embeds=image_embeds,
                                image_starts=image_starts, **kwargs)
-        if ids is input_ids:
-            return out
-        sequences = out if isinstance(out, torch.Tensor) else out.sequences
-        prompt = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
-        sequences[:, : input_ids.shape[1]] = prompt.to(sequences.device)
-        return out
+        return out if order is None else restore_prompt(out, input_ids)
