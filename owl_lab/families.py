@@ -148,6 +148,16 @@ class FamilySpec:
         """True when the family has ``component`` (a key of :attr:`paths`)."""
         return component in self.paths
 
+    def image_marker(self, config) -> int | None:
+        """The id marking an image in ``input_ids``: the family's fixed sentinel (Owl2 ``-200``), else the
+        config's image token id for families whose image rows are vocabulary tokens (LLaVA's
+        ``image_token_id``); None when images are not marked in ``input_ids`` rows (Owl3)."""
+        if self.image_token_id is not None:
+            return self.image_token_id
+        if not self.images_in_sequence:
+            return None
+        return getattr(config, "image_token_id", getattr(config, "image_token_index", None))
+
     def path(self, component: str, i: int | None = None, k: int | None = None) -> str:
         """The module path of ``component`` (``{i}`` / ``{k}`` filled); KeyError naming the known ones."""
         if component not in self.paths:
