@@ -113,10 +113,9 @@ def answer_positions(model, batch) -> tuple[list[int], list[int]]:
     spec = family_of(model)
     shift = torch.zeros_like(ids[0])
     if spec.expands_image_marker:
-        extra = int(model.config.tokens_per_image) - 1
-        shift = (
-            torch.cumsum((ids[0] == spec.image_token_id).long(), 0) * extra
-        )  # rows added up to and incl. p
+        extra = int(model.config.tokens_per_image) - 1  # rows each marker adds
+        marker = spec.image_marker(model.config)
+        shift = torch.cumsum((ids[0] == marker).long(), 0) * extra  # rows added up to and incl. position p
     where = (labels[0] != -100).nonzero().flatten()
     if where.numel() == 0:
         raise ValueError("the batch has no answer tokens (all labels are -100).")
