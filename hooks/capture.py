@@ -35,6 +35,7 @@ from hooks.groups import (
 )
 from hooks.recording import AttentionRecord, FullMap, Recording
 from hooks.reductions import allowed_rows, choose_queries, head_subset, parse_reductions
+from hooks.vision import VisionView, parse_vision, summarize_vision, vision_sites
 from owl_lab.families import FamilySpec, family_of, find_sites
 from owl_lab.models.observe import AttentionEvent, GateEvent, SequenceLayout
 
@@ -98,6 +99,9 @@ class capture:
             of positions. Stored in ``rec.full_maps[(call, step, layer, kind)]`` (``(step, layer, kind)``
             reads call 0).
         gate_vectors: also keep full gate vectors [B, L, H, D] and both output parts.
+        vision: the vision encoder's attention (kind ``vision``, :mod:`hooks.vision`) in ``rec.vision``:
+            False (default, off), True = per-query mass on CLS / local / far patches, ``"grid"`` = also
+            the received attention per patch, ``"full"`` = also head-mean [T, T] maps (for rollout).
         chunk_bytes: size budget of one score chunk (default: the size of the event's q tensor,
             clamped to [1 MB, 8 MB]).
         heads: in-hook head reduction of the attention mass: None (all heads), ``"mean"`` (mean
@@ -120,6 +124,7 @@ class capture:
         chunk_bytes: int | None = None,
         heads=None,
         queries=None,
+        vision: bool | str = False,
     ):
         self.model = model
         n_heads = getattr(getattr(model, "config", None), "num_attention_heads", None)
@@ -158,6 +163,10 @@ class capture:
         self._full_maps = _parse_full_maps(full_maps, chosen)
         self.gate_vectors = gate_vectors
         self.chunk_bytes = chunk_bytes
+        self._vision = parse_vision(vision)
+        self._vision_sites = vision_sites(model, spec) if self._vision else []
+        if self._vision and not self._vision_sites:
+            raise ValueError(f"vision={vision!r}, but {type(model).__name__} has no vision attention hook points")
         self._handles: list = []
         self.recording: Recording | None = None
 
@@ -166,6 +175,7 @@ class capture:
         if self._handles:
             raise RuntimeError("this capture is already active")
         self.recording = Recording(self.family)
+        self.recording.vision = VisionView(self._vision)
         self._history = SequenceHistory()
         self._step, self._call = -1, -1
         self._groups: dict = {}
@@ -178,6 +188,8 @@ class capture:
                 self._handles.append(site.module.register_forward_hook(self._hook_gate))
             for site in self._abs_sites:
                 self._handles.append(site.module.register_forward_hook(self._hook_abstractor))
+            for site in self._vision_sites:
+                self._handles.append(site.module.register_forward_hook(self._hook_vision))
         except BaseException:
             self._remove()
             raise
@@ -335,3 +347,8 @@ class capture:
         calls[-1].append(summarize_abstractor(event, self.chunk_bytes))
         self.recording._changed()
 
+    def _hook_vision(self, module, args, output):
+        event = args[0]
+        if not isinstance(event, AttentionEvent) or event.kind != "vision":
+            raise TypeError(f"vision hook_attn expects an AttentionEvent of kind 'vision', got {event!r:.80}")
+        self.recording.vision.add(summarize_vision(event, self._vision, self.chunk_bytes))

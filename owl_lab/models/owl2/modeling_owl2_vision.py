@@ -17,6 +17,7 @@ from transformers.activations import ACT2FN
 
 from ..attention import Allowed, attention
 from ..observe import HookPoint
+from ..observe_vision import vision_key_facts
 from .configuration_owl2 import Owl2Config
 
 # ================================================================================================
@@ -67,6 +68,7 @@ class Owl2VisionAttention(nn.Module):
         self.query_key_value = nn.Linear(s.hidden_size, 3 * s.hidden_size)
         self.dense = nn.Linear(s.hidden_size, s.hidden_size)
         self.attention_edit = None  # knockout slot, see owl_lab.models.attention
+        self.hook_attn = HookPoint()  # kind "vision" events (observe_vision), only read by hooks
 
     def forward(self, x: torch.Tensor, output_attentions: bool = False):
         N, T, _ = x.shape
@@ -75,9 +77,9 @@ class Owl2VisionAttention(nn.Module):
         allowed = Allowed((N, T, T), fast="all", device=x.device)
 
         def describe() -> dict:
-            return dict(query_index=torch.arange(T, device=x.device),
-                        key_position=torch.arange(T, device=x.device).expand(N, -1),
-                        key_image=torch.full((N, T), -1, device=x.device))
+            s = self.config.vision_settings
+            grid = s.image_size // s.patch_size
+            return vision_key_facts(N, T, (grid, grid), s.use_cls_token, x.device)
 
         # softmax in the model dtype like the official ViT (no fp32 upcast)
         ctx, probs, _ = attention(self, q, k, v, allowed, self.scale, "vision", describe,

@@ -25,6 +25,7 @@ from transformers import GenerationMixin, PreTrainedModel, SiglipVisionModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm, Qwen2RotaryEmbedding
+from transformers.models.siglip.modeling_siglip import SiglipAttention
 
 from owl_lab.models.attention import check_attn_implementation
 from owl_lab.models.cache_compat import CACHE_FIELD
@@ -37,9 +38,33 @@ from owl_lab.models.observe import (
     HookPoint,
     SequenceLayout,
 )
+from owl_lab.models.observe_vision import vision_event
 from owl_lab.models.owl3.configuration_owl3 import Owl3Config, complete_config, load_config
 from owl_lab.models.owl3.hyper_attention_owl3 import AttnContext, Owl3Attention, Owl3HyperAttention
 from owl_lab.models.owl3.media_owl3 import pad_per_sample, resolve_media
+
+
+class Owl3VisionAttention(SiglipAttention):
+    """transformers' SigLIP attention (same keys, same forward) plus a ``hook_attn`` point (kind ``vision``).
+
+    Unobserved, ``forward`` is exactly transformers' one. Observed, q/k are recomputed with the same
+    projections to build the event (no CLS token: SigLIP has none).
+    """
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config)
+        self.layer_idx = layer_idx
+        self.hook_attn = HookPoint()
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        out, probs = super().forward(hidden_states, attention_mask, **kwargs)
+        if self.hook_attn.active:
+            shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+            q = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # [N, h, T, hd]
+            k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+            grid = self.config.image_size // self.config.patch_size
+            self.hook_attn(vision_event(self.layer_idx, q, k, self.scale, (grid, grid), False, probs))
+        return out, probs
 
 
 @dataclass
@@ -212,6 +237,8 @@ class Owl3ForCausalLM(Owl3PreTrainedModel, GenerationMixin):
             )
         self.language_model = Owl3LanguageModel(config)
         self.vision_model = SiglipVisionModel(config.vision_config)
+        for k, vision_layer in enumerate(self.vision_model.encoder.layers):  # observation points (kind vision)
+            vision_layer.self_attn = Owl3VisionAttention(config.vision_config, k)
         v, h = config.vision_config.hidden_size, config.hidden_size
         if config.projector == "mlp":
             self.vision2text_model = nn.Sequential(nn.Linear(v, h), nn.GELU(), nn.Linear(h, h))
