@@ -22,9 +22,12 @@ examples in some seed: such a verdict says what this draw shows, not what the de
 """
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -207,5 +210,54 @@ def format_findings(table: pd.DataFrame, *, title: str = "What we found") -> str
     return "\n".join(lines)
 
 
-__all__ = ["Effect", "Finding", "K", "MIN_N", "VERDICTS", "findings_table", "finding", "format_findings",
-           "from_paired", "from_samples", "judge"]
+_CLAIM = re.compile(r"^(\d+)\. (.*) \[([^\[\]]*(?:\([^()]*\))?[^\[\]]*)\]$")
+_OURS = re.compile(r"^   ours: (.*) \(n = ([\d/]+)\)$")
+_VERDICT = re.compile(r"^   verdict: (reproduced|not reproduced|opposite|inconclusive) \((\d+ of \d+ for)\)"
+                      r"(?:; caveat: (.*))?$")
+
+
+def parse_findings(text: str) -> list[dict]:
+    """The findings blocks in a printed "What we found" table (the inverse of :func:`format_findings`).
+
+    Returns one dict per claim: claim, source, ours, n, seeds, verdict, caveats, interpretation.
+    """
+    lines, out = text.splitlines(), []
+    for i, line in enumerate(lines):
+        m = _CLAIM.match(line)
+        if not m or i + 3 >= len(lines):
+            continue
+        ours, verdict = _OURS.match(lines[i + 1]), _VERDICT.match(lines[i + 2])
+        if not (ours and verdict):
+            continue
+        out.append({"claim": m.group(2), "source": m.group(3), "ours": ours.group(1), "n": ours.group(2),
+                    "verdict": verdict.group(1), "seeds": verdict.group(2), "caveats": verdict.group(3) or "",
+                    "interpretation": lines[i + 3].strip()})
+    return out
+
+
+def notebook_findings(path) -> list[dict]:
+    """Every finding a committed notebook printed (its stored outputs, not a re-run), in order."""
+    nb = json.loads(Path(path).read_text())
+    found = []
+    for cell in nb.get("cells", []):
+        for output in cell.get("outputs", []) if cell.get("cell_type") == "code" else []:
+            text = "".join(output.get("text", "")) if output.get("output_type") == "stream" else ""
+            if text.startswith("What we found"):
+                found += parse_findings(text)
+    return found
+
+
+def claims_markdown(notebooks) -> str:
+    """The README's claims table: one row per finding of the given notebooks (paths), in order."""
+    rows = ["| claim | source | ours (effect ± SE per seed) | verdict | notebook |", "|---|---|---|---|---|"]
+    for path in notebooks:
+        name = Path(path).name
+        for f in notebook_findings(path):
+            verdict = f["verdict"] + (f" ({f['caveats']})" if f["caveats"] else "")
+            rows.append(f"| {f['claim']} | {f['source']} | {f['ours']} | {verdict} | "
+                        f"[{name[:2]}](notebooks/{name}) |")
+    return "\n".join(rows)
+
+
+__all__ = ["Effect", "Finding", "K", "MIN_N", "VERDICTS", "claims_markdown", "findings_table", "finding",
+           "format_findings", "from_paired", "from_samples", "judge", "notebook_findings", "parse_findings"]

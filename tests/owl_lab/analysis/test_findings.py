@@ -77,3 +77,19 @@ def test_findings_table_columns_and_printed_text(capsys):
     assert "1. the MAM helps images [Owl2 Table 5]" in out
     assert "   verdict: reproduced (2 of 2 for)" in out
     assert "verdict: reproduced (1 of 1 for); caveat: one seed, n < 50" in out
+
+
+def test_printed_findings_parse_back(capsys):
+    from owl_lab.analysis.findings import parse_findings
+
+    rows = [finding("a claim [with brackets]", "Owl3 Table 10 (GQA +2.4)", [E(3.0, 1.0, 40, "seed 0"), E(-3.0)],
+                    "seeds disagree"),
+            finding("b", "Owl2 Fig. 4", [E(5.0)], "holds")]
+    table = findings_table(rows)
+    parsed = parse_findings(capsys.readouterr().out)
+    assert [p["claim"] for p in parsed] == ["a claim [with brackets]", "b"]
+    assert parsed[0]["source"] == "Owl3 Table 10 (GQA +2.4)"
+    for p, (_, r) in zip(parsed, table.iterrows()):
+        assert (p["ours"], p["n"], p["verdict"], p["seeds"], p["caveats"], p["interpretation"]) == (
+            r["ours"], r["n"], r["verdict"], r["seeds"], r["caveats"], r["interpretation"])
+    assert parsed[0]["verdict"] == "inconclusive" and parsed[0]["caveats"] == "n < 50"
