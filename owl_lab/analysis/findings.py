@@ -242,7 +242,7 @@ def notebook_findings(path) -> list[dict]:
     for cell in nb.get("cells", []):
         for output in cell.get("outputs", []) if cell.get("cell_type") == "code" else []:
             text = "".join(output.get("text", "")) if output.get("output_type") == "stream" else ""
-            if text.startswith("What we found"):
+            if "What we found" in text:
                 found += parse_findings(text)
     return found
 
@@ -254,8 +254,9 @@ def claims_markdown(notebooks) -> str:
         name = Path(path).name
         for f in notebook_findings(path):
             verdict = f["verdict"] + (f" ({f['caveats']})" if f["caveats"] else "")
-            rows.append(f"| {f['claim']} | {f['source']} | {f['ours']} | {verdict} | "
-                        f"[{name[:2]}](notebooks/{name}) |")
+            cells = [f["claim"], f["source"], f["ours"], verdict]
+            cells = [c.replace("|", "\\|") for c in cells]  # a literal | (e.g. |IG|) would split the cell
+            rows.append("| " + " | ".join(cells) + f" | [{name[:2]}](notebooks/{name}) |")
     return "\n".join(rows)
 
 
