@@ -89,7 +89,7 @@ def test_printed_findings_parse_back(capsys):
     parsed = parse_findings(capsys.readouterr().out)
     assert [p["claim"] for p in parsed] == ["a claim [with brackets]", "b"]
     assert parsed[0]["source"] == "Owl3 Table 10 (GQA +2.4)"
-    for p, (_, r) in zip(parsed, table.iterrows()):
+    for p, (_, r) in zip(parsed, table.iterrows(), strict=True):
         assert (p["ours"], p["n"], p["verdict"], p["seeds"], p["caveats"], p["interpretation"]) == (
             r["ours"], r["n"], r["verdict"], r["seeds"], r["caveats"], r["interpretation"])
     assert parsed[0]["verdict"] == "inconclusive" and parsed[0]["caveats"] == "n < 50"
