@@ -148,4 +148,28 @@ def specialisation(stats: pd.DataFrame, scenes=None, board: int = GRID, shuffles
     return pd.DataFrame(out).set_index("abstractor_layer")
 
 
-__all__ = ["STAT_COLUMNS", "patch_cells", "cell_mass", "query_map_stats", "specialisation"]
+def per_image_specialisation(stats: pd.DataFrame, scenes, board: int = GRID, layer: int = -1) -> pd.DataFrame:
+    """The numbers of :func:`specialisation`, per image, for one abstractor layer (so they get standard errors).
+
+    Columns (one row per image):
+        own_cell: fraction of the queries whose peak is that query's most common peak cell (over all images).
+        object_hit: fraction of the queries whose peak cell holds an object.
+        object_chance: the chance of that for a uniformly drawn cell (objects / board²).
+        peak_lift: mean peak-cell lift over the queries (1 = uniform).
+    """
+    layers = sorted(stats["abstractor_layer"].unique())
+    rows = stats[stats["abstractor_layer"] == layers[layer]]
+    peaks = rows.pivot(index="image", columns="query", values="peak_cell")  # [N, Q]
+    if len(scenes) != len(peaks):
+        raise ValueError(f"got {len(scenes)} scenes for {len(peaks)} images")
+    modal = peaks.mode().iloc[0]  # each query's most common peak cell (smallest on ties)
+    return pd.DataFrame({
+        "own_cell": (peaks == modal).mean(axis=1),
+        "object_hit": rows.groupby("image")["occupied"].mean(),
+        "object_chance": [len(s.objects) / (board * board) for s in scenes],
+        "peak_lift": rows.groupby("image")["peak_lift"].mean(),
+    })
+
+
+__all__ = ["STAT_COLUMNS", "patch_cells", "cell_mass", "per_image_specialisation", "query_map_stats",
+           "specialisation"]

@@ -55,7 +55,7 @@ def _target_rows(df: pd.DataFrame, last: torch.Tensor, targets: list[int]) -> pd
 
 
 @torch.no_grad()
-def target_share(model, processor, examples: Sequence, batch_size: int = 8) -> pd.DataFrame:
+def target_share(model, processor, examples: Sequence, batch_size: int = 8, per_example: bool = False) -> pd.DataFrame:
     """Share of the image attention the last prompt position puts on the asked-about image.
 
     For each example (``meta['target']`` is the 1-based true image, all images visible to the last
@@ -65,7 +65,9 @@ def target_share(model, processor, examples: Sequence, batch_size: int = 8) -> p
 
     Returns:
         DataFrame indexed by layer with columns ``share`` (mean), ``chance`` (mean 1/N) and
-        ``above_chance`` (fraction of examples whose head-mean share exceeds their 1/N).
+        ``above_chance`` (fraction of examples whose head-mean share exceeds their 1/N). With
+        ``per_example=True``: one row per (example, layer) with ``share`` and ``chance`` (for
+        standard errors over examples).
     """
     layers = list(getattr(model.config, "hyper_layer_indices", []) or [])
     if not layers:
@@ -85,6 +87,8 @@ def target_share(model, processor, examples: Sequence, batch_size: int = 8) -> p
         parts.append(per)
     table = pd.concat(parts, ignore_index=True)
     table["above_chance"] = table["share"] > table["chance"]
+    if per_example:
+        return table[["example", "layer", "share", "chance", "above_chance"]]
     out = table.groupby("layer")[["share", "chance", "above_chance"]].mean()
     if len(out) != len(layers) or table["example"].nunique() != len(examples):
         raise ValueError("some examples had no image attention at their last position; does every "

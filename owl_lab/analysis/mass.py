@@ -117,6 +117,21 @@ def depth_rise(df: pd.DataFrame, *, group: str = "visual", kind="self", level: s
     return (late - early).rename("rise")
 
 
+def call_share(df: pd.DataFrame, *, group: str = "visual", kind="self", level: str = "modality", steps=None,
+               queries=None) -> pd.DataFrame:
+    """``group``'s share per capture call and layer: [calls × layers] (mean over heads, steps, queries).
+
+    One row per call (e.g. one ``generate`` per image), so ``table.sem()`` is the standard error over
+    images of each layer's mean share, the error bar of :func:`layer_mass`'s line.
+    """
+    if "call" not in df:
+        raise ValueError("call_share needs a table with a 'call' column (rec.attention_mass from hooks.capture)")
+    per_softmax = _per_softmax(_select(df, kind=kind, level=level, steps=steps, queries=queries))
+    if group not in per_softmax:
+        raise ValueError(f"no group {group!r} at level {level!r}; available {sorted(per_softmax.columns)}")
+    return per_softmax[group].groupby(level=["call", "layer"]).mean().unstack("layer")
+
+
 def query_mass(df: pd.DataFrame, *, layer: int, kind="self", level="modality", batch: int = 0, steps=None,
                call=None):
     """Mass per (step, query) and group for one layer, averaged over heads: a tidy table to plot.

@@ -21,28 +21,43 @@ def _color(group: str, i: int) -> str:
     return GROUP_COLORS.get(group, ["#4e79a7", "#59a14f", "#76b7b2", "#af7aa1"][i % 4])
 
 
+def _error_bars(se) -> dict | None:
+    """Plotly error bars of ±2 SE (the lab's "beyond noise" width); None when there is no SE."""
+    if se is None:
+        return None
+    return dict(type="data", array=[2 * float(v) for v in se], visible=True, thickness=1.2, width=3)
+
+
 def layer_mass_figure(tables: dict[str, pd.DataFrame] | pd.DataFrame, *, title: str = "",
-                      yaxis: str = "mean attention mass") -> go.Figure:
+                      yaxis: str = "mean attention mass",
+                      errors: dict[str, pd.DataFrame] | pd.DataFrame | None = None) -> go.Figure:
     """Lines of mass per layer, one per group; several tables (e.g. w/ and w/o MAM) side by side.
 
     Args:
         tables: a [layers × groups] table from :func:`owl_lab.analysis.layer_mass`, or a dict
             ``{panel title: table}``.
+        errors: standard errors of the same shape (and the same dict keys); drawn as ±2 SE bars.
     """
     if isinstance(tables, pd.DataFrame):
         tables = {"": tables}
+    if isinstance(errors, pd.DataFrame):
+        errors = {"": errors}
+    if errors is not None and set(errors) != set(tables):
+        raise ValueError(f"errors must have the same panels as tables: {sorted(tables)} vs {sorted(errors)}")
     fig = make_subplots(rows=1, cols=len(tables), subplot_titles=list(tables), shared_yaxes=True)
-    for col, table in enumerate(tables.values(), start=1):
+    for col, (panel, table) in enumerate(tables.items(), start=1):
         for i, group in enumerate(table.columns):
+            se = None if errors is None else errors[panel].reindex(index=table.index)[group]
             fig.add_trace(
                 go.Scatter(x=table.index, y=table[group], name=str(group), mode="lines+markers",
                            line=dict(color=_color(str(group), i)), legendgroup=str(group),
-                           showlegend=col == 1),
+                           showlegend=col == 1, error_y=_error_bars(se)),
                 row=1, col=col,
             )
         fig.update_xaxes(title_text="layer", dtick=1, row=1, col=col)
     fig.update_yaxes(title_text=yaxis, range=[0, 1], row=1, col=1)
-    fig.update_layout(title=title, template="plotly_white", height=380, legend_title="group")
+    fig.update_layout(title=title + (" (bars: ±2 SE)" if errors is not None else ""), template="plotly_white",
+                      height=380, legend_title="group")
     return fig
 
 
@@ -99,21 +114,42 @@ def gate_heatmap_figure(gates: pd.DataFrame, *, layer: int, batch: int = 0, step
 
 
 def curve_figure(x, series: dict[str, list[float]], *, title: str = "", xaxis: str = "",
-                 yaxis: str = "accuracy", log_x: bool = False) -> go.Figure:
-    """One line per named series over a shared x (e.g. accuracy vs number of images)."""
+                 yaxis: str = "accuracy", log_x: bool = False,
+                 errors: dict[str, list[float]] | None = None) -> go.Figure:
+    """One line per named series over a shared x (e.g. accuracy vs number of images).
+
+    ``errors`` maps a series name to its standard errors (same length), drawn as ±2 SE bars;
+    series without an entry (e.g. a chance line) get none.
+    """
+    errors = errors or {}
+    unknown = set(errors) - set(series)
+    if unknown:
+        raise ValueError(f"errors for unknown series: {sorted(unknown)}")
     fig = go.Figure()
     for name, ys in series.items():
-        fig.add_trace(go.Scatter(x=list(x), y=list(ys), name=name, mode="lines+markers"))
-    fig.update_layout(title=title, template="plotly_white", height=360, xaxis_title=xaxis, yaxis_title=yaxis)
+        fig.add_trace(go.Scatter(x=list(x), y=list(ys), name=name, mode="lines+markers",
+                                 error_y=_error_bars(errors.get(name))))
+    fig.update_layout(title=title + (" (bars: ±2 SE)" if errors else ""), template="plotly_white", height=360,
+                      xaxis_title=xaxis, yaxis_title=yaxis)
     if log_x:
         fig.update_xaxes(type="log")
     return fig
 
 
-def bar_compare_figure(table: pd.DataFrame, *, title: str = "", yaxis: str = "") -> go.Figure:
-    """Grouped bars: rows = variants (x), columns = metrics (one bar colour each)."""
+def bar_compare_figure(table: pd.DataFrame, *, title: str = "", yaxis: str = "",
+                       errors: pd.DataFrame | None = None) -> go.Figure:
+    """Grouped bars: rows = variants (x), columns = metrics (one bar colour each).
+
+    ``errors``: standard errors with the same index and columns, drawn as ±2 SE bars.
+    """
+    same = errors is None or (list(errors.index) == list(table.index) and list(errors.columns) == list(table.columns))
+    if not same:
+        raise ValueError("errors must have the same index and columns as table")
     fig = go.Figure()
     for column in table.columns:
-        fig.add_trace(go.Bar(x=[str(i) for i in table.index], y=table[column], name=str(column)))
-    fig.update_layout(barmode="group", title=title, template="plotly_white", height=360, yaxis_title=yaxis)
+        se = None if errors is None else errors[column]
+        fig.add_trace(go.Bar(x=[str(i) for i in table.index], y=table[column], name=str(column),
+                             error_y=_error_bars(se)))
+    fig.update_layout(barmode="group", title=title + (" (bars: ±2 SE)" if errors is not None else ""),
+                      template="plotly_white", height=360, yaxis_title=yaxis)
     return fig

@@ -89,3 +89,19 @@ def test_object_hits_use_the_scenes():
         query_map_stats(_peaked([[0, 8], [4, 0]]), scenes[:1])
     with pytest.raises(ValueError, match="grid_h"):
         query_map_stats(torch.zeros(2, 3, 4))
+
+
+def test_per_image_specialisation_gives_each_images_numbers():
+    from owl_lab.analysis.abstractor import per_image_specialisation
+
+    scenes = [Scene((Obj("circle", "red", "small", "plain", 0, 0),)),
+              Scene((Obj("square", "blue", "small", "plain", 2, 2), Obj("circle", "red", "small", "plain", 1, 1))),
+              Scene((Obj("circle", "red", "small", "plain", 0, 0),))]
+    stats = query_map_stats(_peaked([[0, 8], [4, 8], [0, 1]]), scenes)  # modes: query 0 -> cell 0, query 1 -> 8
+    per = per_image_specialisation(stats, scenes)
+    assert per["own_cell"].tolist() == [1.0, 0.5, 0.5]
+    assert per["object_hit"].tolist() == [0.5, 1.0, 0.5]
+    assert per["object_chance"].tolist() == pytest.approx([1 / 9, 2 / 9, 1 / 9])
+    assert per["own_cell"].mean() == pytest.approx(specialisation(stats, scenes, shuffles=5).iloc[0]["consistency"])
+    with pytest.raises(ValueError, match="scenes"):
+        per_image_specialisation(stats, scenes[:2])

@@ -62,6 +62,10 @@ def test_target_share_matches_full_maps_and_batching(owl3):
     refs = [_reference_share(model, processor, ex) for ex in examples]
     for layer in model.config.hyper_layer_indices:
         assert one.loc[layer, "share"] == pytest.approx(sum(r[layer] for r in refs) / 3, abs=1e-5)
+    per = target_share(model, processor, examples, batch_size=2, per_example=True)  # one row per (example, layer)
+    assert sorted(per["example"].unique()) == [0, 1, 2]
+    for (example, layer), share in per.set_index(["example", "layer"])["share"].items():
+        assert share == pytest.approx(refs[example][layer], abs=1e-5)
     assert list(one["chance"]) == pytest.approx([1 / 3] * len(one)) and ((one["share"] > 0) & (one["share"] < 1)).all()
     single = [g[0] for g in distractor_eval(seed=5, n_images=1, n_questions=2, render_size=28)]
     assert list(target_share(model, processor, single)["share"]) == pytest.approx([1.0] * len(one))  # all of it

@@ -95,3 +95,18 @@ def test_depth_rise_errors_name_the_problem():
         depth_rise(_frame(rng, layers=2).assign(call=0))
     with pytest.raises(ValueError, match="available"):
         depth_rise(_frame(rng).assign(call=0), group="image:0")
+
+
+def test_call_share_has_one_row_per_call_matching_layer_mass():
+    from owl_lab.analysis.mass import call_share
+
+    rng = np.random.default_rng(6)
+    calls = [_frame(rng, layers=3).assign(call=c) for c in range(4)]
+    table = call_share(pd.concat(calls, ignore_index=True))
+    assert table.shape == (4, 3)
+    for c, frame in enumerate(calls):
+        assert table.loc[c].tolist() == pytest.approx(layer_mass(frame)["visual"].tolist())
+    with pytest.raises(ValueError, match="call"):
+        call_share(_frame(rng))
+    with pytest.raises(ValueError, match="available"):
+        call_share(calls[0], group="image:7")
