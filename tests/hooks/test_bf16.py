@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from hooks import capture, grouped_mass
-from hooks.mapping import detect_family, find_sites
+from owl_lab.families import family_of, find_sites
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def owl3_pair():
 def _events(model, batch) -> list:
     """The AttentionEvents of one forward (recorded by a plain forward hook, no capture involved)."""
     events = []
-    sites = find_sites(model, detect_family(model), "attention")
+    sites = find_sites(model, family_of(model), "attention_event")
     handles = [s.module.register_forward_hook(lambda m, a, o: events.append(a[0])) for s in sites]
     try:
         with torch.no_grad():
