@@ -75,8 +75,13 @@ class Allowed:
         device: where fast masks are built.
     """
 
-    def __init__(self, shape: tuple[int, int, int], rows: Callable[[int, int], torch.Tensor] | None = None,
-                 fast: str | None = None, device: torch.device | None = None):
+    def __init__(
+        self,
+        shape: tuple[int, int, int],
+        rows: Callable[[int, int], torch.Tensor] | None = None,
+        fast: str | None = None,
+        device: torch.device | None = None,
+    ):
         if (rows is None) == (fast is None):
             raise ValueError("Allowed needs exactly one of rows= or fast=")
         self.shape, self._rows, self.fast, self.device = tuple(shape), rows, fast, device
@@ -176,8 +181,9 @@ def sdpa_attention_forward(
         elif allowed.fast != "all":
             mask = allowed.additive(query.dtype)  # [B, 1 | H, Lq, Lk]
     gqa = query.shape[1] != key.shape[1]
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling,
-                                         enable_gqa=gqa)
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=gqa
+    )
     return out, None
 
 
@@ -275,8 +281,15 @@ def attention(
     observe = hook is not None and hook.active
     event = None
     if edit is not None or observe:
-        event = AttentionEvent(layer=module.layer_idx, kind=kind, query=query, key=key, scale=scaling,
-                               allowed=allowed, **describe())
+        event = AttentionEvent(
+            layer=module.layer_idx,
+            kind=kind,
+            query=query,
+            key=key,
+            scale=scaling,
+            allowed=allowed,
+            **describe(),
+        )
         if edit is not None:
             edited = _apply_edit(edit, event)
             if edited is not None:
@@ -286,7 +299,12 @@ def attention(
         no_keys = ~allowed.tensor().any(-1, keepdim=True)  # [B, (H,) Lq, 1]
         kernel_allowed = Allowed.from_tensor(allowed.tensor() | no_keys)
     rows = allowed.changed_rows
-    if kernel is sdpa_attention_forward and rows is not None and kind != "cross" and rows[1] - rows[0] <= query.shape[2] // 2:
+    if (
+        kernel is sdpa_attention_forward
+        and rows is not None
+        and kind != "cross"
+        and rows[1] - rows[0] <= query.shape[2] // 2
+    ):
         # A knockout of a few query rows: the fast (often mask-free) kernel for all rows, the edited
         # mask only for rows r0..r1-1, so a typical knockout (e.g. the last query) costs little.
         r0, r1 = rows
