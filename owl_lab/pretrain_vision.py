@@ -34,6 +34,9 @@ def patch_features(model, family: str, pixel_values: torch.Tensor) -> torch.Tens
     if family == "owl2":
         hidden = model.model.vision_model(pixel_values).last_hidden_state  # [N, (1+)G², Wv]
         return hidden[:, 1:] if model.config.vision_settings.use_cls_token else hidden
+    if family == "llava":  # the tower's hidden state the projector reads (vision_feature_layer), no CLS
+        hidden = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+        return hidden[model.config.vision_feature_layer][:, 1:]
     return model.encode_images(pixel_values)  # [N, G², H]
 
 
@@ -41,6 +44,10 @@ def visual_tokens(model, family: str, pixel_values: torch.Tensor) -> torch.Tenso
     """[N, 3, S, S] → [N, T, H]: the visual tokens the decoder reads (Owl2 abstractor rows; Owl3 patches)."""
     if family == "owl2":
         return model.model.encode_images(pixel_values)  # [N, Q+1, H]
+    if family == "llava":  # projected patch features, one per visual token
+        return torch.stack(list(model.get_image_features(
+            pixel_values=pixel_values, vision_feature_layer=model.config.vision_feature_layer,
+            vision_feature_select_strategy=model.config.vision_feature_select_strategy).pooler_output))  # [N, T, H]
     return model.encode_images(pixel_values)  # [N, G², H]
 
 
@@ -73,6 +80,8 @@ def vision_parameters(model, family: str, board: bool = False) -> list[nn.Parame
     """The encoder's parameters; with ``board`` also everything up to the decoder (Owl2 abstractor)."""
     if family == "owl2":
         modules = [model.model.vision_model] + ([model.model.visual_abstractor] if board else [])
+    elif family == "llava":
+        modules = [model.model.vision_tower] + ([model.model.multi_modal_projector] if board else [])
     else:
         modules = [model.vision_model, model.vision2text_model]
     return [p for m in modules for p in m.parameters()]

@@ -39,7 +39,7 @@ from owl_lab.pretrain_vision import run_vision_stage
 from owl_lab.synth.data import Mixture
 from owl_lab.synth.tokenizer import build_tokenizer
 
-FAMILIES = ("owl2", "owl3")
+FAMILIES = ("owl2", "owl3", "llava")
 
 
 # --- recipes -----------------------------------------------------------------------------------
@@ -93,6 +93,9 @@ def family_classes(family: str):
 def build(recipe: dict):
     """Fresh (model, processor) for a recipe: the config's vocab and special ids come from the tokenizer."""
     family = recipe["family"]
+    module = importlib.import_module(f"owl_lab.models.{family}")
+    if hasattr(module, "build_for_training"):  # a stock transformers family builds its own config
+        return module.build_for_training(recipe["config"], seed=recipe.get("seed", 0))
     Config, Model, Processor = family_classes(family)
     tokenizer = build_tokenizer(family)
     ids = dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,

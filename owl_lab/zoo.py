@@ -10,10 +10,10 @@ import json
 import os
 from pathlib import Path
 
-FAMILIES = ("owl2", "owl3")
+FAMILIES = ("owl2", "owl3", "llava")
 
 # config.json model_type → family
-_MODEL_TYPES = {"mplug_owl2": "owl2", "mplugowl3": "owl3"}
+_MODEL_TYPES = {"mplug_owl2": "owl2", "mplugowl3": "owl3", "llava": "llava"}
 # state_dict key prefixes that identify a family when config.json is silent
 _KEY_MARKERS = {
     "owl2": ("model.visual_abstractor.", "model.vision_model."),
@@ -129,6 +129,8 @@ def load_owl(name_or_path: str | os.PathLike, *, device_map=None, torch_dtype=No
     family = detect_family(directory)
     if family == "owl2":
         from owl_lab.models.owl2 import load_checkpoint
+    elif family == "llava":
+        from owl_lab.models.llava import load_checkpoint
     else:
         from owl_lab.models.owl3 import load_checkpoint
     return load_checkpoint(directory, device_map=device_map, torch_dtype=torch_dtype)

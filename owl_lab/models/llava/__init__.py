@@ -1,0 +1,22 @@
+"""``llava`` family: a stock ``transformers.LlavaForConditionalGeneration`` at toy scale.
+
+Nothing here re-implements LLaVA: the config is a ``transformers.LlavaConfig`` built from a lab
+recipe, the model is transformers' own class, and attention is observed through transformers'
+attention registry (:mod:`hooks.transformers_attention`).
+"""
+from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+from .configuration_llava import llava_config, patches_per_image
+from .loading_llava import build_for_training, load_checkpoint
+from .processing_llava import LlavaProcessor, build_llava_tokenizer
+
+__all__ = [
+    "LlavaConfig",
+    "LlavaForConditionalGeneration",
+    "LlavaProcessor",
+    "build_for_training",
+    "build_llava_tokenizer",
+    "llava_config",
+    "load_checkpoint",
+    "patches_per_image",
+]

@@ -1,0 +1,47 @@
+"""Build and load the ``llava`` family: stock transformers classes, the lab's processor.
+
+A saved llava directory is what ``LlavaForConditionalGeneration.save_pretrained`` writes, plus the
+lab tokenizer and ``processor_config.json``. Loading goes through transformers' own
+``from_pretrained`` (it checks keys and shapes); the only thing the lab adds is the attention
+observer (:mod:`hooks.transformers_attention`), installed so ``hooks.capture`` can watch it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import LlavaForConditionalGeneration
+
+from .configuration_llava import llava_config
+from .processing_llava import PROCESSOR_CONFIG, LlavaProcessor, build_llava_tokenizer
+
+
+def build_for_training(config: dict, seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A freshly initialised (model, processor) from a recipe's ``config`` block (seeded)."""
+    tokenizer = build_llava_tokenizer()
+    cfg = llava_config(config, vocab_size=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids("<|image|>"),
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg)
+    return model, LlavaProcessor.from_config(cfg, tokenizer)
+
+
+def load_checkpoint(directory: str | Path, *, device_map=None, torch_dtype=None, attn_implementation=None):
+    """(model, processor) from a saved llava directory; model in eval mode, observer installed.
+
+    ``processor`` is None when the directory has no ``processor_config.json``.
+    """
+    from hooks.transformers_attention import install  # hooks sits above the models in the import graph
+
+    directory = Path(directory)
+    kwargs = {"dtype": torch_dtype or torch.float32}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    model = LlavaForConditionalGeneration.from_pretrained(str(directory), **kwargs)
+    model.eval()
+    install(model)
+    processor = LlavaProcessor.from_pretrained(directory) if (directory / PROCESSOR_CONFIG).is_file() else None
+    return model, processor
