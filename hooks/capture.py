@@ -33,7 +33,7 @@ from hooks.groups import (
     key_groups,
     token_groups,
 )
-from hooks.mapping import detect_family, find_sites
+from hooks.mapping import detect_family, find_sites, prepare
 from hooks.recording import AttentionRecord, FullMap, Recording
 from owl_lab.models.observe import AttentionEvent, GateEvent, SequenceLayout
 
@@ -114,6 +114,7 @@ class capture:
     ):
         self.model = model
         self.family = detect_family(model)
+        prepare(model, self.family)
         self._layout_sites = find_sites(model, self.family, "layout")
         if not self._layout_sites:
             raise ValueError(f"{type(model).__name__} has no hook_layout point; is it an owl_lab model?")

@@ -22,14 +22,20 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from hooks.transformers_attention import install
+
 # config.model_type → family
-MODEL_TYPES = {"mplug_owl2": "owl2", "mplugowl3": "owl3"}
+MODEL_TYPES = {"mplug_owl2": "owl2", "mplugowl3": "owl3", "llava": "llava"}
 
 HOOK_PATHS: dict[str, dict[str, str]] = {
     "owl2": {
         "layout": "hook_layout",
         "attention": "model.layers.{i}.self_attn.hook_attn",
         "abstractor": "model.visual_abstractor.encoder.layers.{k}.crossattention.attention.hook_attn",
+    },
+    "llava": {  # stock transformers LLaVA; hook points added by hooks.transformers_attention.install
+        "layout": "hook_layout",
+        "attention": "model.language_model.layers.{i}.self_attn.hook_attn",
     },
     "owl3": {
         "layout": "hook_layout",
@@ -49,6 +55,18 @@ def detect_family(model: nn.Module) -> str:
             f"got model_type={model_type!r} ({type(model).__name__})."
         )
     return MODEL_TYPES[model_type]
+
+
+#: families that are stock transformers models: their hook points are installed on first use
+STOCK_FAMILIES = ("llava",)
+
+
+def prepare(model: nn.Module, family: str) -> None:
+    """Install the attention observer on a stock transformers model (no-op for the Owl families)."""
+    if family in STOCK_FAMILIES:
+
+
+        install(model)
 
 
 def _pattern_regex(pattern: str) -> re.Pattern:

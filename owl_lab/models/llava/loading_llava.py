@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from transformers import LlavaForConditionalGeneration
 
+from hooks.transformers_attention import install
+
 from .configuration_llava import llava_config
 from .processing_llava import PROCESSOR_CONFIG, LlavaProcessor, build_llava_tokenizer
 
@@ -32,8 +34,6 @@ def load_checkpoint(directory: str | Path, *, device_map=None, torch_dtype=None,
 
     ``processor`` is None when the directory has no ``processor_config.json``.
     """
-    from hooks.transformers_attention import install  # hooks sits above the models in the import graph
-
     directory = Path(directory)
     kwargs = {"dtype": torch_dtype or torch.float32}
     if device_map is not None:
