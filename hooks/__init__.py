@@ -5,13 +5,14 @@
         model(**batch)
     rec.attention_mass   # DataFrame: batch, step, layer, head, query, kind, level, group, mass
 
-See :mod:`hooks.capture` for the arguments, :mod:`hooks.groups` for the token groups and
-:mod:`hooks.mapping` for where each component lives in each family.
+See :mod:`hooks.capture` for the arguments and :mod:`hooks.groups` for the token groups. Where each
+observation point lives in each family is the registry's knowledge (:mod:`owl_lab.families`:
+``family_of(model)``, ``find_sites(model, spec, component)``).
 """
+
 from hooks.attention import MassResult, grouped_mass
 from hooks.capture import capture
 from hooks.groups import group_vocabulary
-from hooks.mapping import HOOK_PATHS, detect_family
 from hooks.recording import AttentionRecord, FullMap, Recording
 
 __all__ = [
@@ -22,6 +23,4 @@ __all__ = [
     "grouped_mass",
     "MassResult",
     "group_vocabulary",
-    "HOOK_PATHS",
-    "detect_family",
 ]

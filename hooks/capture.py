@@ -33,19 +33,19 @@ from hooks.groups import (
     key_groups,
     token_groups,
 )
-from hooks.mapping import detect_family, find_sites, prepare
 from hooks.recording import AttentionRecord, FullMap, Recording
+from owl_lab.families import FamilySpec, family_of, find_sites
 from owl_lab.models.observe import AttentionEvent, GateEvent, SequenceLayout
 
 DECODER_KINDS = ("self", "cross", "joint")
 QuerySelector = None | int | slice | Iterable
 
 
-def _gated(model, family: str, gate_sites) -> tuple[bool, str]:
+def _gated(model, spec: FamilySpec, gate_sites) -> tuple[bool, str]:
     """(has a gate?, why not). Owl3 240728-style hyper layers only (``hyper_attention`` 'gated', or
     'static_gate' whose g is a parameter); not Owl2, not fused 241101, not the 'sum' ablation."""
-    if family != "owl3":
-        return False, f"{family} has no adaptive gate (only mPLUG-Owl3 240728 gated hyper layers do)"
+    if not spec.has("gate_event"):
+        return False, f"{spec.name} has no adaptive gate (only mPLUG-Owl3 240728 gated hyper layers do)"
     kind = getattr(model.config, "hyper_attention", None)
     if kind is not None and kind not in ("gated", "static_gate"):
         how = "one fused softmax over image and text keys" if kind == "fused" else f"{kind!r} mixing"
@@ -113,12 +113,14 @@ class capture:
         chunk_bytes: int | None = None,
     ):
         self.model = model
-        self.family = detect_family(model)
-        prepare(model, self.family)
-        self._layout_sites = find_sites(model, self.family, "layout")
+        spec = family_of(model)
+        self.family = spec.name
+        if spec.prepare is not None:  # a stock transformers model: install its observation points
+            spec.prepare(model)
+        self._layout_sites = find_sites(model, spec, "layout")
         if not self._layout_sites:
             raise ValueError(f"{type(model).__name__} has no hook_layout point; is it an owl_lab model?")
-        attn_sites = find_sites(model, self.family, "attention")
+        attn_sites = find_sites(model, spec, "attention_event")
         available = [s.index for s in attn_sites]
         if layers is None:
             chosen = available
@@ -130,14 +132,14 @@ class capture:
         self.layers = chosen
         self._attn_sites = [s for s in attn_sites if s.index in chosen] if attention else []
 
-        gate_sites = [s for s in find_sites(model, self.family, "gate") if s.index in chosen]
-        has_gates, why = _gated(model, self.family, gate_sites)
+        gate_sites = [s for s in find_sites(model, spec, "gate_event") if s.index in chosen]
+        has_gates, why = _gated(model, spec, gate_sites)
         either = gates is True and abstractor is True  # "whatever this family has" (see module doc)
         if gates and not has_gates and not either:
             raise ValueError(f"gates=True, but the model has no gate to capture: {why}.")
         self._gate_sites = gate_sites if (gates is not False and has_gates) else []
 
-        abs_sites = find_sites(model, self.family, "abstractor")
+        abs_sites = find_sites(model, spec, "abstractor_event")
         if abstractor and not abs_sites and not either:
             raise ValueError(
                 f"abstractor=True, but the model has no visual abstractor ({self.family}; only "

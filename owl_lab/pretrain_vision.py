@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from owl_lab.models.llava import llava_patch_features
 from owl_lab.optim import apply_step
 from owl_lab.synth.shapes import CELL_ATTRIBUTES, cell_targets, render, sample_scene
 from owl_lab.synth.vocab import GRID, IMAGE_PLACEHOLDER
@@ -35,8 +36,7 @@ def patch_features(model, family: str, pixel_values: torch.Tensor) -> torch.Tens
         hidden = model.model.vision_model(pixel_values).last_hidden_state  # [N, (1+)G², Wv]
         return hidden[:, 1:] if model.config.vision_settings.use_cls_token else hidden
     if family == "llava":  # the tower's hidden state the projector reads (vision_feature_layer), no CLS
-        hidden = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
-        return hidden[model.config.vision_feature_layer][:, 1:]
+        return llava_patch_features(model, pixel_values)
     return model.encode_images(pixel_values)  # [N, G², H]
 
 

@@ -25,7 +25,7 @@ from plotly.subplots import make_subplots
 
 from owl_lab.analysis.mass import layer_mass, query_mass
 from owl_lab.viz import abstractor_map_figure, gate_heatmap_figure, layer_mass_figure, query_mass_figure
-from owl_lab.zoo import model_family
+from owl_lab.families import family_of
 
 IMAGE_MARKER = -200
 
@@ -178,7 +178,7 @@ def explore(state: ExplorerState, cache: ModelCache | None = None) -> ExplorerVi
     from hooks.capture import capture  # (module import: robust to a stale editable install of `hooks`)
 
     model, processor = (cache if cache is not None else DEFAULT_CACHE).get(state.model)
-    family = model_family(model)
+    family = family_of(model).name
     ex = example(state.task, int(state.scene), int(state.seed))
     prompt = state.prompt.strip() or ex.text
     missing = len(ex.images) - prompt.count("<|image|>")

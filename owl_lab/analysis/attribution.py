@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from owl_lab.zoo import model_family
+from owl_lab.families import family_of
 
 SCORES = ("logit", "logprob", "prob")
 METHODS = ("integrated_gradients",)
@@ -103,7 +103,7 @@ class _Adapter:
     """Per-family: patch layer, embedding layer, kept positions, and ``forward(ids, pixels) -> [k, V]``."""
 
     def __init__(self, model, batch):
-        self.model, self.family = model, model_family(model)
+        self.model, self.family = model, family_of(model).name
         ids = batch.get("input_ids")
         if ids is None or ids.dim() != 2 or ids.shape[0] != 1:
             got = None if ids is None else tuple(ids.shape)

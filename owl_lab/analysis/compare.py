@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from owl_lab.analysis.attribution import Attribution, _Adapter, attribute
-from owl_lab.zoo import model_family
+from owl_lab.families import family_of
 
 
 def spearman(a, b) -> float:
@@ -78,7 +78,7 @@ def attention_patch_maps(model, processor_batch, *, weighting: str = "decoder", 
     """
     from hooks.capture import capture  # (module import: robust to a stale editable install of `hooks`)
 
-    family = model_family(model)
+    family = family_of(model).name
     if weighting not in ("decoder", "uniform"):
         raise ValueError(f"weighting must be 'decoder' or 'uniform'; got {weighting!r}.")
     ad = _Adapter(model, processor_batch)
@@ -195,7 +195,7 @@ def attention_vs_token_attribution(model, processor_batch, attribution: Attribut
     """
     from hooks.capture import capture
 
-    family = model_family(model)
+    family = family_of(model).name
     ad = _Adapter(model, processor_batch)
     if attribution is None:
         attribution = attribute(model, processor_batch, **attribute_kwargs)

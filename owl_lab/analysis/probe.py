@@ -22,7 +22,7 @@ from torch import nn
 from owl_lab.pretrain_vision import patch_cells, patch_features
 from owl_lab.synth.shapes import CELL_ATTRIBUTES, cell_targets, render, sample_scene
 from owl_lab.synth.vocab import IMAGE_PLACEHOLDER
-from owl_lab.zoo import model_family
+from owl_lab.families import family_of
 
 ATTRIBUTES = tuple(name for name, _ in CELL_ATTRIBUTES)
 
@@ -38,7 +38,7 @@ def cell_features(model, processor, n_scenes: int, seed: int | str = 0, *, rende
     """
     if n_scenes < 1:
         raise ValueError(f"n_scenes must be >= 1; got {n_scenes}")
-    family = model_family(model)
+    family = family_of(model).name
     features, targets = [], []
     for start in range(0, n_scenes, batch_size):
         scenes = [sample_scene(random.Random(f"probe/{seed}/{i}"), *n_objects)

@@ -8,7 +8,7 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from hooks import capture
-from hooks.transformers_attention import OBSERVED, install
+from owl_lab.models.transformers_attention import OBSERVED, install
 from owl_lab.models.llava import LlavaProcessor, build_for_training
 from owl_lab.synth.shapes import render, sample_scene
 

@@ -1,18 +1,21 @@
-"""Checkpoint resolution and family detection (owl_lab.zoo)."""
+"""Checkpoint resolution, family detection of directories, and load_owl's options (owl_lab.zoo)."""
+
 from __future__ import annotations
 
 import json
 import shutil
-from types import SimpleNamespace
 
 import pytest
+import torch
 
+import owl_lab
 from owl_lab import zoo
 
 
 def test_detects_owl2_and_owl3_goldens(owl2_golden_dir, owl3_golden_dir):
     assert zoo.detect_family(owl2_golden_dir) == "owl2"
     assert zoo.detect_family(owl3_golden_dir) == "owl3"
+    assert owl_lab.detect_family is zoo.detect_family  # public API: a directory (or shipped name)
 
 
 def test_detects_family_from_keys_when_config_is_silent(owl3_golden_dir, tmp_path):
@@ -23,7 +26,7 @@ def test_detects_family_from_keys_when_config_is_silent(owl3_golden_dir, tmp_pat
 
 def test_unknown_family_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ValueError, match="Unknown model family.*llama"):
+    with pytest.raises(ValueError, match="Unknown model family.*llama.*owl2.*owl3"):
         zoo.detect_family(tmp_path)
 
 
@@ -38,18 +41,42 @@ def test_checkpoint_keys_reads_headers_only(owl2_golden_dir):
     assert len(keys) == 108  # the golden README's count (buffers omitted)
 
 
-def test_model_family_reads_the_config_and_names_what_it_got():
-    def model(model_type):
-        return SimpleNamespace(config=SimpleNamespace(model_type=model_type))
+@pytest.mark.parametrize("golden", ["owl2_golden_dir", "owl3_golden_dir"])
+def test_dtype_auto_keeps_a_bf16_checkpoint_bf16(golden, request, tmp_path):
+    model, _ = zoo.load_owl(request.getfixturevalue(golden))
+    assert model.dtype == torch.float32  # the default stays fp32
+    model.to(torch.bfloat16).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    auto, _ = zoo.load_owl(tmp_path, dtype="auto")
+    assert auto.dtype == torch.bfloat16 and auto.config.dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for p in auto.parameters())
+    alias, _ = zoo.load_owl(tmp_path, torch_dtype="auto")  # torch_dtype is dtype's alias
+    assert alias.dtype == torch.bfloat16
+    wide, _ = zoo.load_owl(tmp_path, dtype="float32")
+    assert wide.dtype == torch.float32
+    with pytest.raises(ValueError, match="not both"):
+        zoo.load_owl(tmp_path, dtype="float32", torch_dtype="bfloat16")
+    with pytest.raises(ValueError, match="dtype must be"):
+        zoo.load_owl(tmp_path, dtype="float77")
 
-    assert zoo.model_family(model("mplug_owl2")) == "owl2"
-    assert zoo.model_family(model("mplugowl3")) == "owl3"
 
-    class Stranger:
-        class config:
-            model_type = "llama"
+@pytest.mark.parametrize("golden", ["owl2_golden_dir", "owl3_golden_dir"])
+def test_dict_device_map_means_one_device_for_both_families(golden, request):
+    directory = request.getfixturevalue(golden)
+    model, _ = zoo.load_owl(directory, device_map={"": "cpu"})
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    assert {b.device.type for b in model.buffers()} == {"cpu"}
+    model, _ = zoo.load_owl(directory, device_map="cpu")
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    with pytest.raises(ValueError, match="one device"):
+        zoo.load_owl(directory, device_map={"model.layers.0": "cpu", "lm_head": "meta"})
 
-    with pytest.raises(ValueError, match="Stranger with model_type='llama'"):
-        zoo.model_family(Stranger())
-    with pytest.raises(ValueError, match="model_type=None"):
-        zoo.model_family(object())
+
+@pytest.mark.parametrize("golden", ["owl2_golden_dir", "owl3_golden_dir"])
+def test_attn_implementation_passes_through(golden, request):
+    directory = request.getfixturevalue(golden)
+    eager, _ = zoo.load_owl(directory, attn_implementation="eager")
+    sdpa, _ = zoo.load_owl(directory, attn_implementation="sdpa")
+    assert eager.config._attn_implementation == "eager" and sdpa.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match=r"'flash_attention_2' is not supported.*\('eager', 'sdpa'\)"):
+        zoo.load_owl(directory, attn_implementation="flash_attention_2")

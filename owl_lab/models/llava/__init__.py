@@ -2,11 +2,11 @@
 
 Nothing here re-implements LLaVA: the config is a ``transformers.LlavaConfig`` built from a lab
 recipe, the model is transformers' own class, and attention is observed through transformers'
-attention registry (:mod:`hooks.transformers_attention`).
+attention registry (:mod:`owl_lab.models.transformers_attention`).
 """
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-from .configuration_llava import llava_config, patches_per_image
+from .configuration_llava import llava_config, llava_patch_features, patches_per_image
 from .loading_llava import build_for_training, load_checkpoint
 from .processing_llava import LlavaProcessor, build_llava_tokenizer
 
@@ -17,6 +17,7 @@ __all__ = [
     "build_for_training",
     "build_llava_tokenizer",
     "llava_config",
+    "llava_patch_features",
     "load_checkpoint",
     "patches_per_image",
 ]

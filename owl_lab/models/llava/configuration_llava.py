@@ -57,3 +57,9 @@ def llava_config(config: dict, *, vocab_size: int, image_token_id: int, bos_toke
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(out, k, getattr(text, k))
     return out
+
+
+def llava_patch_features(model, pixel_values):
+    """[N, 3, S, S] → [N, G*G, W]: the tower's hidden state the projector reads, CLS dropped."""
+    hidden = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+    return hidden[model.config.vision_feature_layer][:, 1:]

@@ -3,7 +3,7 @@
 A saved llava directory is what ``LlavaForConditionalGeneration.save_pretrained`` writes, plus the
 lab tokenizer and ``processor_config.json``. Loading goes through transformers' own
 ``from_pretrained`` (it checks keys and shapes); the only thing the lab adds is the attention
-observer (:mod:`hooks.transformers_attention`), installed so ``hooks.capture`` can watch it.
+observer (:mod:`owl_lab.models.transformers_attention`), installed so ``hooks.capture`` can watch it.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from hooks.transformers_attention import install
+from owl_lab.models.transformers_attention import install
 
 from .configuration_llava import llava_config
 from .processing_llava import PROCESSOR_CONFIG, LlavaProcessor, build_llava_tokenizer
@@ -29,17 +29,21 @@ def build_for_training(config: dict, seed: int = 0) -> tuple[LlavaForConditional
     return model, LlavaProcessor.from_config(cfg, tokenizer)
 
 
-def load_checkpoint(directory: str | Path, *, device_map=None, torch_dtype=None, attn_implementation=None):
+def load_checkpoint(directory: str | Path, *, dtype=None, torch_dtype=None, device_map=None,
+                    attn_implementation: str | None = None):
     """(model, processor) from a saved llava directory; model in eval mode, observer installed.
 
+    Options mean what they mean for every family (:mod:`owl_lab.models.loading`): ``dtype`` None =
+    float32, ``"auto"`` = the checkpoint's; ``attn_implementation`` ``"eager"`` / ``"sdpa"`` / None.
     ``processor`` is None when the directory has no ``processor_config.json``.
     """
     directory = Path(directory)
-    kwargs = {"dtype": torch_dtype or torch.float32}
+    dtype = dtype if dtype is not None else torch_dtype
+    kwargs = {"dtype": torch.float32 if dtype is None else dtype}
     if device_map is not None:
         kwargs["device_map"] = device_map
     if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
+        kwargs["attn_implementation"] = {"text_config": attn_implementation}
     model = LlavaForConditionalGeneration.from_pretrained(str(directory), **kwargs)
     model.eval()
     install(model)

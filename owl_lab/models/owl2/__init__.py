@@ -1,10 +1,18 @@
 """mPLUG-Owl2 family: checkpoint-compatible config, model, processor and loader."""
+
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .configuration_owl2 import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX, Owl2Config
-from .loading_owl2 import load_checkpoint, read_state_dict
-from .modeling_owl2 import Owl2ForCausalLM, Owl2Model, Owl2PreTrainedModel
-from .processing_owl2 import Owl2Processor
+from owl_lab.models.loading import read_state_dict
+from owl_lab.models.owl2.configuration_owl2 import (
+    DEFAULT_IMAGE_TOKEN,
+    IGNORE_INDEX,
+    IMAGE_TOKEN_INDEX,
+    Owl2Config,
+    load_config,
+)
+from owl_lab.models.owl2.loading_owl2 import load_checkpoint
+from owl_lab.models.owl2.modeling_owl2 import Owl2ForCausalLM, Owl2Model, Owl2PreTrainedModel
+from owl_lab.models.owl2.processing_owl2 import Owl2Processor
 
 AutoConfig.register(Owl2Config.model_type, Owl2Config, exist_ok=True)
 AutoModelForCausalLM.register(Owl2Config, Owl2ForCausalLM, exist_ok=True)
@@ -16,6 +24,7 @@ __all__ = [
     "Owl2PreTrainedModel",
     "Owl2Processor",
     "load_checkpoint",
+    "load_config",
     "read_state_dict",
     "IMAGE_TOKEN_INDEX",
     "IGNORE_INDEX",

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from transformers import LlamaConfig
 
-IMAGE_TOKEN_INDEX = -200  # the id `<|image|>` becomes in input_ids (not a vocabulary entry)
+from owl_lab.models.loading import read_config_json
+
+IMAGE_TOKEN_INDEX = -200  # the id `<|image|>` becomes in input_ids (not a vocabulary entry); the one constant
 IGNORE_INDEX = -100  # label value ignored by the loss
 DEFAULT_IMAGE_TOKEN = "<|image|>"
 
@@ -188,8 +191,14 @@ class Owl2Config(LlamaConfig):
         return out
 
 
+def load_config(directory: str | Path) -> Owl2Config:
+    """``config.json`` of a checkpoint directory → :class:`Owl2Config` (legacy ``torch_dtype`` read as ``dtype``)."""
+    return Owl2Config.from_dict(read_config_json(directory))
+
+
 __all__ = [
     "Owl2Config",
+    "load_config",
     "Owl2VisionSettings",
     "Owl2AbstractorSettings",
     "IMAGE_TOKEN_INDEX",

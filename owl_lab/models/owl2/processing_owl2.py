@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, BatchFeature
 
-from .configuration_owl2 import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from owl_lab.models.owl2.configuration_owl2 import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX, load_config
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -190,6 +190,11 @@ class Owl2Processor:
             {"processor_class": "Owl2Processor", "image_size": S, "squash": self.squash}, indent=2))
 
     @classmethod
+    def from_config(cls, config, tokenizer, **kwargs) -> Owl2Processor:
+        """A processor for a fresh model: image size from ``config`` (an :class:`Owl2Config`)."""
+        return cls(tokenizer, **{"image_size": config.image_size, **kwargs})
+
+    @classmethod
     def from_pretrained(cls, directory: str | Path, **kwargs) -> Owl2Processor:
         """Tokenizer via AutoTokenizer; image settings from the processor configs, else config.json."""
         directory = Path(directory)
@@ -205,10 +210,7 @@ class Owl2Processor:
             own = json.loads((directory / PROCESSOR_CONFIG).read_text())
             settings.update({k: own[k] for k in ("image_size", "squash") if k in own})
         if settings.get("image_size") is None and (directory / "config.json").is_file():
-            from .configuration_owl2 import Owl2Config
-            from .loading_owl2 import read_config_dict
-
-            settings["image_size"] = Owl2Config.from_dict(read_config_dict(directory / "config.json")).image_size
+            settings["image_size"] = load_config(directory).image_size
         settings = {k: v for k, v in settings.items() if v is not None}
         settings.update(kwargs)
         return cls(tokenizer, **settings)

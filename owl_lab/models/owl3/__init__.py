@@ -3,23 +3,26 @@
 Exports the config, model and processor classes, registered with ``AutoConfig`` /
 ``AutoModelForCausalLM`` under ``model_type="mplugowl3"``, and :func:`load_checkpoint`.
 """
+
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from owl_lab.models.owl3.configuration_owl3 import Owl3Config, detect_variant
-from owl_lab.models.owl3.loading_owl3 import load_checkpoint, load_config
+from owl_lab.models.owl3.configuration_owl3 import Owl3Config, complete_config, detect_variant, load_config
+from owl_lab.models.owl3.loading_owl3 import load_checkpoint
 from owl_lab.models.owl3.modeling_owl3 import Owl3CausalLMOutputWithPast, Owl3ForCausalLM
 from owl_lab.models.owl3.processing_owl3 import Owl3Processor
 from owl_lab.models.owl3.toy_tokenizer import build_word_tokenizer
 
-AutoConfig.register("mplugowl3", Owl3Config, exist_ok=True)
+AutoConfig.register(Owl3Config.model_type, Owl3Config, exist_ok=True)
 AutoModelForCausalLM.register(Owl3Config, Owl3ForCausalLM, exist_ok=True)
 
-# Family-agnostic names used by owl_lab.zoo and the trainer.
-Config = Owl3Config
-Model = Owl3ForCausalLM
-Processor = Owl3Processor
-
 __all__ = [
-    "Config", "Model", "Processor", "Owl3Config", "Owl3ForCausalLM", "Owl3Processor", "Owl3CausalLMOutputWithPast",
-    "load_checkpoint", "load_config", "detect_variant", "build_word_tokenizer",
+    "Owl3Config",
+    "Owl3ForCausalLM",
+    "Owl3Processor",
+    "Owl3CausalLMOutputWithPast",
+    "load_checkpoint",
+    "load_config",
+    "complete_config",
+    "detect_variant",
+    "build_word_tokenizer",
 ]

@@ -18,10 +18,14 @@ loader then detects them from the state-dict key names (:func:`detect_variant`):
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
+from pathlib import Path
 
 from transformers import Qwen2Config, SiglipVisionConfig
 from transformers.configuration_utils import SubConfigSpec
+
+from owl_lab.models.loading import checkpoint_keys
 
 HYPER_ATTENTION_KINDS = ("gated", "static_gate", "fused", "sum")
 PROJECTOR_KINDS = ("linear", "mlp")
@@ -88,8 +92,11 @@ class Owl3Config(Qwen2Config):
         return grid * grid
 
     @property
-    def family(self) -> str:
-        """``"240728"`` for gated/static_gate/sum (strict visibility, position s_n+1), ``"241101"`` for fused."""
+    def variant(self) -> str:
+        """``"240728"`` for gated/static_gate/sum (strict visibility, position s_n+1), ``"241101"`` for fused.
+
+        (Named ``family`` before: in the lab "family" means owl2 / owl3, see :mod:`owl_lab.families`.)
+        """
         return "241101" if self.hyper_attention == "fused" else "240728"
 
     def to_dict(self):
@@ -150,3 +157,24 @@ def detect_variant(keys: Iterable[str]) -> dict:
         )
     kind = "gated" if gated else "static_gate" if static else "fused"
     return {"hyper_attention": kind, "projector": projector, "hyper_layers_0based": sorted(kv_layers)}
+
+
+def load_config(directory: str | Path, **overrides) -> Owl3Config:
+    """``config.json`` → Owl3Config; variant fields absent from the file are detected from the keys."""
+    directory = Path(directory)
+    return complete_config(Owl3Config.from_pretrained(str(directory), **overrides), directory)
+
+
+def complete_config(config: Owl3Config, directory: str | Path) -> Owl3Config:
+    """Fill ``hyper_attention`` / ``projector`` from the checkpoint's key names when they are unset."""
+    if config.hyper_attention is None or config.projector is None:
+        found = detect_variant(checkpoint_keys(directory))
+        if found["hyper_layers_0based"] != config.hyper_layer_indices:
+            raise ValueError(
+                f"config.json hyper_layers {config.hyper_layers} (0-based {config.hyper_layer_indices}) disagree "
+                f"with the layers that own v_kv_proj weights: {found['hyper_layers_0based']}."
+            )
+        config = copy.deepcopy(config)
+        config.hyper_attention = config.hyper_attention or found["hyper_attention"]
+        config.projector = config.projector or found["projector"]
+    return config

@@ -36,7 +36,7 @@ from owl_lab.models.observe import (
     HookPoint,
     SequenceLayout,
 )
-from owl_lab.models.owl3.configuration_owl3 import Owl3Config
+from owl_lab.models.owl3.configuration_owl3 import Owl3Config, complete_config, load_config
 from owl_lab.models.owl3.hyper_attention_owl3 import AttnContext, Owl3Attention, Owl3HyperAttention
 from owl_lab.models.owl3.media_owl3 import pad_per_sample, resolve_media
 
@@ -213,8 +213,6 @@ class Owl3ForCausalLM(Owl3PreTrainedModel, GenerationMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
         """transformers ``from_pretrained``; for official configs the variant is detected from the keys."""
-        from owl_lab.models.owl3.loading_owl3 import complete_config, load_config
-
         if config is None:
             config = load_config(pretrained_model_name_or_path)
         elif isinstance(config, Owl3Config) and Path(pretrained_model_name_or_path).is_dir():

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, BatchFeature
 
+from owl_lab.models.owl3.configuration_owl3 import load_config
 from owl_lab.models.owl3.media_owl3 import NO_IMAGE_MARKER
 
 IMAGE_TOKEN = "<|image|>"
@@ -236,7 +237,5 @@ class Owl3Processor:
             settings.pop("processor_class", None)
             return cls(tokenizer, **settings)
         if config is None:
-            from owl_lab.models.owl3.loading_owl3 import load_config
-
             config = load_config(directory)
         return cls.from_config(config, tokenizer)

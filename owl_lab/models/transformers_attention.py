@@ -13,6 +13,9 @@ SDPA or eager computation unchanged — switches the model's text decoder to the
   with the boolean "allowed" mask derived from the 4-D mask transformers hands the kernel (or the
   causal rule when it hands none), so hooks see exactly the softmax the kernel computes.
 
+The module sits with the models (like the Owl attention core, it *emits* events; ``hooks`` only
+consumes them), so the registry can name :func:`install` as the llava family's ``prepare`` step.
+
 When no hook is registered the functions only call the stock kernel, so installed and plain models
 give bitwise equal logits. ``module.owl_extra_mask`` (a callable ``(module, q_index [Lq]) -> bool
 [B|1, H|1, Lq, Lk]`` or None, set by ``hooks.knockout``) is ANDed into the kernel's mask.
