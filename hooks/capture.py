@@ -11,8 +11,8 @@ removed when the block ends, also when it raises. Hooks only read, so the number
 
 Arguments ``gates`` and ``abstractor``: ``None`` (default) = capture it if the model has it,
 ``True`` = required (ValueError if the model has none, e.g. gates on Owl2 or fused Owl3 241101),
-``False`` = off. No model has both, so ``gates=True, abstractor=True`` together (the form in
-DESIGN.md) means "the family's own internals": whichever of the two the model has is captured,
+``False`` = off. No model has both, so ``gates=True, abstractor=True`` together (the form of the
+lab's design contract) means "the family's own internals": whichever of the two the model has is captured,
 and neither being present is not an error (attention is still recorded).
 """
 from __future__ import annotations
@@ -87,7 +87,7 @@ class capture:
     """Context manager recording attention mass, gates and abstractor maps of an Owl model.
 
     Args:
-        model: an Owl2 or Owl3 model (``config.model_type`` 'mplug_owl2' / 'mplugowl3').
+        model: a model of a registered family (:mod:`owl_lab.families`; Owl2, Owl3).
         attention: record attention mass per token group for every decoder layer / head / query.
         gates: Owl3 240728 gate values and text/vision output split (None = if present).
         abstractor: Owl2 abstractor query→patch maps (None = if present).

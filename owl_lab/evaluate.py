@@ -16,25 +16,27 @@ from collections.abc import Sequence
 
 import torch
 
+from owl_lab.families import family_of
+from owl_lab.models.owl2 import IMAGE_TOKEN_INDEX
 from owl_lab.synth.data import IMAGE_TASKS, TEXT_TASKS, eval_set
 from owl_lab.synth.multi import distractor_eval
 from owl_lab.synth.tasks import Example
 
-IMAGE_TOKEN_INDEX = -200  # Owl2 image marker in input_ids
 IGNORE_INDEX = -100
 TIMING_KEYS = ("train_seconds", "eval_seconds")
 
 
 def tokens_per_image(model) -> int:
-    """Sequence rows one image occupies in an Owl2 decoder (abstractor queries + ``vit_eos``)."""
+    """Sequence rows one image occupies in the decoder (Owl2: abstractor queries + ``vit_eos``)."""
     return int(model.config.tokens_per_image)
 
 
 def expand_labels(labels: torch.Tensor, input_ids: torch.Tensor, per_image: int, length: int,
-                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Owl2: put labels [B, L] on the expanded sequence [B, length] the logits live on.
+                  attention_mask: torch.Tensor | None = None, marker: int = IMAGE_TOKEN_INDEX) -> torch.Tensor:
+    """Put labels [B, L] on the expanded sequence [B, length] the logits live on (families whose model
+    expands each image marker into rows, e.g. Owl2 with ``marker`` = its ``image_token_id``).
 
-    Each ``-200`` marker in ``input_ids`` becomes ``per_image`` image rows (label -100). Rows that
+    Each ``marker`` in ``input_ids`` becomes ``per_image`` image rows (label -100). Rows that
     expand to fewer than ``length`` positions are padded with -100 on the side the model pads them:
     left when every row of the batch ends with a real token, else right (padding only ever holds
     -100, so truncating it is harmless).
@@ -43,7 +45,7 @@ def expand_labels(labels: torch.Tensor, input_ids: torch.Tensor, per_image: int,
     rows = []
     for lab, ids in zip(labels, input_ids, strict=True):
         pieces, last = [], 0
-        for p in (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist():
+        for p in (ids == marker).nonzero().flatten().tolist():
             pieces += [lab[last:p], lab.new_full((per_image,), IGNORE_INDEX)]
             last = p + 1
         pieces.append(lab[last:])
@@ -79,9 +81,10 @@ def exact_match(model, processor, examples: Sequence[Example], batch_size: int =
         batch = collate(processor, examples[i:j])
         labels = batch.pop("labels")
         logits = model(**batch).logits  # [B, L', V]
-        if logits.shape[1] != labels.shape[1]:  # Owl2: image rows are inside the sequence
+        spec = family_of(model)
+        if spec.expands_image_marker and logits.shape[1] != labels.shape[1]:  # image rows inside the sequence
             labels = expand_labels(labels, batch["input_ids"], tokens_per_image(model), logits.shape[1],
-                                   batch.get("attention_mask"))
+                                   batch.get("attention_mask"), marker=spec.image_token_id)
         pred, target = logits[:, :-1].argmax(-1), labels[:, 1:]  # position t predicts token t+1
         scored = target != IGNORE_INDEX
         ok = ((pred == target) | ~scored).all(dim=1) & scored.any(dim=1)

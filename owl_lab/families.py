@@ -54,10 +54,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from owl_lab.models.llava import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, llava_patch_features
+from owl_lab.models.llava import (
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    build_for_training,
+    llava_patch_features,
+    prepare_llava,
+)
 from owl_lab.models.llava import load_checkpoint as load_llava_checkpoint
 from owl_lab.models.loading import checkpoint_keys
-from owl_lab.models.transformers_attention import install as install_attention_observer
 from owl_lab.models.owl2 import IMAGE_TOKEN_INDEX, Owl2Config, Owl2ForCausalLM, Owl2Processor
 from owl_lab.models.owl2 import load_checkpoint as load_owl2_checkpoint
 from owl_lab.models.owl3 import Owl3Config, Owl3ForCausalLM, Owl3Processor
@@ -128,6 +134,8 @@ class FamilySpec:
         prepare: ``prepare(model)`` run by ``hooks`` before looking for observation points — a stock
             transformers family installs them here (LLaVA: the attention observer registered in
             transformers' attention registry); None for the lab's own models, which have them built in.
+        build_from_recipe: ``(recipe config, tokenizer, seed=) -> (model, processor)`` for a family whose config is
+            not one flat dict (stock transformers); None = ``config_class(**config, **tokenizer ids)``.
     """
 
     name: str
@@ -150,6 +158,7 @@ class FamilySpec:
     paths: dict[str, str] = field(default_factory=dict)
     sites: dict[str, str] = field(default_factory=dict)
     prepare: Callable[[nn.Module], object] | None = None
+    build_from_recipe: Callable[..., tuple] | None = None
 
     def has(self, component: str) -> bool:
         """True when the family has ``component`` (a key of :attr:`paths`)."""
@@ -315,10 +324,12 @@ LLAVA = FamilySpec(
         "vision_layer": "model.vision_tower.encoder.layers.{k}",
         "patch_embed": "model.vision_tower.embeddings.patch_embedding",
         "bridge": "model.multi_modal_projector",
+        "encode_images": "owl_encode_images",  # attached by prepare_llava (projected patch features)
         "layout": "hook_layout",
         "attention_event": "model.language_model.layers.{i}.self_attn.hook_attn",
     },
-    prepare=install_attention_observer,
+    prepare=prepare_llava,
+    build_from_recipe=build_for_training,
 )
 
 #: Every registered family, by name. Adding a family = adding an entry here.
@@ -335,7 +346,7 @@ def get_family(name: str | FamilySpec) -> FamilySpec:
     if isinstance(name, FamilySpec):
         return name
     if name not in FAMILIES:
-        raise ValueError(f"unknown model family {name!r}; registered families: {sorted(FAMILIES)}")
+        raise ValueError(f"unknown family {name!r}; registered families: {sorted(FAMILIES)}")
     return FAMILIES[name]
 
 

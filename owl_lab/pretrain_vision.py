@@ -24,31 +24,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from owl_lab.models.llava import llava_patch_features
+from owl_lab.families import FamilySpec, family_of, get_family, resolve_path
 from owl_lab.optim import apply_step
 from owl_lab.synth.shapes import CELL_ATTRIBUTES, cell_targets, render, sample_scene
 from owl_lab.synth.vocab import GRID, IMAGE_PLACEHOLDER
 
 
-def patch_features(model, family: str, pixel_values: torch.Tensor) -> torch.Tensor:
-    """[N, 3, S, S] → [N, G*G, W] patch features in raster order (no CLS)."""
-    if family == "owl2":
-        hidden = model.model.vision_model(pixel_values).last_hidden_state  # [N, (1+)G², Wv]
-        return hidden[:, 1:] if model.config.vision_settings.use_cls_token else hidden
-    if family == "llava":  # the tower's hidden state the projector reads (vision_feature_layer), no CLS
-        return llava_patch_features(model, pixel_values)
-    return model.encode_images(pixel_values)  # [N, G², H]
+def patch_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """[N, 3, S, S] → [N, G*G, W] patch features in raster order (no CLS); the family says which."""
+    return family_of(model).patch_features(model, pixel_values)
 
 
-def visual_tokens(model, family: str, pixel_values: torch.Tensor) -> torch.Tensor:
+def visual_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """[N, 3, S, S] → [N, T, H]: the visual tokens the decoder reads (Owl2 abstractor rows; Owl3 patches)."""
-    if family == "owl2":
-        return model.model.encode_images(pixel_values)  # [N, Q+1, H]
-    if family == "llava":  # projected patch features, one per visual token
-        return torch.stack(list(model.get_image_features(
-            pixel_values=pixel_values, vision_feature_layer=model.config.vision_feature_layer,
-            vision_feature_select_strategy=model.config.vision_feature_select_strategy).pooler_output))  # [N, T, H]
-    return model.encode_images(pixel_values)  # [N, G², H]
+    return resolve_path(model, family_of(model), "encode_images")(pixel_values)
 
 
 class BoardReadout(nn.Module):
@@ -76,23 +65,24 @@ def patch_cells(grid: int, image_size: int) -> torch.Tensor:
     return (cell[:, None] * GRID + cell[None, :]).flatten()
 
 
-def vision_parameters(model, family: str, board: bool = False) -> list[nn.Parameter]:
-    """The encoder's parameters; with ``board`` also everything up to the decoder (Owl2 abstractor)."""
-    if family == "owl2":
-        modules = [model.model.vision_model] + ([model.model.visual_abstractor] if board else [])
-    elif family == "llava":
-        modules = [model.model.vision_tower] + ([model.model.multi_modal_projector] if board else [])
-    else:
-        modules = [model.vision_model, model.vision2text_model]
-    return [p for m in modules for p in m.parameters()]
+def vision_parameters(model, board: bool = False) -> list[nn.Parameter]:
+    """The encoder's parameters; with ``board`` the whole visual path up to the decoder (the family's
+    ``vision_pretrain`` / ``vision_pretrain_board`` components)."""
+    spec = family_of(model)
+    components = spec.vision_pretrain_board if board else spec.vision_pretrain
+    return [p for c in components for p in resolve_path(model, spec, c).parameters()]
 
 
 OBJECTIVES = ("patches", "board")
 
 
-def run_vision_stage(model, processor, family: str, stage: dict, seed: str, world: dict,
+def run_vision_stage(model, processor, family: str | FamilySpec, stage: dict, seed: str, world: dict,
                      history: dict, global_step: int, si: int, progress: bool) -> int:
-    """Train the visual path for ``stage["steps"]`` on ``stage["objectives"]``; return the new global step."""
+    """Train the visual path for ``stage["steps"]`` on ``stage["objectives"]``; return the new global step.
+
+    ``family`` (the recipe's) must be the model's; which modules train is the registry's knowledge."""
+    if get_family(family) is not family_of(model):
+        raise ValueError(f"recipe family {family!r} but the model is {family_of(model).name!r}")
     steps, bs = stage["steps"], stage["batch_size"]
     objectives = stage.get("objectives", ["patches"])
     if not objectives or set(objectives) - set(OBJECTIVES):
@@ -101,8 +91,8 @@ def run_vision_stage(model, processor, family: str, stage: dict, seed: str, worl
     size = world.get("render_size", 112)
     with torch.no_grad():  # probe shapes once
         probe = processor(text=[IMAGE_PLACEHOLDER], images=[[render(sample_scene(random.Random(0)), size)]])
-        feats = patch_features(model, family, probe["pixel_values"])
-        token_width = visual_tokens(model, family, probe["pixel_values"]).shape[-1]
+        feats = patch_features(model, probe["pixel_values"])
+        token_width = visual_tokens(model, probe["pixel_values"]).shape[-1]
     n_patches, width = feats.shape[1], feats.shape[2]
     grid = int(round(n_patches ** 0.5))
     cells = patch_cells(grid, probe["pixel_values"].shape[-1])
@@ -114,7 +104,7 @@ def run_vision_stage(model, processor, family: str, stage: dict, seed: str, worl
         heads["patches"] = nn.Linear(width, sum(sizes))
     if "board" in objectives:
         heads["board"] = BoardReadout(token_width, sizes[:-1])
-    params = vision_parameters(model, family, board="board" in objectives)
+    params = vision_parameters(model, board="board" in objectives)
     opt = torch.optim.AdamW(params + list(heads.parameters()), lr=stage["lr"], betas=(0.9, 0.98),
                             weight_decay=stage.get("weight_decay", 0.0))
     bar = tqdm(range(steps), disable=not progress, desc=f"stage {si + 1} (vision pre-training)", mininterval=2.0)
@@ -125,10 +115,10 @@ def run_vision_stage(model, processor, family: str, stage: dict, seed: str, worl
         loss = 0.0
         if "patches" in heads:
             targets = torch.cat([board[:, cells], cells.expand(bs, -1)[..., None]], dim=-1)  # [B, G², 5]
-            logits = heads["patches"](patch_features(model, family, batch["pixel_values"]))  # [B, G², sum(sizes)]
+            logits = heads["patches"](patch_features(model, batch["pixel_values"]))  # [B, G², sum(sizes)]
             loss = loss + _cross_entropy(logits, targets, sizes, weights + [1.0])
         if "board" in heads:
-            logits = heads["board"](visual_tokens(model, family, batch["pixel_values"]))  # [B, GRID², Σ]
+            logits = heads["board"](visual_tokens(model, batch["pixel_values"]))  # [B, GRID², Σ]
             loss = loss + _cross_entropy(logits, board, sizes[:-1], weights)
         for group in opt.param_groups:
             group["lr"] = stage["lr"] * min(1.0, (step + 1) / max(1, stage.get("warmup", 50)))

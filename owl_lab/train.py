@@ -20,8 +20,6 @@ Outputs in the checkpoint directory: ``config.json``, ``model.safetensors``, tok
 """
 from __future__ import annotations
 
-import copy
-import importlib
 import json
 import math
 import os
@@ -32,70 +30,45 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from owl_lab import zoo
+from owl_lab.analysis.probe import probe_cell_attributes
 from owl_lab.evaluate import collate, evaluate
+from owl_lab.families import FamilySpec, get_family
 from owl_lab.optim import apply_step
 from owl_lab.pretrain_vision import run_vision_stage
+from owl_lab.recipes import load_recipe, recipes_dir, shipped_recipes, stage_freeze
+
+# the recipe helpers live in owl_lab.recipes (analysis reads them too); re-exported for `owl_lab.train` users
+__all__ = [
+    "build",
+    "copy_text_branch_to_vision",
+    "default_threads",
+    "estimate_seconds",
+    "family_classes",
+    "load_recipe",
+    "lr_factor",
+    "recipes_dir",
+    "save",
+    "shipped_recipes",
+    "stage_freeze",
+    "train",
+]
 from owl_lab.synth.data import Mixture
 from owl_lab.synth.tokenizer import build_tokenizer
 
-FAMILIES = ("owl2", "owl3", "llava")
-
-
-# --- recipes -----------------------------------------------------------------------------------
-
-def recipes_dir() -> Path:
-    return zoo.data_dir() / "recipes"
-
-
-def _merge(base: dict, override: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in override.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
-
-
-def load_recipe(name_or_path: str | Path) -> dict:
-    """Read a recipe by name (``data/recipes/<name>.json``) or path and resolve ``extends``."""
-    path = Path(name_or_path)
-    if not path.is_file():
-        path = recipes_dir() / f"{name_or_path}.json"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in recipes_dir().glob("*.json"))) or "(none)"
-        raise FileNotFoundError(f"No recipe {str(name_or_path)!r}; known recipes: {known}")
-    recipe = json.loads(path.read_text())
-    parent = recipe.pop("extends", None)
-    if parent:
-        recipe = _merge(load_recipe(path.parent / f"{parent}.json"), recipe)
-    recipe.setdefault("name", path.stem)
-    missing = [k for k in ("family", "config", "stages") if k not in recipe]
-    if missing or recipe["family"] not in FAMILIES:
-        raise ValueError(f"recipe {path}: needs keys family ∈ {FAMILIES}, config, stages; missing {missing}, "
-                         f"family={recipe.get('family')!r}")
-    return recipe
-
-
-def shipped_recipes() -> list[str]:
-    """Names of recipes whose checkpoints are shipped (``"ship": true``)."""
-    return [p.stem for p in sorted(recipes_dir().glob("*.json")) if load_recipe(p).get("ship", False)]
-
-
 # --- the family plug-in ------------------------------------------------------------------------
 
-def family_classes(family: str):
-    """(Config, Model, Processor) classes exported by ``owl_lab.models.<family>``."""
-    module = importlib.import_module(f"owl_lab.models.{family}")
-    prefix = family.capitalize()  # Owl2 / Owl3
-    return (getattr(module, f"{prefix}Config"), getattr(module, f"{prefix}ForCausalLM"),
-            getattr(module, f"{prefix}Processor"))
+def family_classes(family: str | FamilySpec) -> tuple[type, type, type]:
+    """(Config, Model, Processor) classes of a registered family."""
+    spec = get_family(family)
+    return spec.config_class, spec.model_class, spec.processor_class
 
 
 def build(recipe: dict):
     """Fresh (model, processor) for a recipe: the config's vocab and special ids come from the tokenizer."""
     family = recipe["family"]
-    module = importlib.import_module(f"owl_lab.models.{family}")
-    if hasattr(module, "build_for_training"):  # a stock transformers family builds its own config
-        return module.build_for_training(recipe["config"], seed=recipe.get("seed", 0))
+    spec = get_family(family)
+    if spec.build_from_recipe is not None:  # a stock transformers family: its config is not one flat dict
+        return spec.build_from_recipe(recipe["config"], build_tokenizer(spec), seed=recipe.get("seed", 0))
     Config, Model, Processor = family_classes(family)
     tokenizer = build_tokenizer(family)
     ids = dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
@@ -105,8 +78,7 @@ def build(recipe: dict):
     model = Model(config)
     if recipe.get("vision_branch_from_text", False):
         copy_text_branch_to_vision(model)
-    processor = Processor.from_config(config, tokenizer) if hasattr(Processor, "from_config") else \
-        Processor(tokenizer=tokenizer, image_size=config.image_size)
+    processor = Processor.from_config(config, tokenizer)
     return model, processor
 
 
@@ -159,24 +131,9 @@ def _set_trainable(model, frozen: list[str]) -> list[torch.nn.Parameter]:
 
 
 def default_threads() -> int:
-    """torch intra-op threads for training: ``OMP_NUM_THREADS`` if set, else every core.
-
-    Alone on the 2-core machine, 2 threads run an owl2-tiny step 1.27x and an owl3-tiny step 1.3x
-    faster than 1 thread; two jobs side by side should each get ``OMP_NUM_THREADS=1``.
-    """
+    """torch intra-op threads for training: ``OMP_NUM_THREADS`` if set, else every core (two jobs side by
+    side should each get ``OMP_NUM_THREADS=1``; measured speed-ups: ``data/recipes/README.md``)."""
     return int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
-
-
-def stage_freeze(recipe: dict, stage: dict) -> list[str]:
-    """The parameter-name regexes a language stage freezes: its own ``freeze``, else the recipe's.
-
-    A recipe-level ``freeze`` lets a variant change the rule for every stage at once (e.g.
-    ``owl2-tiny-vittrain`` sets ``"freeze": []``) without repeating the stage list, which would
-    silently stop following the base recipe's stages. Vision pre-training stages never freeze.
-    """
-    if stage.get("kind") == "vision":
-        return []
-    return list(stage.get("freeze", recipe.get("freeze", [])))
 
 
 def train(recipe: dict, out_dir: Path | None = None, *, progress: bool = True, evaluate_after: bool = True,
@@ -274,10 +231,8 @@ def estimate_seconds(recipe: dict, fraction: float = 0.1, *, threads: int | None
     Runs the recipe (nothing saved, no evaluation) with ``max(1, round(fraction × steps))`` steps per
     stage, takes each stage's seconds per step and multiplies by its full step count; the rest
     (model build, encoder probes) is added once, unscaled. The learning-rate schedule shrinks with
-    the steps, which does not change the cost of a step. Checked against full runs alone at 2
-    threads (projected from a tenth → full run): owl2-tiny-r84 807 → 853 s, owl2-tiny-q16
-    718 → 693 s, owl2-tiny 708 → 606 s. A shared machine's speed drifts by 10-20 % over minutes, so
-    leave that much margin.
+    the steps, which does not change the cost of a step. How close the projection came on full runs:
+    ``data/recipes/README.md``.
 
     Returns:
         dict with ``fraction``, ``threads``, ``steps`` (full, per stage), ``ms_per_step`` (per stage),
@@ -301,13 +256,12 @@ def estimate_seconds(recipe: dict, fraction: float = 0.1, *, threads: int | None
 
 def _probe_vision(model, processor, world: dict, progress: bool) -> dict[str, float]:
     """Linear-probe accuracy (%) of each cell attribute on the encoder's patch features right after a
-    vision stage (:func:`owl_lab.analysis.probe.probe_cell_attributes`, 500 + 200 scenes, ~5 s).
+    vision stage (:func:`owl_lab.analysis.probe.probe_cell_attributes`, 500 + 200 scenes).
 
     Recorded in metrics.json as ``vision_probe``: an encoder that failed to pick up an attribute (the
     pattern plateau of some seeds) shows here, before the language stages spend 15 minutes on it.
     Draws no global random numbers, so the rest of the run is unchanged.
     """
-    from owl_lab.analysis.probe import probe_cell_attributes  # analysis imports the models; keep train light
 
     model.eval()
     result = {k: round(v, 1) for k, v in probe_cell_attributes(

@@ -23,11 +23,12 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
+from hooks.capture import capture
 from owl_lab.analysis.mass import layer_mass, query_mass
+from owl_lab.families import FamilySpec, family_of, get_family
+from owl_lab.synth import ALL_TASKS, eval_set
 from owl_lab.viz import abstractor_map_figure, gate_heatmap_figure, layer_mass_figure, query_mass_figure
-from owl_lab.families import family_of
-
-IMAGE_MARKER = -200
+from owl_lab.zoo import list_checkpoints, load_owl, resolve_checkpoint
 
 
 @dataclass
@@ -90,8 +91,6 @@ class ModelCache:
         self._models: dict[Path, tuple] = {}
 
     def get(self, name_or_path: str):
-        from owl_lab.zoo import load_owl, resolve_checkpoint
-
         if not str(name_or_path).strip():
             raise ValueError("choose a model: a shipped checkpoint name or a checkpoint directory.")
         key = resolve_checkpoint(name_or_path).resolve()
@@ -112,19 +111,20 @@ DEFAULT_CACHE = ModelCache()
 @lru_cache(maxsize=64)
 def example(task: str, scene: int, seed: int = 0):
     """The seeded synthetic example ``scene`` of ``task`` (cached)."""
-    from owl_lab.synth import eval_set
-
     if scene < 0:
         raise ValueError(f"scene must be >= 0; got {scene}.")
     return eval_set(task, scene + 1, seed=seed)[scene]
 
 
-def sequence_labels(family: str, input_ids: torch.Tensor, tokenizer, tokens_per_image: int) -> list[str]:
-    """Label of every position the decoder sees: token strings; Owl2 image rows as ``img0:q3`` /
-    ``img0:eos`` (input_ids [L] with -200 markers)."""
+def sequence_labels(family: str | FamilySpec, input_ids: torch.Tensor, tokenizer, tokens_per_image: int) -> list[str]:
+    """Label of every position the decoder sees (input_ids [L]): token strings; where the family expands
+    each image marker into rows inside the model (Owl2), those rows as ``img0:q3`` / ``img0:eos``."""
+    spec = get_family(family)
+    if not spec.expands_image_marker:
+        return tokenizer.convert_ids_to_tokens(input_ids.tolist())
     labels, n = [], 0
     for i in input_ids.tolist():
-        if i == IMAGE_MARKER:
+        if i == spec.image_token_id:
             labels += [f"img{n}:q{j}" for j in range(tokens_per_image - 1)] + [f"img{n}:eos"]
             n += 1
         else:
@@ -175,10 +175,8 @@ def _key_figure(full_map, head, labels: list[str], title: str) -> tuple[go.Figur
 
 def explore(state: ExplorerState, cache: ModelCache | None = None) -> ExplorerView:
     """Run the model on the state's example and build every figure and number (no widgets involved)."""
-    from hooks.capture import capture  # (module import: robust to a stale editable install of `hooks`)
-
     model, processor = (cache if cache is not None else DEFAULT_CACHE).get(state.model)
-    family = family_of(model).name
+    spec = family_of(model)
     ex = example(state.task, int(state.scene), int(state.seed))
     prompt = state.prompt.strip() or ex.text
     missing = len(ex.images) - prompt.count("<|image|>")
@@ -192,10 +190,7 @@ def explore(state: ExplorerState, cache: ModelCache | None = None) -> ExplorerVi
         raise ValueError(f"layer must be in [0, {n_layers}); got {state.layer}.")
     if state.head is not None and not 0 <= state.head < n_heads:
         raise ValueError(f"head must be None (mean) or in [0, {n_heads}); got {state.head}.")
-    if family == "owl2":
-        labels = sequence_labels(family, ids[0], processor.tokenizer, model.config.tokens_per_image)
-    else:
-        labels = processor.tokenizer.convert_ids_to_tokens(ids[0].tolist())
+    labels = sequence_labels(spec, ids[0], processor.tokenizer, model.config.tokens_per_image)
     token = len(labels) - 1 if state.token is None or state.token < 0 else int(state.token)
     if token >= len(labels):
         raise ValueError(f"token must be a position in [0, {len(labels)}) (or None = last); got {state.token}.")
@@ -233,14 +228,14 @@ def explore(state: ExplorerState, cache: ModelCache | None = None) -> ExplorerVi
             fm, state.head, labels, f"token {token} {labels[token]!r}: attention over keys ({kind}, {who})")
         numbers["token_visual_mass"] = visual
 
-    if family == "owl2" and len(rec.abstractor_records):
+    if len(rec.abstractor_records):  # only families with an abstractor record any
         figures["abstractor"] = abstractor_map_figure(rec.abstractor_maps, image=ex.images[0],
                                                       title="abstractor queries → patches (last layer)")
     if len(rec.gate_records):
         hyper = sorted(rec.gates["layer"].unique())
         layer = state.layer if state.layer in hyper else int(hyper[0])
         figures["gates"] = gate_heatmap_figure(rec.gates, layer=layer, token_labels=labels)
-    return ExplorerView(state=state, family=family, prompt=prompt, answer=answer, expected=ex.answer,
+    return ExplorerView(state=state, family=spec.name, prompt=prompt, answer=answer, expected=ex.answer,
                         labels=labels, numbers=numbers, figures=figures, images=list(ex.images))
 
 
@@ -264,8 +259,6 @@ class ExplorerApp:
     def __init__(self, model: str | None = None, cache: ModelCache | None = None):
         import ipywidgets as w
 
-        from owl_lab.synth import ALL_TASKS
-        from owl_lab.zoo import list_checkpoints
 
         self.cache = cache if cache is not None else DEFAULT_CACHE
         names = list_checkpoints()

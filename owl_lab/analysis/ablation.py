@@ -22,7 +22,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from owl_lab import evaluate
 from owl_lab.analysis.stats import binomial_se, paired_difference
+from owl_lab.families import FamilySpec, family_for_model_type
+from owl_lab.recipes import stage_freeze
+from owl_lab.zoo import resolve_checkpoint
 
 DISTRACTOR = "distractor:"  # flag key prefix: "distractor:8" = circular flags at N = 8 images
 Columns = Mapping[str, Sequence[str]]
@@ -32,23 +36,21 @@ def _json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _vit_training(recipe: dict) -> str:
+def _vit_training(recipe: dict, spec: FamilySpec) -> str:
     """'trainable', 'frozen' or 'partly frozen' from the language stages' ``freeze`` regexes."""
-    from owl_lab.train import stage_freeze
     stages = [s for s in recipe.get("stages", []) if s.get("kind") != "vision"]
     if not stages:
         return "unknown"
-    probe = "model.vision_model.encoder.layers.0.mlp.fc1.weight"  # any ViT parameter name
+    probe = spec.path("vision_layer", k=0) + ".mlp.fc1.weight"  # any ViT parameter name
     frozen = [any(re.match(p, probe) for p in stage_freeze(recipe, s)) for s in stages]
     return "frozen" if all(frozen) else "partly frozen" if any(frozen) else "trainable"
 
 
 def exists(name_or_dir: str | Path) -> bool:
     """True if ``load_owl`` can find this checkpoint (a shipped name or a checkpoint directory).
-    Notebooks use it to skip ablations whose recipe is written but not trained yet."""
-    from owl_lab import zoo
+    Notebooks use it to list the variants a folder holds."""
     try:
-        zoo.resolve_checkpoint(name_or_dir)
+        resolve_checkpoint(name_or_dir)
     except (FileNotFoundError, ValueError):
         return False
     return True
@@ -62,27 +64,28 @@ def describe(config, directory: str | Path | None = None) -> dict:
     ``recipe.json`` in ``directory``; "unknown" without one). Owl3: ``hyper_attention``, ``mi_rope``,
     ``hyper_layers`` (1-based, the official convention), ``projector``, ``image_size``.
     """
-    model_type = getattr(config, "model_type", None)
-    if model_type == "mplug_owl2":
+    spec = family_for_model_type(getattr(config, "model_type", None))
+    # the ablation axes are each paper's own (MAM / queries / resolution vs gate / MI-RoPE / placement):
+    # a per-family table, not a registry fact
+    if spec is not None and spec.name == "owl2":
         vm = config.visual_config["visual_model"]
         ab = config.visual_config["visual_abstractor"]
         recipe = _json(Path(directory) / "recipe.json") if directory is not None else {}
         return {"queries": int(ab["num_learnable_queries"]), "image_size": int(vm["image_size"]),
                 "patch_size": int(vm["patch_size"]), "patches": (vm["image_size"] // vm["patch_size"]) ** 2,
                 "tokens_per_image": int(config.tokens_per_image),
-                "mam": bool(getattr(config, "modality_adaptive", True)), "vit": _vit_training(recipe)}
-    if model_type == "mplugowl3":
+                "mam": bool(getattr(config, "modality_adaptive", True)), "vit": _vit_training(recipe, spec)}
+    if spec is not None and spec.name == "owl3":
         return {"hyper_attention": str(config.hyper_attention), "mi_rope": bool(config.mi_rope),
                 "hyper_layers": ",".join(str(x) for x in config.hyper_layers), "projector": str(config.projector),
                 "image_size": int(config.image_size)}
+    model_type = getattr(config, "model_type", None)
     raise ValueError(f"describe expects an Owl2 ('mplug_owl2') or Owl3 ('mplugowl3') config, got {model_type!r}")
 
 
 def score_tasks(model, processor, eval_sets: Mapping[str, Sequence], batch_size: int = 64) -> dict[str, list[bool]]:
     """Teacher-forced exact-match flags per task (``evaluate.exact_match``), in question order."""
-    from owl_lab.evaluate import exact_match
-
-    return {task: exact_match(model, processor, examples, batch_size) for task, examples in eval_sets.items()}
+    return {task: evaluate.exact_match(model, processor, examples, batch_size) for task, examples in eval_sets.items()}
 
 
 def shipped_accuracy(directory: str | Path) -> dict[str, tuple[float, int]]:

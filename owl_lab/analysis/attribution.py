@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from owl_lab.families import family_of
+from owl_lab.families import family_of, resolve_path
+from owl_lab.models.owl3.media_owl3 import resolve_media
 
 SCORES = ("logit", "logprob", "prob")
 METHODS = ("integrated_gradients",)
@@ -103,7 +104,8 @@ class _Adapter:
     """Per-family: patch layer, embedding layer, kept positions, and ``forward(ids, pixels) -> [k, V]``."""
 
     def __init__(self, model, batch):
-        self.model, self.family = model, family_of(model).name
+        self.model, self.spec = model, family_of(model)
+        self.family = self.spec.name
         ids = batch.get("input_ids")
         if ids is None or ids.dim() != 2 or ids.shape[0] != 1:
             got = None if ids is None else tuple(ids.shape)
@@ -115,18 +117,14 @@ class _Adapter:
         self.pixels = batch.get("pixel_values")
         if self.pixels is not None and self.pixels.shape[0] == 0:
             self.pixels = None
-        if self.family == "owl2":
-            from owl_lab.models.owl2 import IMAGE_TOKEN_INDEX
-
-            self.patch_layer = model.model.vision_model.embeddings.patch_embed
-            self.embed_layer = model.model.embed_tokens
-            self.image_positions = (ids[0] == IMAGE_TOKEN_INDEX).nonzero().flatten()
-            self.report = ids[0] != IMAGE_TOKEN_INDEX  # markers have no embedding row in the sequence
+        self.patch_layer = resolve_path(model, self.spec, "patch_embed")
+        self.embed_layer = resolve_path(model, self.spec, "embed_tokens")
+        if self.spec.images_in_sequence:  # the model puts each image's rows at its marker
+            marker = self.spec.image_token_id
+            self.image_positions = (ids[0] == marker).nonzero().flatten()
+            self.report = ids[0] != marker  # markers have no embedding row in the sequence
         else:
-            self.patch_layer = model.vision_model.embeddings.patch_embedding
-            self.embed_layer = model.language_model.model.embed_tokens
-            from owl_lab.models.owl3.media_owl3 import resolve_media
-
+            # images are keys from s_n on, given by the processor's media_offset (Owl3, the one such family)
             self.image_starts = None
             if self.pixels is not None:  # where each image goes: s_n, and which pixel row is image n
                 starts, order = resolve_media(batch.get("media_offset"), self.pixels.shape[0], 1, mask)
@@ -138,12 +136,12 @@ class _Adapter:
     def forward(self, ids: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:
         """ids [k, L] (k copies), pixels [k*N, 3, S, S] (copy-major) → last-position logits [k, V]."""
         k = ids.shape[0]
-        if self.family == "owl2":
+        if self.spec.images_in_sequence:
             out = self.model(input_ids=ids, pixel_values=pixels, use_cache=False, logits_to_keep=1)
         else:
             kw = {}
             if pixels is not None:
-                feats = self.model.encode_images(pixels)  # [k*N, T, H]
+                feats = resolve_path(self.model, self.spec, "encode_images")(pixels)  # [k*N, T, H]
                 feats = feats.view(k, -1, *feats.shape[1:])[:, self.order]  # [k, N, T, H], image order
                 kw = dict(image_embeds=feats, image_starts=self.image_starts.expand(k, -1))
             out = self.model(input_ids=ids, use_cache=False, logits_to_keep=1, **kw)
@@ -213,8 +211,7 @@ def attribute(model, processor_batch, target: str | int | None = None, method: s
     # text baseline: pad everywhere except special tokens, image markers and placeholders
     keep = torch.zeros_like(ids[0], dtype=torch.bool)
     keep[ad.image_positions] = True
-    if ad.family == "owl2":
-        keep |= ~ad.report
+    keep |= ~ad.report  # image marker rows (none where images are not rows)
     special = set(getattr(tokenizer, "all_special_ids", []) or []) - {getattr(tokenizer, "pad_token_id", None)}
     if special:
         keep |= torch.isin(ids[0], torch.tensor(sorted(special), dtype=ids.dtype))
@@ -260,17 +257,3 @@ def attribute(model, processor_batch, target: str | int | None = None, method: s
         n_steps=int(n_steps), family=ad.family, seconds=time.perf_counter() - t0,
         extra={"baseline_ids": base_ids.cpu(), "marker_attribution": float(token_all[~ad.report].abs().sum())},
     )
-
-
-
-_MOVED = ("spearman", "AttentionComparison", "attention_patch_maps", "attention_vs_attribution")
-
-
-def __getattr__(name: str):
-    """The attention-vs-attribution helpers moved to :mod:`owl_lab.analysis.compare`; old imports
-    (``from owl_lab.analysis.attribution import spearman``) keep working (PEP 562, lazy: no cycle)."""
-    if name in _MOVED:
-        from owl_lab.analysis import compare
-
-        return getattr(compare, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from hooks.capture import capture
 from owl_lab.analysis.attribution import Attribution, _Adapter, attribute
 from owl_lab.families import family_of
 
@@ -76,26 +77,22 @@ def attention_patch_maps(model, processor_batch, *, weighting: str = "decoder", 
     * Owl3: cross/joint attention of the last position to each image key (= SigLIP patch) in the
       hyper layers (mean over heads and hyper layers); ``weighting`` is ignored.
     """
-    from hooks.capture import capture  # (module import: robust to a stale editable install of `hooks`)
-
-    family = family_of(model).name
+    spec = family_of(model)
     if weighting not in ("decoder", "uniform"):
         raise ValueError(f"weighting must be 'decoder' or 'uniform'; got {weighting!r}.")
     ad = _Adapter(model, processor_batch)
     if ad.pixels is None:
         raise ValueError("attention_patch_maps needs a prompt with at least one image.")
     n_img = ad.pixels.shape[0]
-    n_layers = model.config.num_hidden_layers
-    if family == "owl3":
-        hyper = list(model.config.hyper_layer_indices)
-        layers = hyper if layers is None else [i for i in layers if i in hyper]
-    else:
-        layers = list(range(n_layers)) if layers is None else list(layers)
-    length = ad.ids.shape[1] + (n_img * (model.config.tokens_per_image - 1) if family == "owl2" else 0)
+    seeing = spec.image_layers(model.config)  # layers whose attention can reach the image
+    layers = seeing if layers is None else [i for i in layers if i in seeing]
+    extra_rows = model.config.tokens_per_image - 1 if spec.expands_image_marker else 0
+    length = ad.ids.shape[1] + n_img * extra_rows
+    has_abstractor = spec.has("abstractor_event")
     with torch.no_grad(), capture(model, attention=True, full_maps={i: [length - 1] for i in layers},
-                                  abstractor=family == "owl2", gates=False, layers=layers) as rec:
+                                  abstractor=has_abstractor, gates=False, layers=layers) as rec:
         model(**{k: v for k, v in processor_batch.items() if k != "labels"})
-    if family == "owl2":
+    if has_abstractor:
         amap = rec.abstractor_maps[abstractor_layer].mean(1)  # [N, H, Q, gh, gw] → [N, Q, gh, gw]
         Q = amap.shape[1]
         if weighting == "uniform":
@@ -193,9 +190,7 @@ def attention_vs_token_attribution(model, processor_batch, attribution: Attribut
             ``attribute_kwargs``).
         absolute: compare with |IG| (default) or signed IG.
     """
-    from hooks.capture import capture
-
-    family = family_of(model).name
+    spec = family_of(model)
     ad = _Adapter(model, processor_batch)
     if attribution is None:
         attribution = attribute(model, processor_batch, **attribute_kwargs)
@@ -203,8 +198,8 @@ def attention_vs_token_attribution(model, processor_batch, attribution: Attribut
     layers = list(range(n_layers)) if layers is None else [int(i) for i in layers]
     ids = ad.ids[0]
     seq, length = torch.arange(ids.numel()), ids.numel()  # input_ids index → decoder position [L]
-    if family == "owl2":  # every earlier -200 marker became tokens_per_image rows instead of one
-        marker, extra = (ids == -200).long(), model.config.tokens_per_image - 1
+    if spec.expands_image_marker:  # every earlier marker became tokens_per_image rows instead of one
+        marker, extra = (ids == spec.image_token_id).long(), model.config.tokens_per_image - 1
         seq, length = seq + (marker.cumsum(0) - marker) * extra, length + int(marker.sum()) * extra
     with torch.no_grad(), capture(model, full_maps={i: [length - 1] for i in layers}, layers=layers,
                                   gates=False, abstractor=False) as rec:
@@ -241,7 +236,7 @@ def attention_vs_token_attribution(model, processor_batch, attribution: Attribut
                            "attribution": [attr_mass.get(g, 0.0) for g in names]}, index=pd.Index(names, name="group"))
     groups = groups / groups.sum(skipna=True)  # gated Owl3: no image keys in `self` → image attention NaN
     kinds = sorted({key[-1] for key in rec.full_maps if key[-1] in ("self", "joint")})
-    source = (f"{family}: attention of the last position over sequence keys ({'/'.join(kinds)}), mean over heads "
+    source = (f"{spec.name}: attention of the last position over sequence keys ({'/'.join(kinds)}), mean over heads "
               f"and layers {layers}; Spearman over the {len(used)} attributed tokens")
     return TokenComparison(table=table, spearman=rho, groups=groups, source=source, result=attribution)
 

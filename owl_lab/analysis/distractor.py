@@ -16,6 +16,9 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
+from hooks.capture import capture
+from owl_lab import evaluate
+
 IMAGE_KINDS = ("cross", "joint")  # gated/static Owl3: a cross softmax over images; fused: one joint softmax
 
 
@@ -27,13 +30,11 @@ def circular_scores(model, processor, groups: Sequence[Sequence], batch_size: in
         instances right), ``flags`` (per-question bools, in order; for paired comparisons),
         ``questions`` and ``instances`` (counts).
     """
-    from owl_lab.evaluate import exact_match
-
     if not groups or any(len(g) == 0 for g in groups):
         raise ValueError("circular_scores needs a non-empty list of non-empty instance groups "
                          "(synth.distractor_eval output).")
     flat = [ex for g in groups for ex in g]
-    hits = exact_match(model, processor, flat, batch_size)
+    hits = evaluate.exact_match(model, processor, flat, batch_size)
     flags, k = [], 0
     for g in groups:
         flags.append(all(hits[k:k + len(g)]))
@@ -66,8 +67,6 @@ def target_share(model, processor, examples: Sequence, batch_size: int = 8) -> p
         DataFrame indexed by layer with columns ``share`` (mean), ``chance`` (mean 1/N) and
         ``above_chance`` (fraction of examples whose head-mean share exceeds their 1/N).
     """
-    from hooks.capture import capture
-
     layers = list(getattr(model.config, "hyper_layer_indices", []) or [])
     if not layers:
         raise ValueError("target_share needs an Owl3 model with hyper layers (config.hyper_layer_indices).")

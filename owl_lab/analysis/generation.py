@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
+from hooks.capture import capture
 from owl_lab.analysis.mass import layer_mass
 
 
@@ -43,8 +44,6 @@ def answer_mass(model, processor, examples: Sequence, *, max_new_tokens: int = 3
         per_example: return the list of per-example [layer × group] tables instead of their mean
             (for standard errors over prompts).
     """
-    from hooks.capture import capture
-
     if not examples:
         raise ValueError("answer_mass needs at least one example")
     tables = []

@@ -22,7 +22,6 @@ from torch import nn
 from owl_lab.pretrain_vision import patch_cells, patch_features
 from owl_lab.synth.shapes import CELL_ATTRIBUTES, cell_targets, render, sample_scene
 from owl_lab.synth.vocab import IMAGE_PLACEHOLDER
-from owl_lab.families import family_of
 
 ATTRIBUTES = tuple(name for name, _ in CELL_ATTRIBUTES)
 
@@ -38,14 +37,13 @@ def cell_features(model, processor, n_scenes: int, seed: int | str = 0, *, rende
     """
     if n_scenes < 1:
         raise ValueError(f"n_scenes must be >= 1; got {n_scenes}")
-    family = family_of(model).name
     features, targets = [], []
     for start in range(0, n_scenes, batch_size):
         scenes = [sample_scene(random.Random(f"probe/{seed}/{i}"), *n_objects)
                   for i in range(start, min(start + batch_size, n_scenes))]
         batch = processor(text=[IMAGE_PLACEHOLDER] * len(scenes), images=[[render(s, render_size)] for s in scenes])
         pixels = batch["pixel_values"].to(next(model.parameters()).dtype)
-        feats = patch_features(model, family, pixels)  # [B, G², W]
+        feats = patch_features(model, pixels)  # [B, G², W]
         cells = patch_cells(int(round(feats.shape[1] ** 0.5)), pixels.shape[-1])  # [G²] board cell per patch
         board = torch.tensor([cell_targets(s) for s in scenes])  # [B, GRID², 4]
         features.append(feats.float().flatten(0, 1))  # [B * G², W]

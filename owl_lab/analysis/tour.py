@@ -8,6 +8,8 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
+from owl_lab.families import OWL2, OWL3, resolve_path
+
 
 def _row(stage: str, tensor_or_shape, note: str) -> dict:
     shape = tuple(tensor_or_shape.shape) if hasattr(tensor_or_shape, "shape") else tuple(tensor_or_shape)
@@ -24,15 +26,15 @@ def owl2_stages(model, batch) -> pd.DataFrame:
         batch: a processor output with ``input_ids`` [B, L] (image markers = -200),
             ``attention_mask`` and ``pixel_values`` [N, 3, S, S].
     """
-    inner = model.model
     cfg = model.config
     pixels = batch["pixel_values"]
-    vit = inner.vision_model(pixels).last_hidden_state  # [N, 1 + g*g, Dv]
-    abstractor = inner.visual_abstractor(vit)
+    vit = resolve_path(model, OWL2, "vision_tower")(pixels).last_hidden_state  # [N, 1 + g*g, Dv]
+    abstractor = resolve_path(model, OWL2, "bridge")(vit)
     queries = abstractor.layer_outputs[-1]  # [N, Q, Da]
     rows_llm = abstractor.features  # [N, Q+1, D]
-    seq = inner.build_sequence(batch["input_ids"], pixels, batch.get("attention_mask"))
+    seq = model.model.build_sequence(batch["input_ids"], pixels, batch.get("attention_mask"))
     logits = model(**batch).logits
+    marker = OWL2.image_token_id
     n_vision = int(seq.modality_indicators.eq(1).sum())
     grid = cfg.vision_settings.image_size // cfg.vision_settings.patch_size
     return pd.DataFrame([
@@ -41,7 +43,7 @@ def owl2_stages(model, batch) -> pd.DataFrame:
         _row("abstractor queries", queries, f"{queries.shape[1]} learnable queries after "
              f"{len(abstractor.layer_outputs)} layers"),
         _row("visual_fc + vit_eos", rows_llm, f"{rows_llm.shape[1]} LLM rows per image (queries + vit_eos)"),
-        _row("input_ids", batch["input_ids"], f"{int(batch['input_ids'].eq(-200).sum())} image marker(s) = -200"),
+        _row("input_ids", batch["input_ids"], f"{int(batch['input_ids'].eq(marker).sum())} image marker(s) = {marker}"),
         _row("decoder sequence", seq.inputs_embeds, "each marker replaced by its image's rows"),
         _row("modality indicators", seq.modality_indicators,
              f"{n_vision} vision (1) rows, {seq.modality_indicators.numel() - n_vision} text (0) rows"),
@@ -64,7 +66,7 @@ def owl3_stages(model, batch) -> pd.DataFrame:
     feats = model.encode_images(pixels)  # [N, T, H]
     _, starts = model.prepare_images(pixels, batch.get("media_offset"), batch["input_ids"].shape,
                                      batch.get("attention_mask"))
-    layer = model.language_model.model.layers[cfg.hyper_layer_indices[0]].self_attn
+    layer = resolve_path(model, OWL3, "attention", i=cfg.hyper_layer_indices[0])
     kv = layer.v_kv_proj(feats)  # [N, T, 2*nKV*D]
     logits = model(**batch).logits
     grid = cfg.vision_config.image_size // cfg.vision_config.patch_size

@@ -31,6 +31,10 @@ from pathlib import Path
 
 import torch
 
+from hooks.capture import capture
+from owl_lab.models.owl2 import IMAGE_TOKEN_INDEX, Owl2Config, Owl2ForCausalLM
+from owl_lab.models.owl3 import Owl3Config, Owl3ForCausalLM
+
 OWL2_LENGTHS = (512, 2048, 4096)
 OWL3_IMAGES = (8, 32, 64)
 MODES = ("plain", "capture", "eager")
@@ -46,7 +50,7 @@ def add_arguments(parser):
     parser.add_argument("--heads", type=int, default=8, help="attention heads (default 8, head dim 64)")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per mode (best is reported)")
-    parser.add_argument("--families", nargs="+", default=["owl2", "owl3"], choices=["owl2", "owl3"])
+    parser.add_argument("--families", nargs="+", default=["owl2", "owl3"], choices=sorted(BUILDERS))
     parser.add_argument("--no-eager", action="store_true", help="skip the eager output_attentions baseline")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test of the command itself)")
     parser.add_argument("--threads", type=int, default=1,
@@ -65,24 +69,29 @@ def build(spec: dict):
     hidden, layers, heads = _sizes(spec)
     common = dict(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
                   num_attention_heads=heads, vocab_size=1000, max_position_embeddings=8192)
-    if spec["family"] == "owl2":
-        from owl_lab.models.owl2 import Owl2Config, Owl2ForCausalLM
+    return BUILDERS[spec["family"]](spec, common)
 
-        config = Owl2Config(num_key_value_heads=heads, visual_config={
+
+def _build_owl2(spec: dict, common: dict):
+    """Owl2 scales with the decoder length L: one image, L - rows text tokens."""
+    heads = common["num_attention_heads"]
+    config = Owl2Config(num_key_value_heads=heads, visual_config={
             "visual_model": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
                              "num_attention_heads": 2, "image_size": 56, "patch_size": 14},
             "visual_abstractor": {"num_learnable_queries": 32, "hidden_size": 64, "num_hidden_layers": 2,
                                   "num_attention_heads": 2, "intermediate_size": 128, "encoder_hidden_size": 64},
-        }, **common)
-        model = Owl2ForCausalLM(config).eval()
-        rows = config.tokens_per_image
-        ids = torch.randint(3, config.vocab_size, (1, spec["length"] - rows + 1))
-        ids[0, 0], ids[0, 5] = 1, -200  # BOS, one image (its rows) after a short prefix
-        size = config.image_size
-        return model, dict(input_ids=ids, pixel_values=torch.randn(1, 3, size, size), use_cache=False)
+    }, **common)
+    model = Owl2ForCausalLM(config).eval()
+    rows = config.tokens_per_image
+    ids = torch.randint(3, config.vocab_size, (1, spec["length"] - rows + 1))
+    ids[0, 0], ids[0, 5] = 1, IMAGE_TOKEN_INDEX  # BOS, one image (its rows) after a short prefix
+    size = config.image_size
+    return model, dict(input_ids=ids, pixel_values=torch.randn(1, 3, size, size), use_cache=False)
 
-    from owl_lab.models.owl3 import Owl3Config, Owl3ForCausalLM
 
+def _build_owl3(spec: dict, common: dict):
+    """Owl3 scales with the number of images (visual keys at the hyper layers), text length fixed."""
+    heads, layers = common["num_attention_heads"], common["num_hidden_layers"]
     config = Owl3Config(
         num_key_value_heads=max(1, heads // 2), hyper_layers=[1, 3] if layers >= 3 else [1],
         hyper_attention="gated", projector="linear",
@@ -101,10 +110,12 @@ def build(spec: dict):
                        use_cache=False)
 
 
+#: each family is benched along its own scaling axis (Owl2: sequence length; Owl3: image count)
+BUILDERS = {"owl2": _build_owl2, "owl3": _build_owl3}
+
+
 def runner(model, batch: dict, mode: str):
     """A zero-argument function running one forward in ``mode`` and returning what it produced."""
-    from hooks.capture import capture  # (not `from hooks import`: robust to a stale editable install)
-
     def plain():
         with torch.no_grad():
             return model(**batch).logits

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from owl_lab import zoo
+from owl_lab.evaluate import compare, evaluate
 
 
 def add_arguments(parser):
@@ -13,11 +16,6 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    import torch
-
-    from owl_lab import load_owl
-    from owl_lab.evaluate import compare, evaluate
-
     directory = zoo.resolve_checkpoint(args.name)
     recipe_path = directory / "recipe.json"
     if not recipe_path.is_file():
@@ -25,7 +23,7 @@ def run(args) -> int:
         return 2
     recipe = json.loads(recipe_path.read_text())
     torch.set_num_threads(recipe.get("threads", 1))  # as in training (see owl_lab/train.py)
-    model, processor = load_owl(directory)
+    model, processor = zoo.load_owl(directory)
     fresh = evaluate(model, processor, recipe, progress=True)
     shipped_path = directory / "metrics.json"
     shipped = json.loads(shipped_path.read_text()) if shipped_path.is_file() else {}

@@ -5,6 +5,8 @@ import time
 from pathlib import Path
 
 from owl_lab import zoo
+from owl_lab.recipes import load_recipe, shipped_recipes
+from owl_lab.train import train
 
 
 def add_arguments(parser):
@@ -17,8 +19,6 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from owl_lab.train import load_recipe, shipped_recipes, train
-
     names = args.names or shipped_recipes()
     root = args.out or zoo.checkpoints_dir()
     start = time.perf_counter()

@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 
 from owl_lab import zoo
+from owl_lab.recipes import load_recipe
+from owl_lab.train import estimate_seconds, train
 
 
 def add_arguments(parser):
@@ -22,8 +24,6 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from owl_lab.train import estimate_seconds, load_recipe, train
-
     recipe = load_recipe(args.recipe)
     if args.estimate is not None:
         if args.steps:

@@ -18,47 +18,37 @@ Ids are deterministic: specials first, then ``<|image|>``, then the words in voc
 """
 from __future__ import annotations
 
+import copy
+
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from owl_lab.families import FamilySpec, get_family
 from owl_lab.synth.vocab import IMAGE_PLACEHOLDER, WORDS
 
-SPECIALS = {
-    "owl2": ("<unk>", "<s>", "</s>"),
-    "owl3": ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"),
-}
-ROLES = {
-    "owl2": dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"),
-    # <|im_start|> has no role, so it is listed as an extra special: all_special_ids must hold every chat
-    # marker (attribution keeps special tokens in its baseline; decoding skips them)
-    "owl3": dict(eos_token="<|im_end|>", unk_token="<unk>", pad_token="<|endoftext|>",
-                 extra_special_tokens=["<|im_start|>"]),
-}
 
-
-def vocabulary(family: str) -> dict[str, int]:
-    """token → id for ``family`` (deterministic order)."""
-    if family not in SPECIALS:
-        raise ValueError(f"unknown family {family!r}; expected one of {sorted(SPECIALS)}")
-    tokens = list(SPECIALS[family]) + [IMAGE_PLACEHOLDER] + list(WORDS)
+def vocabulary(family: str | FamilySpec) -> dict[str, int]:
+    """token → id for ``family`` (deterministic order); its special tokens are the registry's."""
+    tokens = list(get_family(family).tokenizer.specials) + [IMAGE_PLACEHOLDER] + list(WORDS)
     return {t: i for i, t in enumerate(tokens)}
 
 
-def build_tokenizer(family: str) -> PreTrainedTokenizerFast:
+def build_tokenizer(family: str | FamilySpec) -> PreTrainedTokenizerFast:
     """The family's word-level fast tokenizer (save it with ``save_pretrained``; AutoTokenizer loads it)."""
+    spec = get_family(family).tokenizer
     vocab = vocabulary(family)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     # Whitespace = \w+|[^\w\s]+ ; Punctuation then splits runs such as "?." into single marks
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces, tidies " ?"
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS[family]])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in spec.specials])
     tok.add_tokens([AddedToken(IMAGE_PLACEHOLDER, special=False, normalized=False)])
-    if family == "owl2":
-        bos = vocab["<s>"]
+    if spec.prepend_bos:
+        bos = spec.roles["bos_token"]
         tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
         )
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **ROLES[family])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **copy.deepcopy(spec.roles))
     fast.padding_side = "right"
     return fast

@@ -19,6 +19,7 @@ from plotly.subplots import make_subplots
 
 from owl_lab.analysis.abstractor import query_map_stats
 from owl_lab.viz.figures import abstractor_map_figure
+from owl_lab.widgets import figure_output
 
 
 @dataclass
@@ -123,8 +124,6 @@ class AbstractorPicker:
         self.widget = w.VBox([w.HBox([self.layer, self.query, self.image]), self.text, self.output])
 
     def update(self) -> AbstractorView:
-        from owl_lab.widgets import figure_output
-
         self.view = abstractor_view(self.maps, layer=self.layer.value, query=self.query.value,
                                     image=self.image.value, images=self.images, summary=self.summary,
                                     scenes=self.scenes)

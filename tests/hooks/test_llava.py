@@ -9,7 +9,8 @@ from transformers import LlavaForConditionalGeneration
 
 from hooks import capture
 from owl_lab.models.transformers_attention import OBSERVED, install
-from owl_lab.models.llava import LlavaProcessor, build_for_training
+from owl_lab.synth.tokenizer import build_tokenizer
+from owl_lab.models.llava import LlavaProcessor, llava_config
 from owl_lab.synth.shapes import render, sample_scene
 
 CONFIG = {
@@ -21,9 +22,15 @@ CONFIG = {
 
 
 def _model(attn: str = "sdpa", seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    model, processor = build_for_training(CONFIG, seed=seed)
-    model.set_attn_implementation({"text_config": attn})  # the vision tower keeps SDPA in both
-    return model.eval(), processor
+    """A plain stock LLaVA (no observer installed), text decoder on ``attn``; the vision tower keeps SDPA."""
+    tokenizer = build_tokenizer("llava")
+    config = llava_config(CONFIG, vocab_size=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids("<|image|>"),
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.set_attn_implementation({"text_config": attn})
+    return model.eval(), LlavaProcessor.from_config(config, tokenizer)
 
 
 def _images(seed: int, n: int = 1):

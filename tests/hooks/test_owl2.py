@@ -7,10 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import owl_lab.models.owl2 as owl2
 from hooks import capture
 from owl_lab.models.observe import HookPoint
-
-owl2 = pytest.importorskip("owl_lab.models.owl2", reason="Owl2 model package not built yet")
 
 
 @pytest.fixture(scope="module")

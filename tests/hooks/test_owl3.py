@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import owl_lab.models.owl3 as owl3
 from hooks import capture
 
-owl3 = pytest.importorskip("owl_lab.models.owl3", reason="Owl3 model package not built yet")
 HYPER = (0, 2)
 
 

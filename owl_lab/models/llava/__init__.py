@@ -7,15 +7,16 @@ attention registry (:mod:`owl_lab.models.transformers_attention`).
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from .configuration_llava import llava_config, llava_patch_features, patches_per_image
-from .loading_llava import build_for_training, load_checkpoint
-from .processing_llava import LlavaProcessor, build_llava_tokenizer
+from .loading_llava import build_for_training, encode_images, load_checkpoint, prepare_llava
+from .processing_llava import LlavaProcessor
 
 __all__ = [
     "LlavaConfig",
     "LlavaForConditionalGeneration",
     "LlavaProcessor",
     "build_for_training",
-    "build_llava_tokenizer",
+    "encode_images",
+    "prepare_llava",
     "llava_config",
     "llava_patch_features",
     "load_checkpoint",

@@ -1,7 +1,7 @@
 """The lab's prompts and images → inputs of a stock ``transformers.LlavaForConditionalGeneration``.
 
-* Tokens: the lab's word tokenizer (LLaMA-like specials: ``<s>`` = 1, ``</s>`` = 2, pad 0; the
-  ``owl2`` vocabulary, since the decoder is a Llama). The prompt template is LLaVA-1.5's
+* Tokens: the lab's word tokenizer for family ``llava`` (LLaMA-like specials: ``<s>`` = 1,
+  ``</s>`` = 2, pad 0 — the decoder is a Llama). The prompt template is LLaVA-1.5's
   ``USER: {text} ASSISTANT:``; each ``<|image|>`` (one vocabulary token) is repeated
   ``image_seq_length`` times — one position per visual token, which LLaVA fills with the projected
   patch features (``config.image_token_id`` is that token's id).
@@ -18,17 +18,11 @@ import torch
 from transformers import AutoTokenizer, BatchFeature
 
 from owl_lab.models.owl2.processing_owl2 import CLIP_MEAN, CLIP_STD, Owl2Processor, preprocess_image
-from owl_lab.synth.tokenizer import build_tokenizer
-from owl_lab.synth.vocab import IMAGE_PLACEHOLDER
+from owl_lab.models.owl2.configuration_owl2 import DEFAULT_IMAGE_TOKEN as IMAGE_PLACEHOLDER
 
 IGNORE_INDEX = -100
 PROMPT_TEMPLATE = "USER: {text} ASSISTANT:"
 PROCESSOR_CONFIG = "processor_config.json"
-
-
-def build_llava_tokenizer():
-    """The lab's word tokenizer with LLaMA-like specials (the decoder is a Llama)."""
-    return build_tokenizer("owl2")
 
 
 class LlavaProcessor:
@@ -46,9 +40,8 @@ class LlavaProcessor:
             raise ValueError(f"the tokenizer has no {IMAGE_PLACEHOLDER} token")
 
     @classmethod
-    def from_config(cls, config, tokenizer=None) -> LlavaProcessor:
+    def from_config(cls, config, tokenizer) -> LlavaProcessor:
         """Processor matching a ``LlavaConfig`` (image size, visual tokens per image)."""
-        tokenizer = tokenizer or build_llava_tokenizer()
         out = cls(tokenizer, config.vision_config.image_size, config.image_seq_length)
         if out.image_token_id != config.image_token_id:
             raise ValueError(f"tokenizer's {IMAGE_PLACEHOLDER} id {out.image_token_id} != config.image_token_id "

@@ -26,7 +26,7 @@ IMAGE_TOKEN_INDEX = -200  # the id `<|image|>` becomes in input_ids (not a vocab
 IGNORE_INDEX = -100  # label value ignored by the loss
 DEFAULT_IMAGE_TOKEN = "<|image|>"
 
-# Released 7B values (owl2 SPEC §1.2 / §1.3). Only meaningful fields; the official file nests the full
+# Released 7B values (data/reference/owl2/SPEC.md §1.2 / §1.3). Only meaningful fields; the official file nests the full
 # PretrainedConfig.to_dict() of each sub-config, which we keep verbatim when we read one.
 DEFAULT_VISUAL_MODEL: dict[str, Any] = {
     "model_type": "mplug_owl_vision_model",
@@ -105,7 +105,7 @@ class Owl2AbstractorSettings:
     num_hidden_layers: int
     num_attention_heads: int
     intermediate_size: int
-    layer_norm_eps: float  # only the FFN-internal ``ffn_ln``; norm1/normk/norm2 use 1e-5 (owl2 SPEC §3.3)
+    layer_norm_eps: float  # only the FFN-internal ``ffn_ln``; norm1/normk/norm2 use 1e-5 (data/reference/owl2/SPEC.md §3.3)
     encoder_hidden_size: int
     grid_size: int
     use_cls_token: bool

@@ -1,4 +1,4 @@
-"""mPLUG-Owl2 processor: official inference preprocessing, prompt template and tokenization (owl2 SPEC §3.1, §6).
+"""mPLUG-Owl2 processor: official inference preprocessing, prompt template and tokenization (data/reference/owl2/SPEC.md §3.1, §6).
 
 * Images: RGB → squash-resize to max_edge × max_edge (bicubic, as the README / evaluation scripts)
   → CLIP: shortest edge to ``image_size`` (bicubic) → center crop → ×1/255 → CLIP mean/std.
@@ -21,7 +21,12 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, BatchFeature
 
-from owl_lab.models.owl2.configuration_owl2 import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX, load_config
+from owl_lab.models.owl2.configuration_owl2 import (
+    DEFAULT_IMAGE_TOKEN,
+    IGNORE_INDEX,
+    IMAGE_TOKEN_INDEX,
+    load_config,
+)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

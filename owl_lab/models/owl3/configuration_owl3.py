@@ -111,7 +111,7 @@ class Owl3Config(Qwen2Config):
 def detect_variant(keys: Iterable[str]) -> dict:
     """Infer ``hyper_attention``, ``projector`` and the hyper layers from state-dict key names.
 
-    Rules (owl3 SPEC §2.4): any ``self_attn.gate_proj.0.weight`` ⇒ ``"gated"``; any ``self_attn.gate`` ⇒
+    Rules (data/reference/owl3/SPEC.md §2.4): any ``self_attn.gate_proj.0.weight`` ⇒ ``"gated"``; any ``self_attn.gate`` ⇒
     ``"static_gate"``; ``v_kv_proj`` without gate keys ⇒ ``"fused"``; ``vision2text_model.0.weight``
     ⇒ ``"mlp"`` projector, ``vision2text_model.weight`` ⇒ ``"linear"``.
 

@@ -1,6 +1,6 @@
 """Owl3 processor: chat template, chunk-wise tokenization around ``<|image|>``, images, media_offset.
 
-Follows the official processor (owl3 SPEC §3.1–3.5) and adds what it lacks: batches (right padding +
+Follows the official processor (data/reference/owl3/SPEC.md §3.1–3.5) and adds what it lacks: batches (right padding +
 attention_mask), ``answers=`` → labels, and correct per-image cutting for several images.
 
 * Prompt: ``<|im_start|>system\\n<|im_end|>`` + ``\\n<|im_start|>user\\n{text}<|im_end|>`` +

@@ -87,19 +87,6 @@ def test_spearman_helper():
         spearman([1, 2], [1, 2, 3])
 
 
-def test_old_import_paths_still_work():
-    import owl_lab.analysis as analysis
-    from owl_lab.analysis import compare
-    from owl_lab.analysis.attribution import attention_patch_maps
-    from owl_lab.analysis.attribution import attention_vs_attribution as old
-    from owl_lab.analysis.attribution import spearman as old_spearman
-
-    assert old is compare.attention_vs_attribution is analysis.attention_vs_attribution
-    assert old_spearman is spearman and attention_patch_maps is compare.attention_patch_maps
-    with pytest.raises(ImportError, match="no_such_name"):
-        from owl_lab.analysis.attribution import no_such_name  # noqa: F401
-
-
 def test_compare_examples_rows(tiny_owl):
     variant, model, processor, _ = tiny_owl
     examples = eval_set("color", 2, seed=4) + eval_set("add", 1, seed=4)

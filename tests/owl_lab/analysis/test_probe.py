@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from owl_lab import load_owl
-from owl_lab.analysis import ablation
 from owl_lab.analysis.probe import ATTRIBUTES, cell_features, linear_probe, probe_cell_attributes
 
 
@@ -39,7 +38,6 @@ def test_cell_features_pair_every_patch_with_its_cell(variant, build_tiny_owl):
         cell_features(model, processor, 0)
 
 
-@pytest.mark.skipif(not ablation.exists("owl2-tiny"), reason="owl2-tiny is not shipped")
 def test_the_shipped_owl2_vit_carries_every_attribute(single_thread):
     """owl2-tiny freezes its ViT after vision pre-training, so its patches must still name
     shape, colour, size and pattern; a 1000-step vision stage left pattern at 68 %."""

@@ -9,6 +9,7 @@ from transformers import LlavaForConditionalGeneration
 
 from owl_lab import load_owl
 from owl_lab.families import family_of, family_of_checkpoint
+from owl_lab.synth.tokenizer import build_tokenizer
 from owl_lab.models.llava import build_for_training, llava_config
 from owl_lab.synth.shapes import render, sample_scene
 from owl_lab.train import load_recipe, train
@@ -24,7 +25,7 @@ def _image(seed: int = 0):
 
 def test_config_is_stock_llava_with_one_token_per_patch():
     recipe = load_recipe("llava-tiny")
-    model, processor = build_for_training(recipe["config"])
+    model, processor = build_for_training(recipe["config"], build_tokenizer("llava"))
     assert type(model) is LlavaForConditionalGeneration
     assert model.config.image_seq_length == 64 == processor.image_seq_length  # (56 / 7)², CLS dropped
     assert model.config.text_config.model_type == "llama" and model.config.vision_config.model_type == "clip_vision_model"
@@ -35,7 +36,7 @@ def test_config_is_stock_llava_with_one_token_per_patch():
 
 
 def test_processor_repeats_the_image_token_and_labels_only_the_answer():
-    model, processor = build_for_training(TINY)
+    model, processor = build_for_training(TINY, build_tokenizer("llava"))
     batch = processor(text=["<|image|> what color is the circle ?", "what is 2 plus 3 ?"],
                       images=[[_image()], []], answers=["red", "five"])
     ids, labels = batch["input_ids"], batch["labels"]
@@ -51,7 +52,7 @@ def test_processor_repeats_the_image_token_and_labels_only_the_answer():
 
 
 def test_saved_directory_loads_through_the_registry(tmp_path):
-    model, processor = build_for_training(TINY, seed=3)
+    model, processor = build_for_training(TINY, build_tokenizer("llava"), seed=3)
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     assert family_of_checkpoint(tmp_path).name == "llava"
