@@ -13,7 +13,9 @@ observation point lives in each family is the registry's knowledge (:mod:`owl_la
 from hooks.attention import MassResult, grouped_mass
 from hooks.capture import capture
 from hooks.groups import group_vocabulary
+from hooks.knockout import knockout
 from hooks.recording import AttentionRecord, FullMap, Recording
+from hooks.sites import edit, record, sites
 
 __all__ = [
     "capture",
@@ -23,4 +25,8 @@ __all__ = [
     "grouped_mass",
     "MassResult",
     "group_vocabulary",
+    "sites",
+    "record",
+    "edit",
+    "knockout",
 ]

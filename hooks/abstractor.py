@@ -35,7 +35,7 @@ class AbstractorRecord:
 
 
 def _grid(event: AttentionEvent, n_patches: int) -> tuple[int, int]:
-    grid = event.extra.get("grid") if event.extra else None
+    grid = event.grid
     if grid is not None:
         gh, gw = (grid, grid) if isinstance(grid, int) else tuple(grid)
     else:

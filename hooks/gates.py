@@ -44,13 +44,7 @@ class GateRecord:
     call: int = 0
 
 
-def _o_proj_linear(o_proj: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    # Apply the weight directly: calling the module would run any forward hooks a user put on it.
-    weight = getattr(o_proj, "weight", None)
-    if weight is None:
-        raise ValueError(f"GateEvent.o_proj must be a linear layer with .weight, got {type(o_proj).__name__}")
-    if getattr(o_proj, "bias", None) is not None:
-        raise ValueError("GateEvent.o_proj has a bias: the text/vision split is only exact without one")
+def _o_proj_linear(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight.detach().to(x.dtype))
 
 
@@ -72,10 +66,10 @@ def summarize_gate(event: GateEvent, step: int, valid: torch.Tensor, keep_vector
     # One part at a time, in place, so at most two [B, L, hidden] temporaries are alive.
     part = torch.sub(1.0, g).mul_(event.self_context.detach().float())  # self ⊙ (1 − g)
     part = torch.where(skip, event.self_context.detach().float(), part).reshape(B, L, H * D)
-    text_out = _o_proj_linear(event.o_proj, part)  # [B, L, hidden]
+    text_out = _o_proj_linear(event.o_proj_weight, part)  # [B, L, hidden]
     del part
     part = (event.cross_context.detach().float() * g).masked_fill_(skip, 0.0).reshape(B, L, H * D)  # cross ⊙ g
-    vision_out = _o_proj_linear(event.o_proj, part)  # [B, L, hidden]
+    vision_out = _o_proj_linear(event.o_proj_weight, part)  # [B, L, hidden]
     del part
     return GateRecord(
         step=step,

@@ -9,6 +9,7 @@ from owl_lab.analysis.compare import (
     compare_examples,
     spearman,
 )
+from owl_lab.analysis.logit_lens import logit_lens
 from owl_lab.analysis.mass import depth_rise, layer_mass, modality_share, query_mass
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "compare_examples",
     "depth_rise",
     "layer_mass",
+    "logit_lens",
     "modality_share",
     "query_mass",
     "spearman",

@@ -14,7 +14,7 @@ module path (suffix)            receives                    when
 ``<root>.hook_layout``          :class:`SequenceLayout`     once per top-level forward (= one decode step)
 ``...self_attn.hook_attn``      :class:`AttentionEvent`     every decoder attention softmax (kind
                                                              ``self``, ``cross`` or ``joint``)
-``...self_attn.hook_gate``      :class:`GateEvent`          Owl3 gated hyper layers only
+``...self_attn.hook_gate_event`` :class:`GateEvent`        Owl3 gated hyper layers only
 ``...attention.hook_attn``      :class:`AttentionEvent`     Owl2 abstractor attention (kind ``abstractor``)
 =============================  ==========================  ===========================================
 
@@ -23,7 +23,8 @@ Which module paths exist for a family is data: see ``hooks/mapping.py``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -36,11 +37,20 @@ TOKEN_PLACEHOLDER = 2  # Owl3: a token of a `<|image|>` placeholder (text token 
 TOKEN_GENERATED = 3  # a token fed back during generate() (decode steps)
 
 
-class HookPoint(nn.Module):
-    """Identity module marking a place to observe. ``hook(module, (event,), event)`` sees the event."""
+#: What one attention softmax is: decoder self-attention, Owl3 240728 cross attention over image
+#: keys, Owl3 241101 joint softmax over [image keys ; text keys], Owl2 abstractor, or a ViT layer.
+AttentionKind = Literal["self", "cross", "joint", "abstractor", "vision"]
 
-    def forward(self, event):  # noqa: D401 - identity
-        return event
+
+class HookPoint(nn.Module):
+    """Identity module marking a place to observe or edit (TransformerLens style).
+
+    Observation points receive an event (``hook(module, (event,), event)``). Writable sites receive
+    a tensor; a forward hook that returns a tensor replaces it, and the model uses the returned value.
+    """
+
+    def forward(self, x):  # noqa: D401 - identity
+        return x
 
     @property
     def active(self) -> bool:
@@ -62,9 +72,6 @@ class SequenceLayout:
         attention_mask: [B, P + L] long/bool over the decoder's whole sequence, 1 = real token,
             or None when nothing is padded.
         images_per_sample: number of images of each sample (len B).
-        image_starts: per sample, a 1-D long tensor of the sequence index where each image begins
-            (Owl2: first of its rows; Owl3: first placeholder token, ``s_n``).
-        tokens_per_image: rows/keys one image contributes (Owl2: queries + 1; Owl3: patches).
     """
 
     past_length: int
@@ -72,9 +79,6 @@ class SequenceLayout:
     image_index: torch.Tensor
     attention_mask: torch.Tensor | None
     images_per_sample: list[int]
-    image_starts: list[torch.Tensor]
-    tokens_per_image: int
-    family: str = ""
 
 
 @dataclass
@@ -88,7 +92,8 @@ class AttentionEvent:
     Attributes:
         layer: decoder layer index (0-based); abstractor layer index for kind ``abstractor``.
         kind: ``self`` (text/sequence keys), ``cross`` (Owl3 240728 image keys only),
-            ``joint`` (Owl3 241101: [image keys ; sequence keys]) or ``abstractor`` (Owl2).
+            ``joint`` (Owl3 241101: [image keys ; sequence keys]), ``abstractor`` (Owl2) or
+            ``vision`` (a ViT layer; no observation point today).
         query: [B, H, Lq, D] after RoPE.
         key: [B, H_kv, Lk, D] after (MI-)RoPE.
         scale: softmax scale (usually D ** -0.5).
@@ -100,14 +105,19 @@ class AttentionEvent:
             their image index here; Owl3's placeholder tokens are text keys (-1).
             For kind ``abstractor`` it is -1 for query keys, -2 for CLS, and the patch index
             (row-major) for patch keys.
-        allowed: function ``(q0, q1) -> bool [B, q1 - q0, Lk]`` giving, for queries q0..q1-1, which
-            keys the softmax may use (True = attend). Rows with no allowed key (e.g. Owl3 tokens
-            before the first image in a ``cross`` call) are not a softmax and must be skipped.
+        allowed: the mask the kernel used (:class:`owl_lab.models.attention.Allowed`), callable as
+            ``(q0, q1) -> bool [B, q1 - q0, Lk]`` for queries q0..q1-1 (True = attend); under a
+            per-head knockout ``[B, H, q1 - q0, Lk]`` (``allowed.per_head``). Rows with no allowed
+            key (e.g. Owl3 tokens before the first image in a ``cross`` call) are not a softmax
+            and must be skipped.
         probs: [B, H, Lq, Lk] when the model already materialised them (eager path), else None.
+        image_rope_positions: [B, N] MI-RoPE position of each image slot (-1 = padding slot) for
+            Owl3 ``cross``/``joint`` events with image keys and MI-RoPE on; else None.
+        grid: (rows, cols) of the patch grid for kind ``abstractor``; else None.
     """
 
     layer: int
-    kind: str
+    kind: AttentionKind
     query: torch.Tensor
     key: torch.Tensor
     scale: float
@@ -116,7 +126,8 @@ class AttentionEvent:
     key_image: torch.Tensor
     allowed: Callable[[int, int], torch.Tensor]
     probs: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
+    image_rope_positions: torch.Tensor | None = None
+    grid: tuple[int, int] | None = None
 
 
 @dataclass
@@ -130,8 +141,9 @@ class GateEvent:
             that see at least one image); other rows keep the self-attention output unchanged.
         self_context: [B, L, H, D] self-attention context before fusion.
         cross_context: [B, L, H, D] cross-attention context (zeros where not applied).
-        o_proj: the layer's output projection (linear, no bias), so the exact text/vision split of
-            the attention output is ``o_proj(self*(1-g))`` and ``o_proj(cross*g)``.
+        o_proj_weight: [hidden, H*D] weight of the layer's output projection (linear, no bias), so
+            the exact text/vision split of the attention output is ``F.linear(self*(1-g), W)`` and
+            ``F.linear(cross*g, W)``.
         query_index: [L] absolute sequence index of each row.
     """
 
@@ -140,5 +152,5 @@ class GateEvent:
     applied: torch.Tensor
     self_context: torch.Tensor
     cross_context: torch.Tensor
-    o_proj: nn.Module
+    o_proj_weight: torch.Tensor
     query_index: torch.Tensor

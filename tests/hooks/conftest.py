@@ -129,7 +129,7 @@ class ToyOwl(nn.Module):
         if self.hook_layout.active:
             self.hook_layout(SequenceLayout(
                 past_length=past, token_kind=kind, image_index=image, attention_mask=full_mask,
-                images_per_sample=[len(s) for s in (images_at or [[]] * B)], image_starts=[], tokens_per_image=2,
+                images_per_sample=[len(s) for s in (images_at or [[]] * B)],
             ))
         x = self.embed(ids)
         for block in self.model.layers:

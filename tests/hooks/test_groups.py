@@ -18,7 +18,7 @@ def layout(kind, image, past=0, mask=None, images=(1,)):
     return SequenceLayout(
         past_length=past, token_kind=kind, image_index=image,
         attention_mask=None if mask is None else torch.tensor(mask),
-        images_per_sample=list(images), image_starts=[], tokens_per_image=2,
+        images_per_sample=list(images),
     )
 
 

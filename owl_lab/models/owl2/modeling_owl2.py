@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
@@ -26,11 +25,11 @@ from transformers.models.llama.modeling_llama import (
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
-    repeat_kv,
 )
 
+from ..attention import attention, check_attn_implementation
 from ..cache_compat import CACHE_FIELD, resolve_cache
-from ..observe import AttentionEvent, HookPoint
+from ..observe import HookPoint
 from .configuration_owl2 import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Owl2Config
 from .modeling_owl2_vision import (
     Owl2AbstractorAttention,
@@ -38,7 +37,7 @@ from .modeling_owl2_vision import (
     Owl2VisionModel,
     Owl2VisualAbstractor,
 )
-from .sequence_owl2 import Owl2Sequence, build_sequence, remember_on_cache
+from .sequence_owl2 import Owl2Cache, Owl2Sequence, build_sequence
 
 
 class Owl2Multiway(nn.Module):
@@ -78,7 +77,9 @@ class Owl2Attention(nn.Module):
         self.k_proj = _per_modality(config, lambda: nn.Linear(D, self.num_kv_heads * self.head_dim, bias=bias))
         self.v_proj = _per_modality(config, lambda: nn.Linear(D, self.num_kv_heads * self.head_dim, bias=bias))
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, D, bias=bias)
-        self.hook_attn = HookPoint()
+        self.attention_edit = None  # knockout slot, see owl_lab.models.attention
+        self.hook_attn = HookPoint()  # AttentionEvent
+        self.hook_z = HookPoint()  # [B, L, H, hd] context before o_proj
 
     def forward(self, x, modality, cos_sin, seq: Owl2Sequence, cache=None, output_attentions=False):
         B, L, _ = x.shape
@@ -88,39 +89,22 @@ class Owl2Attention(nn.Module):
         q, k = apply_rotary_pos_emb(q, k, *cos_sin)  # rotate-half RoPE; k: [B, Hkv, L, hd]
         if cache is not None:  # cached K/V are already modality-specific (image rows: vision branch)
             k, v = cache.update(k, v, self.layer_idx)  # [B, Hkv, P+L, hd]
-        n_rep = self.num_heads // self.num_kv_heads
-        k_rep, v_rep = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # [B, H, P+L, hd]
 
-        probs = None
-        if output_attentions or self.config._attn_implementation == "eager":
-            # manual path: explicit probabilities (softmax upcast to fp32 as in HF LLaMA)
-            scores = (q @ k_rep.transpose(-1, -2)) * self.scale  # [B, H, L, P+L]
-            mask = seq.eager_mask(scores.dtype)
-            if mask is not None:
-                scores = scores + mask
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-            ctx = probs @ v_rep  # [B, H, L, hd]
-        else:
-            # fast path: fused kernel; no mask tensor at all for unpadded prefill / single-token decode
-            mask, is_causal = seq.sdpa_mask(q.dtype)
-            ctx = F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=mask, is_causal=is_causal,
-                                                 scale=self.scale)
-        if self.hook_attn.active:
-            self.hook_attn(self._event(q, k, seq, probs))
-        ctx = ctx.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim)  # [B, L, H*hd]
-        return self.o_proj(ctx), probs
+        def describe() -> dict:
+            P, Lk, dev = seq.past_length, k.shape[2], q.device
+            return dict(query_index=torch.arange(P, P + L, device=dev),
+                        key_position=torch.arange(Lk, device=dev).expand(B, -1), key_image=seq.key_image)
 
-    def _event(self, q, k, seq: Owl2Sequence, probs) -> AttentionEvent:
-        B, Lk, P, dev = q.shape[0], k.shape[2], seq.past_length, q.device
-        return AttentionEvent(
-            layer=self.layer_idx, kind="self", query=q, key=k, scale=self.scale,
-            query_index=torch.arange(P, P + q.shape[2], device=dev),
-            key_position=torch.arange(Lk, device=dev).expand(B, -1),
-            key_image=seq.key_image, allowed=seq.allowed, probs=probs,
-        )
+        # softmax upcast to fp32 as in HF LLaMA
+        ctx, probs, _ = attention(self, q, k, v, seq.allowed_mask(), self.scale, "self", describe,
+                                  output_attentions=output_attentions)  # ctx [B, H, L, hd]
+        z = self.hook_z(ctx.transpose(1, 2))  # [B, L, H, hd]
+        return self.o_proj(z.reshape(B, L, self.num_heads * self.head_dim)), probs
 
 
 class Owl2DecoderLayer(nn.Module):
+    """Pre-norm block with the writable sites ``hook_resid_pre/mid/post``, ``hook_attn_out``, ``hook_mlp_out``."""
+
     def __init__(self, config: Owl2Config, layer_idx: int):
         super().__init__()
         norm = lambda: LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)  # noqa: E731
@@ -128,13 +112,20 @@ class Owl2DecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
         self.input_layernorm = _per_modality(config, norm)
         self.post_attention_layernorm = _per_modality(config, norm)
+        # writable sites, [B, L, D] each
+        self.hook_resid_pre = HookPoint()
+        self.hook_attn_out = HookPoint()
+        self.hook_resid_mid = HookPoint()
+        self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
 
     def forward(self, h, modality, cos_sin, seq, cache=None, output_attentions=False):
+        h = self.hook_resid_pre(h)
         attn, probs = self.self_attn(_route(self.input_layernorm, h, modality), modality, cos_sin, seq,
                                      cache, output_attentions)
-        h = h + attn
-        h = h + self.mlp(_route(self.post_attention_layernorm, h, modality))
-        return h, probs
+        h = self.hook_resid_mid(h + self.hook_attn_out(attn))
+        h = h + self.hook_mlp_out(self.mlp(_route(self.post_attention_layernorm, h, modality)))
+        return self.hook_resid_post(h), probs
 
 
 class Owl2PreTrainedModel(PreTrainedModel):
@@ -189,6 +180,7 @@ class Owl2Model(Owl2PreTrainedModel):
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.vision_model = Owl2VisionModel(config)
         self.visual_abstractor = Owl2VisualAbstractor(config)
+        self.hook_image_embeds = HookPoint()  # [N, Q+1, D] image rows the decoder consumes
         self.post_init()
 
     def get_input_embeddings(self):
@@ -200,7 +192,7 @@ class Owl2Model(Owl2PreTrainedModel):
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [N, 3, S, S] → [N, Q+1, D]: ViT → abstractor → visual_fc, then vit_eos."""
         image_embeds = self.vision_model(pixel_values).last_hidden_state  # [N, T, Dv]
-        return self.visual_abstractor(image_embeds).features
+        return self.hook_image_embeds(self.visual_abstractor(image_embeds).features)
 
     def build_sequence(self, input_ids=None, pixel_values=None, attention_mask=None, labels=None,
                        position_ids=None, inputs_embeds=None, modality_indicators=None,
@@ -220,12 +212,13 @@ class Owl2Model(Owl2PreTrainedModel):
         past_key_values = resolve_cache(past_key_values, cache)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+            past_key_values = Owl2Cache(config=self.config)
         if sequence is None:
             sequence = self.build_sequence(input_ids, _pixels(pixel_values, images), attention_mask, None,
                                            position_ids, inputs_embeds, modality_indicators, past_key_values)
-        cache = past_key_values if use_cache else None
-        remember_on_cache(cache, sequence)
+        cache = Owl2Cache.adopt(past_key_values) if use_cache else None
+        if cache is not None:
+            cache.remember(sequence.attention_mask, sequence.key_image)
 
         h = sequence.inputs_embeds
         modality = sequence.modality_indicators if sequence.has_vision else None
@@ -281,12 +274,13 @@ class Owl2ForCausalLM(Owl2PreTrainedModel, GenerationMixin):
         if kwargs:
             raise TypeError(f"Unexpected arguments for Owl2ForCausalLM.forward: {sorted(kwargs)}")
         past_key_values = resolve_cache(past_key_values, cache)
+        check_attn_implementation(self.config)
         output_attentions = bool(output_attentions if output_attentions is not None else self.config.output_attentions)
         output_hidden_states = bool(output_hidden_states if output_hidden_states is not None
                                     else self.config.output_hidden_states)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+            past_key_values = Owl2Cache(config=self.config)
 
         seq = self.model.build_sequence(input_ids, _pixels(pixel_values, images), attention_mask, labels,
                                         position_ids, inputs_embeds, modality_indicators, past_key_values)

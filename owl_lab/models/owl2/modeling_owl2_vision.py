@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from ..observe import AttentionEvent, HookPoint
+from ..attention import Allowed, attention
+from ..observe import HookPoint
 from .configuration_owl2 import Owl2Config
 
 # ================================================================================================
@@ -56,28 +57,33 @@ class Owl2VisionEmbeddings(nn.Module):
 class Owl2VisionAttention(nn.Module):
     """Unmasked MHA with a fused QKV whose output is laid out [h, {q,k,v}, hd] (not [3, h, hd])."""
 
-    def __init__(self, config: Owl2Config):
+    def __init__(self, config: Owl2Config, layer_idx: int = 0):
         super().__init__()
         s = config.vision_settings
-        self.config = config
+        self.config, self.layer_idx = config, layer_idx
         self.num_heads = s.num_attention_heads
         self.head_dim = s.hidden_size // s.num_attention_heads
         self.scale = self.head_dim**-0.5
         self.query_key_value = nn.Linear(s.hidden_size, 3 * s.hidden_size)
         self.dense = nn.Linear(s.hidden_size, s.hidden_size)
+        self.attention_edit = None  # knockout slot, see owl_lab.models.attention
 
     def forward(self, x: torch.Tensor, output_attentions: bool = False):
         N, T, _ = x.shape
         qkv = self.query_key_value(x).view(N, T, self.num_heads, 3, self.head_dim)  # [N, T, h, 3, hd]
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # 3 × [N, h, T, hd]
-        if output_attentions or self.config._attn_implementation == "eager":
-            # manual path; softmax in the model dtype like the official ViT (no fp32 upcast)
-            probs = torch.softmax((q @ k.transpose(-1, -2)) * self.scale, dim=-1)  # [N, h, T, T]
-            ctx = probs @ v
-        else:  # fast path
-            probs, ctx = None, F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        allowed = Allowed((N, T, T), fast="all", device=x.device)
+
+        def describe() -> dict:
+            return dict(query_index=torch.arange(T, device=x.device),
+                        key_position=torch.arange(T, device=x.device).expand(N, -1),
+                        key_image=torch.full((N, T), -1, device=x.device))
+
+        # softmax in the model dtype like the official ViT (no fp32 upcast)
+        ctx, probs, _ = attention(self, q, k, v, allowed, self.scale, "vision", describe,
+                                  output_attentions=output_attentions, softmax_dtype=None)
         ctx = ctx.transpose(1, 2).reshape(N, T, -1)  # [N, T, Dv]
-        return self.dense(ctx), (probs if output_attentions else None)
+        return self.dense(ctx), probs
 
 
 class Owl2VisionMLP(nn.Module):
@@ -95,11 +101,11 @@ class Owl2VisionMLP(nn.Module):
 class Owl2VisionLayer(nn.Module):
     """Pre-LN block: x += Attn(LN(x)); x += MLP(LN(x))."""
 
-    def __init__(self, config: Owl2Config):
+    def __init__(self, config: Owl2Config, layer_idx: int = 0):
         super().__init__()
         s = config.vision_settings
         self.input_layernorm = nn.LayerNorm(s.hidden_size, eps=s.layer_norm_eps)
-        self.self_attn = Owl2VisionAttention(config)
+        self.self_attn = Owl2VisionAttention(config, layer_idx)
         self.post_attention_layernorm = nn.LayerNorm(s.hidden_size, eps=s.layer_norm_eps)
         self.mlp = Owl2VisionMLP(config)
 
@@ -114,7 +120,7 @@ class Owl2VisionEncoder(nn.Module):
     def __init__(self, config: Owl2Config):
         super().__init__()
         self.layers = nn.ModuleList(
-            [Owl2VisionLayer(config) for _ in range(config.vision_settings.num_hidden_layers)]
+            [Owl2VisionLayer(config, k) for k in range(config.vision_settings.num_hidden_layers)]
         )
 
 
@@ -205,6 +211,7 @@ class Owl2AbstractorAttention(nn.Module):
         q_pos, k_pos = self.position_tables()
         self.register_buffer("q_pos_embed", q_pos, persistent=False)
         self.register_buffer("k_pos_embed", k_pos, persistent=False)
+        self.attention_edit = None  # knockout slot, see owl_lab.models.attention
         self.hook_attn = HookPoint()
 
     def position_tables(self):
@@ -226,33 +233,24 @@ class Owl2AbstractorAttention(nn.Module):
         q = self.query(x + pos[:Q]).view(split).transpose(1, 2)  # [N, h, Q, hd]
         k = self.key(s + pos).view(split).transpose(1, 2)  # [N, h, Q+T, hd]
         v = self.value(s).view(split).transpose(1, 2)  # [N, h, Q+T, hd]
-        # Always the explicit path: the map is small (Q × (Q+T) per head), observers get the exact
-        # probabilities used, and attaching a hook cannot change the numbers. Softmax in the model
-        # dtype, as official.
-        probs = torch.softmax((q @ k.transpose(-1, -2)) * self.scale, dim=-1)  # [N, h, Q, Q+T]
-        ctx = probs @ v  # [N, h, Q, hd]
-        if self.hook_attn.active:
-            self.hook_attn(self._event(q, k, probs, T))
+        # Always the explicit (eager) kernel, softmax in the model dtype, as official: the map is
+        # small (Q × (Q+T) per head) and observers get the exact probabilities used.
+        allowed = Allowed((N, Q, Q + T), fast="all", device=x.device)
+        ctx, probs, _ = attention(self, q, k, v, allowed, self.scale, "abstractor", lambda: self._describe(N, Q, T),
+                                  softmax_dtype=None, implementation="eager")  # ctx [N, h, Q, hd]
         ctx = ctx.transpose(1, 2).reshape(N, Q, -1)  # [N, Q, Da]
         return ctx, (probs if output_attentions else None)
 
-    def _event(self, q, k, probs, T) -> AttentionEvent:
-        N, _, Q, _ = q.shape
+    def _describe(self, N: int, Q: int, T: int) -> dict:
         g, cls = self.settings.grid_size, int(self.settings.use_cls_token)
-        dev = q.device
+        dev = self.q_pos_embed.device
         key_image = torch.cat([
             torch.full((Q,), -1, device=dev),  # query keys
             torch.full((cls,), -2, device=dev),  # CLS
             torch.arange(T - cls, device=dev),  # patches, row-major
         ]).expand(N, -1)  # [N, Q+T]
-        return AttentionEvent(
-            layer=self.layer_idx, kind="abstractor", query=q, key=k, scale=self.scale,
-            query_index=torch.arange(Q, device=dev),
-            key_position=torch.full((N, Q + T), -1, device=dev),
-            key_image=key_image,
-            allowed=lambda q0, q1: torch.ones(N, q1 - q0, Q + T, dtype=torch.bool, device=dev),
-            probs=probs, extra={"grid": (g, g)},
-        )
+        return dict(query_index=torch.arange(Q, device=dev), key_position=torch.full((N, Q + T), -1, device=dev),
+                    key_image=key_image, grid=(g, g))
 
 
 class Owl2AbstractorMLP(nn.Module):
@@ -270,7 +268,7 @@ class Owl2AbstractorMLP(nn.Module):
         return self.w2(self.ffn_ln(F.silu(self.w1(z)) * self.w3(z)))
 
 
-class Owl2AbstractorOutput(nn.Module):
+class Owl2AbstractorResidualMLP(nn.Module):
     """y = x + out_proj(ctx) (residual from the NORMED query); h = y + mlp(norm2(y))."""
 
     def __init__(self, config: Owl2Config):
@@ -292,7 +290,7 @@ class Owl2AbstractorCrossAttention(nn.Module):
         self.norm1 = nn.LayerNorm(a.hidden_size)  # queries, eps 1e-5
         self.normk = nn.LayerNorm(a.encoder_hidden_size)  # image tokens, eps 1e-5
         self.attention = Owl2AbstractorAttention(config, layer_idx)
-        self.output = Owl2AbstractorOutput(config)
+        self.output = Owl2AbstractorResidualMLP(config)
 
     def forward(self, h, image_embeds, output_attentions=False):
         x = self.norm1(h)

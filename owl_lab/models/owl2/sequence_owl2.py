@@ -8,9 +8,9 @@ then ``vit_eos``), all with modality 1. Unlike the official code:
   padded on: left when every row ends with a real token (what ``generate`` needs), else right;
 * position ids come from the attention mask (``cumsum - 1``), so left, right or inner padding is
   harmless; pad rows keep their own index as position (equal to the official value for right pads);
-* the expanded mask and per-position image index are remembered on the KV cache
-  (``owl2_attention_mask`` / ``owl2_key_image``), so decode steps keep the padding information
-  (the official code resets the mask to all ones) and hooks can label cached image keys.
+* the expanded mask and per-position image index are remembered in the KV cache (:class:`Owl2Cache`),
+  so decode steps keep the padding information (the official code resets the mask to all ones)
+  and hooks can label cached image keys.
 
 Shapes: B batch, Lt = input_ids length, L = expanded length of this call, P = cached positions.
 """
@@ -19,7 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from transformers.cache_utils import Cache, DynamicCache
 
+from ..attention import Allowed
 from ..observe import TOKEN_GENERATED, TOKEN_IMAGE, TOKEN_PAD, TOKEN_TEXT, SequenceLayout
 from .configuration_owl2 import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
@@ -38,7 +40,6 @@ class Owl2Sequence:
     image_index: torch.Tensor  # [B, L] sample-relative image index of image rows, else -1
     key_image: torch.Tensor  # [B, P+L] same over the whole sequence (cache included)
     past_length: int
-    tokens_per_image: int
     _masks: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -54,27 +55,19 @@ class Owl2Sequence:
         causal = keys[None, :] <= queries[:, None]  # [q, P+L]
         return causal[None] & self.attention_mask[:, None, :].bool()
 
-    def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
-        """[B, 1, L, P+L]: 0 where allowed, finfo.min elsewhere (never -inf, so no NaN rows)."""
-        if dtype not in self._masks:
-            allowed = self.allowed(0, self.length)[:, None]
-            zero = torch.zeros((), dtype=dtype, device=allowed.device)
-            self._masks[dtype] = torch.where(allowed, zero, torch.finfo(dtype).min)
-        return self._masks[dtype]
-
-    def sdpa_mask(self, dtype: torch.dtype):
-        """(attn_mask or None, is_causal) for F.scaled_dot_product_attention — no mask when possible."""
-        if not self.padded:
-            if self.length == 1:
-                return None, False  # one query sees the whole cache
-            if self.past_length == 0:
-                return None, True  # plain causal prefill: the kernel's own causal path
-        return self.additive_mask(dtype), False
-
-    def eager_mask(self, dtype: torch.dtype) -> torch.Tensor | None:
-        if not self.padded and self.length == 1:
-            return None
-        return self.additive_mask(dtype)
+    def allowed_mask(self) -> Allowed:
+        """The decoder's mask for this call, shared by every layer (no tensor when none is needed)."""
+        if "allowed" not in self._masks:
+            shape = (self.attention_mask.shape[0], self.length, self.attention_mask.shape[1])
+            dev = self.attention_mask.device
+            if not self.padded and self.length == 1:
+                mask = Allowed(shape, fast="all", device=dev)  # one query sees the whole cache
+            elif not self.padded and self.past_length == 0:
+                mask = Allowed(shape, fast="causal", device=dev)  # plain causal prefill
+            else:
+                mask = Allowed(shape, rows=self.allowed)
+            self._masks["allowed"] = mask
+        return self._masks["allowed"]
 
     # ---- observation ----------------------------------------------------------------------------
     def layout(self) -> SequenceLayout:
@@ -84,29 +77,49 @@ class Owl2Sequence:
         kind = kind.masked_fill(self.modality_indicators == 1, TOKEN_IMAGE)
         kind = kind.masked_fill(new_mask == 0, TOKEN_PAD)
         ki = self.key_image
-        prev = torch.cat([torch.full_like(ki[:, :1], -1), ki[:, :-1]], dim=1)
-        first_rows = (ki >= 0) & (ki != prev)  # [B, P+L] first row of each image
         return SequenceLayout(
             past_length=P,
             token_kind=kind,
             image_index=self.image_index,
             attention_mask=self.attention_mask if self.padded else None,
             images_per_sample=(ki.max(dim=1).values + 1).clamp(min=0).tolist(),
-            image_starts=[row.nonzero().flatten() for row in first_rows],
-            tokens_per_image=self.tokens_per_image,
-            family="owl2",
         )
 
 
-def _past_memory(cache, B: int, P: int, device):
-    """(mask [B, P], key_image [B, P]) remembered on the cache, or defaults for an unknown cache."""
-    mask = getattr(cache, "owl2_attention_mask", None) if cache is not None else None
-    key_image = getattr(cache, "owl2_key_image", None) if cache is not None else None
-    if mask is None or mask.shape != (B, P):
-        mask = None
-    if key_image is None or key_image.shape != (B, P):
-        key_image = torch.full((B, P), -1, dtype=torch.long, device=device)
-    return mask, key_image
+class Owl2Cache(DynamicCache):
+    """transformers' ``DynamicCache`` plus what the Owl2 decoder remembers about cached positions.
+
+    Image rows exist only in the expanded sequence, so ``generate``'s input-space attention mask
+    cannot describe the cache; the expanded mask and the image index of every cached position are
+    kept here, so decode steps keep the padding information and hooks can label cached image keys.
+    """
+
+    attention_mask: torch.Tensor | None = None  # [B, P] long over the cached positions, 1 = real
+    key_image: torch.Tensor | None = None  # [B, P] long image index of cached image rows, else -1
+
+    @classmethod
+    def adopt(cls, cache: Cache | None) -> Owl2Cache | None:
+        """A plain ``DynamicCache`` (made by ``generate`` or the caller) becomes an Owl2Cache in place,
+        so every reference to it stays valid."""
+        if cache is None or isinstance(cache, cls):
+            return cache
+        if type(cache) is not DynamicCache:
+            raise TypeError(f"Owl2 models need a DynamicCache (or Owl2Cache), got {type(cache).__name__}.")
+        cache.__class__ = cls
+        return cache
+
+    def remember(self, attention_mask: torch.Tensor, key_image: torch.Tensor) -> None:
+        """Store the expanded mask and image index [B, P+L] of every position after this call."""
+        self.attention_mask, self.key_image = attention_mask, key_image
+
+    def past(self, B: int, P: int, device) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(mask [B, P] or None when unknown, key_image [B, P]) of the cached positions."""
+        mask, key_image = self.attention_mask, self.key_image
+        if mask is None or mask.shape != (B, P):
+            mask = None
+        if key_image is None or key_image.shape != (B, P):
+            key_image = torch.full((B, P), -1, dtype=torch.long, device=device)
+        return mask, key_image
 
 
 def _expand_images(model, input_ids, new_mask, labels, pixel_values):
@@ -180,8 +193,12 @@ def build_sequence(
         raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
     ref = input_ids if input_ids is not None else inputs_embeds
     B, Lt, dev = ref.shape[0], ref.shape[1], ref.device
+    past_key_values = Owl2Cache.adopt(past_key_values)
     P = past_key_values.get_seq_length() if past_key_values is not None else 0
-    past_mask, past_key_image = _past_memory(past_key_values, B, P, dev)
+    if past_key_values is not None:
+        past_mask, past_key_image = past_key_values.past(B, P, dev)
+    else:
+        past_mask, past_key_image = None, torch.full((B, 0), -1, dtype=torch.long, device=dev)
 
     # this call's mask in input space; an already-expanded full mask is only possible without markers
     full_given = None
@@ -248,12 +265,5 @@ def build_sequence(
         inputs_embeds=embeds, modality_indicators=modality, has_vision=has_vision,
         attention_mask=full_mask, padded=padded, position_ids=position_ids, labels=labels,
         image_index=image_index, key_image=torch.cat([past_key_image, image_index], dim=1),
-        past_length=P, tokens_per_image=model.config.tokens_per_image,
+        past_length=P,
     )
-
-
-def remember_on_cache(cache, seq: Owl2Sequence) -> None:
-    """Store the expanded mask and image index of every cached position on the cache object."""
-    if cache is not None:
-        cache.owl2_attention_mask = seq.attention_mask
-        cache.owl2_key_image = seq.key_image

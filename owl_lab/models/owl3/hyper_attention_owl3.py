@@ -19,14 +19,14 @@ Image K/V are recomputed on every call and never enter the KV cache.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb, repeat_kv, rotate_half
+from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb, rotate_half
 
-from owl_lab.models.observe import AttentionEvent, GateEvent, HookPoint
+from owl_lab.models.attention import Allowed, attention
+from owl_lab.models.observe import AttentionKind, GateEvent, HookPoint
 
 
 @dataclass
@@ -39,13 +39,14 @@ class AttnContext:
     key_valid: torch.Tensor | None  # [B, Lk] bool from attention_mask (None = no padding)
     position_embeddings: tuple[torch.Tensor, torch.Tensor]  # text RoPE cos/sin [B, L, D]
     cache: object | None  # transformers Cache (text K/V only)
-    eager: bool  # materialise probabilities (eager path)
+    output_attentions: bool  # materialise probabilities (forces the eager kernel)
     image_embeds: torch.Tensor | None = None  # [M, T, H] pre-norm, the M real images (image_valid order)
     image_valid: torch.Tensor | None = None  # [B, N] bool, False for padding slots
     image_visible: torch.Tensor | None = None  # [B, L, N] bool, token t may see image n
     mi_positions: torch.Tensor | None = None  # [B, N] long MI-RoPE position of each image (None: off)
     mi_cos: torch.Tensor | None = None  # [B, N, D] fp32 MI-RoPE (None: mi_rope off)
     mi_sin: torch.Tensor | None = None
+    _masks: dict = field(default_factory=dict, repr=False)
 
     @property
     def tokens_per_image(self) -> int:
@@ -68,39 +69,40 @@ class AttnContext:
         """[B, q1 - q0, N*T] bool: image keys each query may see (expanded over the T tokens)."""
         return self.image_visible[:, q0:q1].repeat_interleave(self.tokens_per_image, dim=-1)
 
+    def text_mask(self, lq: int, lk: int) -> Allowed:
+        """Causal text mask of this call (shared by all layers; no tensor on the fast paths)."""
+        if ("text", lk) not in self._masks:
+            shape, dev = (self.batch_size, lq, lk), self.query_index.device
+            if self.key_valid is None and lq == 1:
+                mask = Allowed(shape, fast="all", device=dev)  # one query sees the whole cache
+            elif self.key_valid is None and self.past_length == 0:
+                mask = Allowed(shape, fast="causal", device=dev)  # plain causal prefill
+            else:
+                mask = Allowed(shape, rows=lambda q0, q1: self.text_allowed(q0, q1, lk))
+            self._masks[("text", lk)] = mask
+        return self._masks[("text", lk)]
+
+    def image_mask(self, lq: int) -> Allowed:
+        """[B, Lq, N*T] image keys each query may see (cross attention)."""
+        if "image" not in self._masks:
+            shape = (self.batch_size, lq, self.image_visible.shape[-1] * self.tokens_per_image)
+            self._masks["image"] = Allowed(shape, rows=self.image_allowed)
+        return self._masks["image"]
+
+    def joint_mask(self, lq: int, lk: int) -> Allowed:
+        """[B, Lq, N*T + Lk]: [image keys ; causal text keys] of the fused 241101 softmax."""
+        if ("joint", lk) not in self._masks:
+            shape = (self.batch_size, lq, self.image_visible.shape[-1] * self.tokens_per_image + lk)
+            rows = lambda q0, q1: torch.cat([self.image_allowed(q0, q1), self.text_allowed(q0, q1, lk)], dim=-1)  # noqa: E731
+            self._masks[("joint", lk)] = Allowed(shape, rows=rows)
+        return self._masks[("joint", lk)]
+
     def image_key_index(self) -> torch.Tensor:
         """[B, N*T] sample-relative image index of each image key (-1 for padding slots)."""
         b, n = self.image_valid.shape
         idx = torch.arange(n, device=self.image_valid.device)[None].expand(b, n)
         idx = torch.where(self.image_valid, idx, torch.full_like(idx, -1))
         return idx.repeat_interleave(self.tokens_per_image, dim=-1)
-
-
-def attend(q, k, v, allowed, is_causal, eager, scale):
-    """Softmax attention with GQA.
-
-    Args:
-        q: [B, nH, Lq, D]; k, v: [B, nKV, Lk, D].
-        allowed: [B, Lq, Lk] bool (True = attend) or None (then ``is_causal`` or no mask).
-    Returns:
-        context [B, nH, Lq, D] and probabilities [B, nH, Lq, Lk] (eager only, else None).
-    """
-    groups = q.shape[1] // k.shape[1]
-    if not eager:
-        mask = None if allowed is None else allowed[:, None]  # [B, 1, Lq, Lk]
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, scale=scale, enable_gqa=groups > 1
-        )
-        return out, None
-    k, v = repeat_kv(k, groups), repeat_kv(v, groups)  # [B, nH, Lk, D]
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, nH, Lq, Lk]
-    if allowed is None and is_causal:
-        lq, lk = scores.shape[-2:]
-        allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)[None]
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(probs, v), probs
 
 
 class Owl3Attention(nn.Module):
@@ -112,7 +114,7 @@ class Owl3Attention(nn.Module):
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
-        self.layer_idx = layer_idx
+        self.config, self.layer_idx = config, layer_idx
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
@@ -122,7 +124,9 @@ class Owl3Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=True)
         self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=True)
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
-        self.hook_attn = HookPoint()
+        self.attention_edit = None  # knockout slot, see owl_lab.models.attention
+        self.hook_attn = HookPoint()  # AttentionEvent
+        self.hook_z = HookPoint()  # [B, L, nH, D] context before o_proj
 
     def text_qkv(self, x: torch.Tensor, ctx: AttnContext):
         """x [B, L, H] → q [B, nH, L, D] (after RoPE), k/v [B, nKV, Lk, D] (after RoPE, with cache)."""
@@ -136,50 +140,40 @@ class Owl3Attention(nn.Module):
             k, v = ctx.cache.update(k, v, self.layer_idx)  # text K/V only
         return q, k, v
 
-    def self_attention(self, q, k, v, ctx: AttnContext):
-        """Causal text attention → context [B, nH, L, D], probs (eager) or None."""
-        lq, lk = q.shape[2], k.shape[2]
-        if ctx.key_valid is None and (lq == 1 or ctx.past_length == 0):
-            allowed, causal = None, lq > 1  # fast path: SDPA is_causal (no padding, no cache offset)
-        else:
-            allowed, causal = ctx.text_allowed(0, lq, lk), False
-        return attend(q, k, v, allowed, causal, ctx.eager, self.scaling)
+    def attend(self, q, k, v, ctx: AttnContext, kind: AttentionKind, allowed: Allowed, image_keys: bool = False,
+               text_keys: bool = True):
+        """The attention core on [image keys ;] text keys → (context [B, nH, L, D], probs, mask used)."""
 
-    def emit(self, kind: str, q, k, ctx: AttnContext, probs=None, image_keys: bool = False, text_keys: bool = True):
-        """Hand the exact softmax inputs to ``hook_attn`` (only called when it is active)."""
-        b, lk = q.shape[0], k.shape[2]
-        device = q.device
-        n_img = ctx.image_visible.shape[-1] * ctx.tokens_per_image if image_keys else 0
-        n_txt = lk - n_img
-        pos = [torch.full((b, n_img), -1, dtype=torch.long, device=device)] if image_keys else []
-        img = [ctx.image_key_index()] if image_keys else []
-        if text_keys:
-            pos.append(torch.arange(n_txt, device=device)[None].expand(b, n_txt))
-            img.append(torch.full((b, n_txt), -1, dtype=torch.long, device=device))
-
-        def allowed(q0: int, q1: int) -> torch.Tensor:
-            parts = [ctx.image_allowed(q0, q1)] if image_keys else []
+        def describe() -> dict:
+            b, lk, device = q.shape[0], k.shape[2], q.device
+            n_img = ctx.image_visible.shape[-1] * ctx.tokens_per_image if image_keys else 0
+            n_txt = lk - n_img
+            pos = [torch.full((b, n_img), -1, dtype=torch.long, device=device)] if image_keys else []
+            img = [ctx.image_key_index()] if image_keys else []
             if text_keys:
-                parts.append(ctx.text_allowed(q0, q1, n_txt))
-            return torch.cat(parts, dim=-1)
+                pos.append(torch.arange(n_txt, device=device)[None].expand(b, n_txt))
+                img.append(torch.full((b, n_txt), -1, dtype=torch.long, device=device))
+            return dict(query_index=ctx.query_index, key_position=torch.cat(pos, -1), key_image=torch.cat(img, -1),
+                        image_rope_positions=ctx.mi_positions if image_keys else None)
 
-        self.hook_attn(
-            AttentionEvent(
-                layer=self.layer_idx, kind=kind, query=q, key=k, scale=self.scaling,
-                query_index=ctx.query_index, key_position=torch.cat(pos, -1), key_image=torch.cat(img, -1),
-                allowed=allowed, probs=probs,
-                extra={"image_rope_positions": ctx.mi_positions} if image_keys else {},
-            )
-        )
+        return attention(self, q, k, v, allowed, self.scaling, kind, describe,
+                         output_attentions=ctx.output_attentions)
+
+    def self_attention(self, q, k, v, ctx: AttnContext, kind: AttentionKind = "self"):
+        """Causal text attention → context [B, nH, L, D], probs (eager) or None."""
+        out, probs, _ = self.attend(q, k, v, ctx, kind, ctx.text_mask(q.shape[2], k.shape[2]))
+        return out, probs
+
+    def project_out(self, out: torch.Tensor) -> torch.Tensor:
+        """Context [B, nH, L, D] → ``hook_z`` [B, L, nH, D] → o_proj [B, L, H]."""
+        b, _, n, _ = out.shape
+        z = self.hook_z(out.transpose(1, 2))  # [B, L, nH, D]
+        return self.o_proj(z.reshape(b, n, -1))
 
     def forward(self, x: torch.Tensor, ctx: AttnContext, image_normed: torch.Tensor | None = None):
         q, k, v = self.text_qkv(x, ctx)
         out, probs = self.self_attention(q, k, v, ctx)
-        if self.hook_attn.active:
-            self.emit("self", q, k, ctx, probs)
-        b, _, n, _ = q.shape
-        out = out.transpose(1, 2).reshape(b, n, -1)  # [B, L, nH*D]
-        return self.o_proj(out), (probs, None)
+        return self.project_out(out), (probs, None)
 
 
 class Owl3HyperAttention(Owl3Attention):
@@ -195,8 +189,11 @@ class Owl3HyperAttention(Owl3Attention):
             self.gate_proj = nn.Sequential(nn.Linear(d, d, bias=True), nn.Sigmoid())
         elif self.kind == "static_gate":
             self.gate = nn.Parameter(torch.zeros(h))  # g = sigmoid(gate), token-independent
+        if self.kind != "fused":
+            self.hook_cross_z = HookPoint()  # [B, L, nH, D] cross-attention context
         if self.kind in ("gated", "static_gate"):
-            self.hook_gate = HookPoint()
+            self.hook_gate = HookPoint()  # [B, L, nH, D] gate g
+            self.hook_gate_event = HookPoint()  # GateEvent
 
     def image_kv(self, image_normed: torch.Tensor, ctx: AttnContext):
         """Shared-normed real images [M, T, H] → keys (MI-RoPE) and values [B, nKV, N*T, D].
@@ -222,29 +219,22 @@ class Owl3HyperAttention(Owl3Attention):
         if image_normed is None and self.kind != "fused":
             return super().forward(x, ctx)  # text-only batch: plain Qwen2 attention (gate never runs)
         q, k, v = self.text_qkv(x, ctx)
-        b, _, n, _ = q.shape
         if self.kind == "fused":
             out, probs = self.joint(q, k, v, ctx, image_normed)
         else:
             out, probs = self.separate(q, k, v, ctx, image_normed)
-        out = out.transpose(1, 2).reshape(b, n, -1)  # [B, L, nH*D]
-        return self.o_proj(out), probs
+        return self.project_out(out), probs
 
     def joint(self, q, k, v, ctx: AttnContext, image_normed):
         """241101: one softmax over [image keys ; text keys] → context, (text probs, image probs)."""
         if image_normed is None:
-            out, probs = self.self_attention(q, k, v, ctx)
-            if self.hook_attn.active:
-                self.emit("joint", q, k, ctx, probs)
+            out, probs = self.self_attention(q, k, v, ctx, kind="joint")
             return out, (probs, None)
         k_img, v_img = self.image_kv(image_normed, ctx)
         k_all = torch.cat([k_img, k], dim=2)  # [B, nKV, N*T + Lk, D]
         v_all = torch.cat([v_img, v], dim=2)
-        n_img, lk = k_img.shape[2], k.shape[2]
-        allowed = torch.cat([ctx.image_allowed(0, q.shape[2]), ctx.text_allowed(0, q.shape[2], lk)], dim=-1)
-        out, probs = attend(q, k_all, v_all, allowed, False, ctx.eager, self.scaling)
-        if self.hook_attn.active:
-            self.emit("joint", q, k_all, ctx, probs, image_keys=True)
+        n_img, lq, lk = k_img.shape[2], q.shape[2], k.shape[2]
+        out, probs, _ = self.attend(q, k_all, v_all, ctx, "joint", ctx.joint_mask(lq, lk), image_keys=True)
         if probs is None:
             return out, (None, None)
         return out, (probs[..., n_img:], probs[..., :n_img])
@@ -252,18 +242,13 @@ class Owl3HyperAttention(Owl3Attention):
     def separate(self, q, k, v, ctx: AttnContext, image_normed):
         """240728 lineage: self softmax, cross softmax over image keys, gate / sum mix before o_proj."""
         c, self_probs = self.self_attention(q, k, v, ctx)  # [B, nH, L, D]
-        if self.hook_attn.active:
-            self.emit("self", q, k, ctx, self_probs)
         k_img, v_img = self.image_kv(image_normed, ctx)
-        applied = ctx.image_visible.any(-1)  # [B, L] rows that see >= 1 image
-        # Rows that see nothing get a dummy all-keys mask (their result is discarded) to avoid NaN.
-        allowed = ctx.image_allowed(0, q.shape[2]) | ~applied[..., None]
-        x, cross_probs = attend(q, k_img, v_img, allowed, False, ctx.eager, self.scaling)
-        keep = applied[:, None, :, None]  # [B, 1, L, 1]
-        if cross_probs is not None:
-            cross_probs = cross_probs * keep
-        if self.hook_attn.active:
-            self.emit("cross", q, k_img, ctx, cross_probs, image_keys=True, text_keys=False)
+        # rows that see no image get a discarded dummy softmax in the core (no NaN)
+        x, cross_probs, used = self.attend(q, k_img, v_img, ctx, "cross", ctx.image_mask(q.shape[2]),
+                                           image_keys=True, text_keys=False)
+        applied = used.tensor().any(-1)  # [B, L] rows that see >= 1 image ([B, nH, L] per-head knockout)
+        keep = applied[..., None] if applied.dim() == 3 else applied[:, None, :, None]  # [B, 1 | nH, L, 1]
+        x = self.hook_cross_z(x.transpose(1, 2)).transpose(1, 2)  # site [B, L, nH, D]
         if self.kind == "sum":
             fused = c + x
         else:
@@ -271,13 +256,14 @@ class Owl3HyperAttention(Owl3Attention):
                 g = self.gate_proj(c)  # [B, nH, L, D]: per token, head, channel
             else:
                 g = torch.sigmoid(self.gate).view(1, self.num_heads, 1, self.head_dim).expand_as(c)
+            g = self.hook_gate(g.transpose(1, 2)).transpose(1, 2)  # site [B, L, nH, D]
             fused = c * (1 - g) + x * g
-            if self.hook_gate.active:
-                self.hook_gate(
+            if self.hook_gate_event.active:
+                self.hook_gate_event(
                     GateEvent(
                         layer=self.layer_idx, gate=g.transpose(1, 2), applied=applied,
                         self_context=c.transpose(1, 2), cross_context=(x * keep).transpose(1, 2),
-                        o_proj=self.o_proj, query_index=ctx.query_index,
+                        o_proj_weight=self.o_proj.weight, query_index=ctx.query_index,
                     )
                 )
         out = torch.where(keep, fused, c)

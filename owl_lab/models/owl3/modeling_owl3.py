@@ -27,6 +27,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm, Qwen2RotaryEmbedding
 
+from owl_lab.models.attention import check_attn_implementation
 from owl_lab.models.cache_compat import CACHE_FIELD, resolve_cache
 from owl_lab.models.observe import (
     TOKEN_GENERATED,
@@ -66,16 +67,23 @@ class Owl3DecoderLayer(nn.Module):
         self.mlp = Qwen2MLP(config)
         self.input_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        # writable sites, [B, L, H] each
+        self.hook_resid_pre = HookPoint()
+        self.hook_attn_out = HookPoint()
+        self.hook_resid_mid = HookPoint()
+        self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
 
     def forward(self, hidden: torch.Tensor, ctx: AttnContext):
         """hidden [B, L, H] → (hidden [B, L, H], (text probs, image probs))."""
+        hidden = self.hook_resid_pre(hidden)
         image_normed = None
         if self.is_hyper and ctx.image_embeds is not None:
             image_normed = self.input_layernorm(ctx.image_embeds)  # shared input norm, [M, T, H] (real images)
         attn_out, probs = self.self_attn(self.input_layernorm(hidden), ctx, image_normed)
-        hidden = hidden + attn_out
-        hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
-        return hidden, probs
+        hidden = self.hook_resid_mid(hidden + self.hook_attn_out(attn_out))
+        hidden = hidden + self.hook_mlp_out(self.mlp(self.post_attention_layernorm(hidden)))
+        return self.hook_resid_post(hidden), probs
 
 
 class Owl3TextModel(nn.Module):
@@ -98,7 +106,8 @@ class Owl3TextModel(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # half-split rotation layout
         return emb.cos(), emb.sin()
 
-    def build_context(self, embeds, attention_mask, position_ids, cache, image_embeds, image_starts, eager):
+    def build_context(self, embeds, attention_mask, position_ids, cache, image_embeds, image_starts,
+                      output_attentions):
         b, n, _ = embeds.shape
         past = cache.get_seq_length() if cache is not None else 0
         query_index = torch.arange(past, past + n, device=embeds.device)  # raw sequence indices
@@ -112,7 +121,8 @@ class Owl3TextModel(nn.Module):
             position_ids = (query_index[None] - lead[:, None]).clamp(min=0)
         ctx = AttnContext(
             batch_size=b, past_length=past, query_index=query_index, key_valid=key_valid,
-            position_embeddings=self.rotary_emb(embeds, position_ids), cache=cache, eager=eager,
+            position_embeddings=self.rotary_emb(embeds, position_ids), cache=cache,
+            output_attentions=output_attentions,
         )
         if image_embeds is not None and image_starts.shape[1] > 0:
             starts = image_starts.to(embeds.device)
@@ -135,10 +145,10 @@ class Owl3TextModel(nn.Module):
         return ctx
 
     def forward(self, inputs_embeds, attention_mask=None, position_ids=None, past_key_values=None,
-                image_embeds=None, image_starts=None, eager=False, output_hidden_states=False):
+                image_embeds=None, image_starts=None, output_attentions=False, output_hidden_states=False):
         """inputs_embeds [B, L, H] → final-normed hidden [B, L, H], hidden-state tuple, probs per layer."""
         ctx = self.build_context(inputs_embeds, attention_mask, position_ids, past_key_values,
-                                 image_embeds, image_starts, eager)
+                                 image_embeds, image_starts, output_attentions)
         hidden = inputs_embeds
         all_hidden = [hidden] if output_hidden_states else None
         self_probs, image_probs = [], []
@@ -207,6 +217,7 @@ class Owl3ForCausalLM(Owl3PreTrainedModel, GenerationMixin):
             self.vision2text_model = nn.Sequential(nn.Linear(v, h), nn.GELU(), nn.Linear(h, h))
         else:
             self.vision2text_model = nn.Linear(v, h)
+        self.hook_image_embeds = HookPoint()  # [N, T, H] projected patch features
         self.hook_layout = HookPoint()
         self.post_init()
 
@@ -244,7 +255,7 @@ class Owl3ForCausalLM(Owl3PreTrainedModel, GenerationMixin):
         hidden = tower.embeddings(pixel_values.to(tower.embeddings.patch_embedding.weight.dtype))  # [N, T, V]
         for layer in tower.encoder.layers[:-1]:  # hidden_states[-2]: skip the last layer, post-norm, head
             hidden = layer(hidden, None)
-        return self.vision2text_model(hidden)  # [N, T, H]
+        return self.hook_image_embeds(self.vision2text_model(hidden))  # [N, T, H]
 
     def prepare_images(self, pixel_values, media_offset, input_ids_shape, attention_mask=None):
         """Processor inputs → (image_embeds [B, N, T, H], image_starts [B, N]) or (None, None)."""
@@ -273,6 +284,7 @@ class Owl3ForCausalLM(Owl3PreTrainedModel, GenerationMixin):
         the explicit parameter it would vanish into ``**kwargs``).
         """
         past_key_values = resolve_cache(past_key_values, cache)
+        check_attn_implementation(self.config)  # before the SigLIP tower, which would run anything
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
@@ -290,11 +302,10 @@ class Owl3ForCausalLM(Owl3PreTrainedModel, GenerationMixin):
         if self.hook_layout.active:
             self.hook_layout(self._layout(batch, length, past, attention_mask, image_starts, input_ids))
 
-        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
-        eager = output_attentions or self.config._attn_implementation == "eager"
+        output_attentions = bool(self.config.output_attentions if output_attentions is None else output_attentions)
         hidden, all_hidden, self_probs, image_probs = self.language_model.model(
             inputs_embeds, attention_mask, position_ids, past_key_values, image_embeds, image_starts,
-            eager=eager, output_hidden_states=bool(output_hidden_states),
+            output_attentions=output_attentions, output_hidden_states=bool(output_hidden_states),
         )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.language_model.lm_head(hidden[:, keep, :]).float()
@@ -320,10 +331,9 @@ class Owl3ForCausalLM(Owl3PreTrainedModel, GenerationMixin):
         device = self.device if input_ids is None else input_ids.device
         kind = torch.full((batch, length), TOKEN_GENERATED if past > 0 else TOKEN_TEXT, dtype=torch.long, device=device)
         image_index = torch.full((batch, length), -1, dtype=torch.long, device=device)
-        starts_list, counts = [], []
+        counts = []
         for b in range(batch):
             s = image_starts[b][image_starts[b] >= 0] if image_starts is not None else torch.zeros(0, dtype=torch.long)
-            starts_list.append(s.to(device))
             counts.append(int(s.numel()))
             for n, pos in enumerate(s.tolist()):
                 if past <= pos < past + length:
@@ -333,8 +343,7 @@ class Owl3ForCausalLM(Owl3PreTrainedModel, GenerationMixin):
             kind = torch.where(attention_mask[:, past:].to(device) == 0, TOKEN_PAD, kind)
         return SequenceLayout(
             past_length=past, token_kind=kind, image_index=image_index, attention_mask=attention_mask,
-            images_per_sample=counts, image_starts=starts_list, tokens_per_image=self.config.tokens_per_image,
-            family="owl3",
+            images_per_sample=counts,
         )
 
     # ---- generation -------------------------------------------------------------------------------

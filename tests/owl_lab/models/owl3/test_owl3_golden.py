@@ -55,7 +55,7 @@ def capture(model, run, eager=True):
             lambda m, a, o, i=i: store(("o_in", i, a[0]), ("o_out", i, o))))
         handles.append(layer.register_forward_hook(lambda m, a, o, i=i: rec["layer_out"].__setitem__(i, o[0])))
         if layer.is_hyper:
-            handles.append(attn.hook_gate.register_forward_hook(lambda m, a, o, i=i: rec["gate"].__setitem__(i, o)))
+            handles.append(attn.hook_gate_event.register_forward_hook(lambda m, a, o, i=i: rec["gate"].__setitem__(i, o)))
             handles.append(attn.v_kv_proj.register_forward_hook(
                 lambda m, a, o, i=i: store(("kv_in", i, a[0]), ("kv_out", i, o))))
     try:
@@ -113,7 +113,7 @@ def test_hyper_layer_internals(golden, mm, layer):
         t0 = int(out[s + "query_shift"])
         applied = gate.applied[b]
         assert int(torch.nonzero(applied)[0]) == t0 and bool(applied[t0:].all())
-        assert torch.equal(cross_ev.extra["image_rope_positions"][b, :n], out[s + "mi_rope_positions"])
+        assert torch.equal(cross_ev.image_rope_positions[b, :n], out[s + "mi_rope_positions"])
         close(cross_ev.query[b, :, t0:], out[s + "cross_q"])
         close(repeat_kv(cross_ev.key, groups)[b, :, : n * T], out[s + "cross_k_rot"])
         assert torch.equal(cross_ev.allowed(t0, o.logits.shape[1])[b, :, : n * T], out[s + "cross_mask"])

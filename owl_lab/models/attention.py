@@ -1,0 +1,272 @@
+"""The one attention core of every Owl model (decoder, ViT, abstractor, hyper cross / joint).
+
+Every attention module computes its query/key/value and an :class:`Allowed` mask, then calls
+:func:`attention`. That single function
+
+1. applies the module's optional ``attention_edit`` (the knockout slot: an extra boolean mask ANDed
+   into ``allowed``),
+2. runs one of the two kernels, shaped like transformers' ``AttentionInterface``
+   (:func:`eager_attention_forward`, :func:`sdpa_attention_forward`), chosen by
+   ``config._attn_implementation`` (``output_attentions`` forces eager),
+3. hands the exact inputs to the module's ``hook_attn`` as an :class:`AttentionEvent` carrying the
+   same ``allowed`` object the kernel used — so kernel and hooks agree by construction, also under
+   a knockout.
+
+Mask convention: ONE boolean "allowed" mask, True = the query may attend the key. Kernels turn it
+into an additive mask (0 / ``finfo.min``, never ``-inf``): a row with no allowed key is then a
+near-uniform softmax instead of NaN, the same convention as transformers' LLaMA. A fast path needs
+no tensor at all: ``Allowed.fast == "causal"`` (plain causal, SDPA ``is_causal``) or ``"all"``
+(every key visible, e.g. one decode query). GQA: SDPA uses ``enable_gqa``, eager repeats K/V.
+
+Knockout slot (used by ``hooks.knockout``)::
+
+    module.attention_edit = fn            # on any module that calls attention()
+    fn(event: AttentionEvent) -> Tensor | None
+        # event: the facts of this call with event.allowed = the mask before the edit, probs None.
+        # Return bool [B, Lq, Lk] or [B, H, Lq, Lk] (or broadcastable to it), True = keep;
+        # None or an all-True mask = no edit (the code path and the numbers stay exactly unedited).
+
+Rows the edit leaves with no allowed key: ``self``/``joint`` queries keep their own key (a token
+always sees itself); ``cross`` (Owl3 240728) rows behave like tokens that saw no image (the model
+keeps the self-attention context); ``abstractor``/``vision`` rows keep their unedited keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import repeat_kv
+
+from .observe import AttentionEvent, AttentionKind
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+#: ``attn_implementation`` values the Owl models support.
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+def check_attn_implementation(config: PretrainedConfig) -> str:
+    """The config's attention implementation ('sdpa' when unset); ValueError for anything else."""
+    name = getattr(config, "_attn_implementation", None) or "sdpa"
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attn_implementation={name!r} is not supported by the Owl models; "
+            f"supported: {', '.join(repr(n) for n in ATTN_IMPLEMENTATIONS)}."
+        )
+    return name
+
+
+class Allowed:
+    """Which keys each query may attend: bool [B, Lq, Lk] (or [B, H, Lq, Lk]), True = attend.
+
+    Built lazily: hooks read it in query chunks (``allowed(q0, q1)``), the kernel asks for the whole
+    tensor only when it needs one. ``fast`` marks masks no kernel needs a tensor for: ``"causal"``
+    (key j visible to query i iff j <= i + Lk - Lq) and ``"all"``.
+
+    Args:
+        shape: (B, Lq, Lk).
+        rows: ``(q0, q1) -> bool [B, q1 - q0, Lk]``; or None for a ``fast`` mask.
+        fast: ``"causal"``, ``"all"`` or None.
+        device: where fast masks are built.
+    """
+
+    def __init__(self, shape: tuple[int, int, int], rows: Callable[[int, int], torch.Tensor] | None = None,
+                 fast: str | None = None, device: torch.device | None = None):
+        if (rows is None) == (fast is None):
+            raise ValueError("Allowed needs exactly one of rows= or fast=")
+        self.shape, self._rows, self.fast, self.device = tuple(shape), rows, fast, device
+        self._tensor: torch.Tensor | None = None
+        self._additive: dict = {}
+
+    @classmethod
+    def from_tensor(cls, allowed: torch.Tensor) -> Allowed:
+        """Wrap a bool [B, Lq, Lk] or per-head [B, H, Lq, Lk] tensor."""
+        mask = cls((allowed.shape[0], *allowed.shape[-2:]), rows=lambda q0, q1: allowed[..., q0:q1, :])
+        mask._tensor = allowed
+        return mask
+
+    @property
+    def per_head(self) -> bool:
+        """True when the mask differs per head (a per-head edit): rows are [B, H, c, Lk]."""
+        return self._tensor is not None and self._tensor.dim() == 4
+
+    def __call__(self, q0: int, q1: int) -> torch.Tensor:
+        """bool [B, q1 - q0, Lk] (per-head masks: [B, H, q1 - q0, Lk]) for queries q0..q1-1."""
+        if self._rows is not None:
+            return self._rows(q0, q1)
+        B, Lq, Lk = self.shape
+        if self.fast == "all":
+            return torch.ones(B, q1 - q0, Lk, dtype=torch.bool, device=self.device)
+        keys = torch.arange(Lk, device=self.device)
+        queries = torch.arange(q0, q1, device=self.device) + (Lk - Lq)
+        return (keys[None, :] <= queries[:, None])[None].expand(B, -1, -1)
+
+    def tensor(self) -> torch.Tensor:
+        """The whole mask, bool [B, Lq, Lk] (or [B, H, Lq, Lk]); built once, then cached."""
+        if self._tensor is None:
+            self._tensor = self(0, self.shape[1])
+        return self._tensor
+
+    def additive(self, dtype: torch.dtype) -> torch.Tensor:
+        """[B, 1 | H, Lq, Lk]: 0 where allowed, ``finfo(dtype).min`` elsewhere (cached per dtype)."""
+        if dtype not in self._additive:
+            allowed = self.tensor()
+            allowed = allowed if allowed.dim() == 4 else allowed[:, None]
+            zero = torch.zeros((), dtype=dtype, device=allowed.device)
+            self._additive[dtype] = torch.where(allowed, zero, torch.finfo(dtype).min)
+        return self._additive[dtype]
+
+
+# ---- kernels (transformers AttentionInterface shape: context [B, H, Lq, D], probs or None) --------
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    allowed: Allowed | None,
+    scaling: float,
+    softmax_dtype: torch.dtype | None = torch.float32,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explicit softmax attention. query [B, H, Lq, D]; key/value [B, H_kv, Lk, D].
+
+    ``softmax_dtype`` None = softmax in the model dtype (Owl2 ViT and abstractor, as official);
+    otherwise the softmax runs in the wider of ``softmax_dtype`` and the model dtype (fp16/bf16
+    upcast to fp32 as in HF LLaMA; fp64 stays fp64). Returns context [B, H, Lq, D] and
+    probabilities [B, H, Lq, Lk].
+    """
+    n_rep = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)  # [B, H, Lk, D]
+    scores = (query @ key.transpose(-1, -2)) * scaling  # [B, H, Lq, Lk]
+    if allowed is not None and allowed.fast != "all":
+        scores = scores + allowed.additive(scores.dtype)
+    if softmax_dtype is None:
+        probs = torch.softmax(scores, dim=-1)
+    else:
+        softmax_dtype = torch.promote_types(softmax_dtype, scores.dtype)
+        probs = torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(query.dtype)
+    return probs @ value, probs
+
+
+def sdpa_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    allowed: Allowed | None,
+    scaling: float,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """``F.scaled_dot_product_attention``; no mask tensor for ``fast`` masks. Same shapes as eager."""
+    mask, is_causal = None, False
+    if allowed is not None:
+        if allowed.fast == "causal":
+            is_causal = True
+        elif allowed.fast != "all":
+            mask = allowed.additive(query.dtype)  # [B, 1 | H, Lq, Lk]
+    gqa = query.shape[1] != key.shape[1]
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling,
+                                         enable_gqa=gqa)
+    return out, None
+
+
+ATTENTION_FUNCTIONS = {"eager": eager_attention_forward, "sdpa": sdpa_attention_forward}
+
+
+# ---- the one call site ----------------------------------------------------------------------------
+
+
+def _own_key(event: AttentionEvent) -> torch.Tensor:
+    """bool [B, Lq, Lk]: the key at the query's own sequence position."""
+    return event.key_position[:, None, :] == event.query_index.to(event.key_position.device)[None, :, None]
+
+
+def _apply_edit(edit: Callable, event: AttentionEvent) -> Allowed | None:
+    """The edited mask, or None when the edit keeps every key (then nothing changes at all)."""
+    keep = edit(event)
+    if keep is None:
+        return None
+    base = event.allowed.tensor()  # [B, Lq, Lk]
+    keep = keep.to(device=base.device, dtype=torch.bool)
+    if bool(keep.all()):
+        return None
+    if keep.dim() == 4:  # per head: [B, H, Lq, Lk]
+        edited = base[:, None] & keep
+        base = base[:, None]
+    else:
+        edited = base & keep
+    empty = ~edited.any(-1, keepdim=True)  # rows the edit emptied (rows empty before stay empty)
+    empty &= base.any(-1, keepdim=True)
+    if event.kind in ("self", "joint"):
+        own = _own_key(event)
+        edited = edited | (empty & (own[:, None] if edited.dim() == 4 else own))
+    elif event.kind in ("abstractor", "vision"):
+        edited = torch.where(empty, base, edited)
+    return Allowed.from_tensor(edited.expand(*edited.shape[:-2], *event.allowed.shape[1:]))
+
+
+def attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    allowed: Allowed,
+    scaling: float,
+    kind: AttentionKind,
+    describe: Callable[[], dict],
+    *,
+    output_attentions: bool = False,
+    softmax_dtype: torch.dtype | None = torch.float32,
+    implementation: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, Allowed]:
+    """Masked softmax attention of one module: knockout edit, kernel, observation event.
+
+    Args:
+        module: the attention module; reads ``module.config`` (implementation), ``module.layer_idx``,
+            optional ``module.attention_edit`` and ``module.hook_attn``.
+        query: [B, H, Lq, D] (after RoPE); key/value: [B, H_kv, Lk, D].
+        allowed: the module's mask (see :class:`Allowed`).
+        scaling: softmax scale.
+        kind: event kind (``self``, ``cross``, ``joint``, ``abstractor``, ``vision``).
+        describe: ``() -> dict`` of the event's key facts (``query_index``, ``key_position``,
+            ``key_image`` and optional fields); called only when an edit or a hook needs them.
+        output_attentions: force the eager kernel and return probabilities.
+        softmax_dtype: eager softmax dtype (None = model dtype).
+        implementation: force a kernel (``"eager"``) regardless of the config.
+
+    Returns:
+        (context [B, H, Lq, D], probabilities [B, H, Lq, Lk] on the eager path else None, the mask
+        actually used). For ``cross``, rows with no allowed key get an all-keys dummy softmax in the
+        kernel (their result must be discarded by the caller) and zero probabilities.
+    """
+    name = implementation or check_attn_implementation(module.config)
+    kernel = ATTENTION_FUNCTIONS["eager" if output_attentions else name]
+    edit = getattr(module, "attention_edit", None)
+    hook = getattr(module, "hook_attn", None)
+    observe = hook is not None and hook.active
+    event = None
+    if edit is not None or observe:
+        event = AttentionEvent(layer=module.layer_idx, kind=kind, query=query, key=key, scale=scaling,
+                               allowed=allowed, **describe())
+        if edit is not None:
+            edited = _apply_edit(edit, event)
+            if edited is not None:
+                allowed = event.allowed = edited
+    kernel_allowed, no_keys = allowed, None
+    if kind == "cross":  # rows that see no image: dummy all-keys softmax, discarded by the caller
+        no_keys = ~allowed.tensor().any(-1, keepdim=True)  # [B, (H,) Lq, 1]
+        kernel_allowed = Allowed.from_tensor(allowed.tensor() | no_keys)
+    ctx, probs = kernel(module, query, key, value, kernel_allowed, scaling, softmax_dtype=softmax_dtype)
+    if probs is not None and no_keys is not None:
+        probs = probs * ~(no_keys if no_keys.dim() == 4 else no_keys[:, None])
+    if observe:
+        event.probs = probs
+        hook(event)
+    return ctx, probs, allowed
