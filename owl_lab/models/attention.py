@@ -188,7 +188,7 @@ def _own_key(event: AttentionEvent) -> torch.Tensor:
     return event.key_position[:, None, :] == event.query_index.to(event.key_position.device)[None, :, None]
 
 
-def _apply_edit(edit: Callable, event: AttentionEvent) -> Allowed | None:
+def apply_edit(edit: Callable, event: AttentionEvent) -> Allowed | None:
     """The edited mask, or None when the edit keeps every key (then nothing changes at all)."""
     keep = edit(event)
     if keep is None:
@@ -256,7 +256,7 @@ def attention(
         event = AttentionEvent(layer=module.layer_idx, kind=kind, query=query, key=key, scale=scaling,
                                allowed=allowed, **describe())
         if edit is not None:
-            edited = _apply_edit(edit, event)
+            edited = apply_edit(edit, event)
             if edited is not None:
                 allowed = event.allowed = edited
     kernel_allowed, no_keys = allowed, None

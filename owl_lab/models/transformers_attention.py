@@ -17,8 +17,10 @@ The module sits with the models (like the Owl attention core, it *emits* events;
 consumes them), so the registry can name :func:`install` as the llava family's ``prepare`` step.
 
 When no hook is registered the functions only call the stock kernel, so installed and plain models
-give bitwise equal logits. ``module.owl_extra_mask`` (a callable ``(module, q_index [Lq]) -> bool
-[B|1, H|1, Lq, Lk]`` or None, set by ``hooks.knockout``) is ANDed into the kernel's mask.
+give bitwise equal logits. The knockout slot is the attention core's (:mod:`owl_lab.models.attention`):
+``module.attention_edit(event) -> keep mask | None`` is ANDed into the kernel's mask (a row left empty
+keeps its own key), and the observation event carries the edited mask, so capture inside a knockout
+records the softmax actually used.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
+from owl_lab.models.attention import Allowed, apply_edit
 from owl_lab.models.observe import (
     TOKEN_GENERATED,
     TOKEN_IMAGE,
@@ -54,7 +57,7 @@ class SequenceState:
 
     key_image: torch.Tensor | None = None  # [B, P+L] image index of every sequence position, -1 text
     layout: SequenceLayout | None = None
-    extra: dict = field(default_factory=dict)
+    images_per_sample: list[int] = field(default_factory=list)
 
 
 def _stock_kernel(module: nn.Module, stock: str):
@@ -64,61 +67,56 @@ def _stock_kernel(module: nn.Module, stock: str):
     return sys.modules[type(module).__module__].eager_attention_forward
 
 
-def _allowed_from_mask(attention_mask: torch.Tensor | None, B: int, Lq: int, Lk: int):
-    """``(q0, q1) -> bool [B, q1-q0, Lk]`` from the kernel's 4-D mask (bool or additive) or causality."""
-    P = Lk - Lq
+def _allowed(attention_mask: torch.Tensor | None, B: int, Lq: int, Lk: int, device) -> Allowed:
+    """The kernel's mask as the lab's :class:`Allowed`: transformers' 4-D mask (bool or additive,
+    [B|1, 1, Lq, >=Lk]) read in row chunks, or the causal rule when it hands the kernel none."""
+    if attention_mask is None:  # is_causal (or one decode query, for which causal = every key)
+        return Allowed((B, Lq, Lk), fast="causal", device=device)
 
-    def allowed(q0: int, q1: int) -> torch.Tensor:
-        if attention_mask is None:  # the kernel used is_causal (or one query that sees everything)
-            q = torch.arange(P + q0, P + q1)
-            return (torch.arange(Lk)[None, :] <= q[:, None]).expand(B, -1, -1)
+    def rows(q0: int, q1: int) -> torch.Tensor:
         m = attention_mask[:, 0, q0:q1, :Lk]
         m = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
         return m.expand(B, -1, -1)
 
-    return allowed
+    return Allowed((B, Lq, Lk), rows=rows)
 
 
-def _combine(attention_mask: torch.Tensor | None, extra: torch.Tensor, query: torch.Tensor, Lk: int):
-    """The kernel's mask AND an extra boolean mask [B|1, H|1, Lq, Lk], in the kernel's own dtype."""
-    B, _, Lq, _ = query.shape
-    if attention_mask is None:
-        P = Lk - Lq
-        base = torch.arange(Lk, device=query.device)[None, :] <= torch.arange(P, Lk, device=query.device)[:, None]
-        base = base[None, None]
-    elif attention_mask.dtype == torch.bool:
-        base = attention_mask[..., :Lk]
-    else:
-        blocked = torch.finfo(attention_mask.dtype).min
-        return torch.where(extra.to(attention_mask.device), attention_mask[..., :Lk],
-                           torch.full((), blocked, dtype=attention_mask.dtype, device=attention_mask.device))
-    return base & extra.to(base.device)
+def _kernel_mask(allowed: Allowed, stock: str, dtype: torch.dtype) -> torch.Tensor:
+    """An edited :class:`Allowed` in the form transformers' kernel takes: bool [B, 1|H, Lq, Lk] for
+    SDPA, additive (0 / finfo.min) for eager."""
+    if stock == "eager":
+        return allowed.additive(dtype)
+    mask = allowed.tensor()
+    return mask if mask.dim() == 4 else mask[:, None]
 
 
 def _observed(name: str):
     stock = OBSERVED[name]
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        Lq, Lk = query.shape[2], key.shape[2]
-        extra_fn = getattr(module, "owl_extra_mask", None)
-        if extra_fn is not None:
-            extra = extra_fn(module, torch.arange(Lk - Lq, Lk, device=query.device))
-            if extra is not None:
-                attention_mask = _combine(attention_mask, extra, query, Lk)
-                if stock == "eager" and attention_mask.dtype == torch.bool:
-                    attention_mask = torch.where(attention_mask, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
+        edit = getattr(module, "attention_edit", None)  # the knockout slot (hooks.knockout)
+        hook = getattr(module, "hook_attn", None)
+        observe = hook is not None and hook.active
+        event = None
+        if edit is not None or observe:
+            event = _event(module, query, key, attention_mask, scaling)
+            if edit is not None:
+                edited = apply_edit(edit, event)
+                if edited is not None:  # None = the edit keeps every key: the stock call stays untouched
+                    event.allowed = edited
+                    attention_mask = _kernel_mask(edited, stock, query.dtype)
         out, weights = _stock_kernel(module, stock)(module, query, key, value, attention_mask, scaling=scaling,
                                                     dropout=dropout, **kwargs)
-        hook = getattr(module, "hook_attn", None)
-        if hook is not None and hook.active:
-            hook(_event(module, query, key, attention_mask, scaling, weights))
+        if observe:
+            event.probs = weights
+            hook(event)
         return out, weights
 
     attention.__name__ = f"{name}_attention"
     return attention
 
 
-def _event(module, query, key, attention_mask, scaling, weights) -> AttentionEvent:
+def _event(module, query, key, attention_mask, scaling) -> AttentionEvent:
     B, _, Lq, D = query.shape
     Lk = key.shape[2]
     state: SequenceState | None = getattr(module, "owl_sequence", None)
@@ -130,8 +128,7 @@ def _event(module, query, key, attention_mask, scaling, weights) -> AttentionEve
         scale=float(scaling if scaling is not None else D**-0.5),
         query_index=torch.arange(Lk - Lq, Lk, device=query.device),
         key_position=torch.arange(Lk, device=query.device).expand(B, -1),
-        key_image=key_image.to(query.device), allowed=_allowed_from_mask(attention_mask, B, Lq, Lk),
-        probs=weights,
+        key_image=key_image.to(query.device), allowed=_allowed(attention_mask, B, Lq, Lk, query.device),
     )
 
 
@@ -179,6 +176,8 @@ def install(model: nn.Module) -> nn.Module:
     for layer in layers:
         layer.self_attn.hook_attn = HookPoint()
         object.__setattr__(layer.self_attn, "owl_sequence", state)
+        layer.self_attn.attention_edit = None  # the knockout slot
+        layer.self_attn.num_heads = text_config.num_attention_heads  # read by hooks.knockout (heads=)
     model.register_forward_pre_hook(_layout_prehook, with_kwargs=True)
     return model
 
@@ -218,10 +217,10 @@ def sequence_layout(config, input_ids: torch.Tensor, attention_mask: torch.Tenso
     kind = torch.full_like(ids, TOKEN_GENERATED if P else TOKEN_TEXT).masked_fill(is_image & (P == 0), TOKEN_IMAGE)
     if mask is not None:
         kind = kind.masked_fill(mask[:, -L:] == 0, TOKEN_PAD)
-    counts = (is_image.sum(1) // per_image).tolist() if P == 0 else [0] * B
-    starts = [(image_index[b] >= 0).nonzero().flatten()[::per_image] for b in range(B)]
+    if P == 0:
+        state.images_per_sample = (is_image.sum(1) // per_image).tolist()
+    counts = list(getattr(state, "images_per_sample", [0] * B))  # decode steps keep the prefill's images
     layout = SequenceLayout(past_length=P, token_kind=kind, image_index=image_index,
-                            attention_mask=mask if padded else None, images_per_sample=counts,
-                            image_starts=starts, tokens_per_image=per_image, family=config.model_type)
+                            attention_mask=mask if padded else None, images_per_sample=counts)
     state.layout = layout
     return layout

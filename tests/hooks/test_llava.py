@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
+import hooks
 from hooks import capture
 from owl_lab.models.transformers_attention import OBSERVED, install
 from owl_lab.synth.tokenizer import build_tokenizer
@@ -126,3 +127,36 @@ def test_eager_stays_eager_and_unknown_implementation_raises():
     bad.config.get_text_config()._attn_implementation_internal = "flex_attention"
     with pytest.raises(ValueError, match="cannot observe"):
         install(bad)
+
+
+def test_empty_knockout_is_bitwise_and_capture_sees_the_knocked_out_softmax(batch):
+    model, _ = _model()
+    install(model)
+    reference = model(**batch).logits
+    with hooks.knockout(model, queries="all", keys="visual", layers=[]):
+        assert torch.equal(model(**batch).logits, reference)
+    with hooks.knockout(model, queries="all", keys="image:7"):  # no such image: nothing blocked
+        assert torch.equal(model(**batch).logits, reference)
+    with hooks.knockout(model, queries="last", keys="visual"), capture(model) as rec:
+        knocked = model(**batch).logits
+    assert not torch.equal(knocked, reference)
+    df = rec.attention_mass
+    last = batch["attention_mask"].sum(1) - 1  # [B] last real position
+    for b in range(2):
+        rows = df[(df.batch == b) & (df["query"] == int(last[b])) & (df.group == "visual")]
+        assert len(rows) and rows.mass.abs().max() == 0.0
+    assert torch.equal(model(**batch).logits, reference)  # removed on exit
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_visual_knockout_makes_text_logits_independent_of_the_image(attn):
+    model, processor = _model(attn)
+    texts = ["<|image|> what color is the circle ?"]
+    a = processor(text=texts, images=[_images(11)])
+    b = processor(text=texts, images=[_images(12)])
+    text = (a["input_ids"][0] != model.config.image_token_id)  # [L] text positions
+    with torch.no_grad():
+        assert (model(**a).logits[0, text] - model(**b).logits[0, text]).abs().max() > 1e-3
+        with hooks.knockout(model, queries="all", keys="visual", layers=None):
+            diff = (model(**a).logits[0, text] - model(**b).logits[0, text]).abs().max()
+    assert diff < 1e-6
