@@ -160,3 +160,18 @@ def test_visual_knockout_makes_text_logits_independent_of_the_image(attn):
         with hooks.knockout(model, queries="all", keys="visual", layers=None):
             diff = (model(**a).logits[0, text] - model(**b).logits[0, text]).abs().max()
     assert diff < 1e-6
+
+
+def test_sites_record_and_identity_edit_on_stock_llava(batch):
+    model, _ = _model()
+    names = hooks.sites(model)
+    assert {"blocks.0.hook_resid_pre", "blocks.2.hook_resid_post", "blocks.1.hook_attn_out",
+            "blocks.1.hook_mlp_out", "blocks.0.attn.hook_z"} <= set(names)
+    reference = model(**batch).logits
+    with hooks.record(model, ["blocks.1.hook_resid_post", "blocks.0.attn.hook_z"]) as cache:
+        model(**batch)
+    B, L = batch["input_ids"].shape
+    assert cache["blocks.1.hook_resid_post"].shape == (B, L, 32)
+    assert cache["blocks.0.attn.hook_z"].shape == (B, L, 4, 8)
+    with hooks.edit(model, {"blocks.1.hook_resid_post": lambda x: x}):
+        assert torch.equal(model(**batch).logits, reference)
