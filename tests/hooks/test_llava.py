@@ -9,10 +9,10 @@ from transformers import LlavaForConditionalGeneration
 
 import hooks
 from hooks import capture
-from owl_lab.models.transformers_attention import OBSERVED, install
-from owl_lab.synth.tokenizer import build_tokenizer
 from owl_lab.models.llava import LlavaProcessor, llava_config
+from owl_lab.models.transformers_attention import OBSERVED, install
 from owl_lab.synth.shapes import render, sample_scene
+from owl_lab.synth.tokenizer import build_tokenizer
 
 CONFIG = {
     "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,

@@ -9,10 +9,10 @@ import torch
 
 from owl_lab import families
 from owl_lab.families import FAMILIES, family_of, family_of_checkpoint, find_sites, get_family, resolve_path
-from owl_lab.synth.tokenizer import build_tokenizer
 from owl_lab.models.llava import build_for_training
 from owl_lab.models.owl2 import Owl2ForCausalLM
 from owl_lab.models.owl3 import Owl3ForCausalLM
+from owl_lab.synth.tokenizer import build_tokenizer
 from owl_lab.zoo import load_owl
 
 

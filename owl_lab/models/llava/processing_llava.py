@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, BatchFeature
 
-from owl_lab.models.owl2.processing_owl2 import CLIP_MEAN, CLIP_STD, Owl2Processor, preprocess_image
 from owl_lab.models.owl2.configuration_owl2 import DEFAULT_IMAGE_TOKEN as IMAGE_PLACEHOLDER
+from owl_lab.models.owl2.processing_owl2 import CLIP_MEAN, CLIP_STD, Owl2Processor, preprocess_image
 
 IGNORE_INDEX = -100
 PROMPT_TEMPLATE = "USER: {text} ASSISTANT:"

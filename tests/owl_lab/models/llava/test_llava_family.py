@@ -9,9 +9,9 @@ from transformers import LlavaForConditionalGeneration
 
 from owl_lab import load_owl
 from owl_lab.families import family_of, family_of_checkpoint
-from owl_lab.synth.tokenizer import build_tokenizer
 from owl_lab.models.llava import build_for_training, llava_config
 from owl_lab.synth.shapes import render, sample_scene
+from owl_lab.synth.tokenizer import build_tokenizer
 from owl_lab.train import load_recipe, train
 
 TINY = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
