@@ -22,6 +22,7 @@ give bitwise equal logits. The knockout slot is the attention core's (:mod:`owl_
 keeps its own key), and the observation event carries the edited mask, so capture inside a knockout
 records the softmax actually used.
 """
+
 from __future__ import annotations
 
 import sys
@@ -105,8 +106,9 @@ def _observed(name: str):
                 if edited is not None:  # None = the edit keeps every key: the stock call stays untouched
                     event.allowed = edited
                     attention_mask = _kernel_mask(edited, stock, query.dtype)
-        out, weights = _stock_kernel(module, stock)(module, query, key, value, attention_mask, scaling=scaling,
-                                                    dropout=dropout, **kwargs)
+        out, weights = _stock_kernel(module, stock)(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
         if observe:
             event.probs = weights
             hook(event)
@@ -124,11 +126,15 @@ def _event(module, query, key, attention_mask, scaling) -> AttentionEvent:
     if key_image is None or key_image.shape != (B, Lk):
         key_image = torch.full((B, Lk), -1, dtype=torch.long)
     return AttentionEvent(
-        layer=int(module.layer_idx), kind="self", query=query, key=key,
+        layer=int(module.layer_idx),
+        kind="self",
+        query=query,
+        key=key,
         scale=float(scaling if scaling is not None else D**-0.5),
         query_index=torch.arange(Lk - Lq, Lk, device=query.device),
         key_position=torch.arange(Lk, device=query.device).expand(B, -1),
-        key_image=key_image.to(query.device), allowed=_allowed(attention_mask, B, Lq, Lk, query.device),
+        key_image=key_image.to(query.device),
+        allowed=_allowed(attention_mask, B, Lq, Lk, query.device),
     )
 
 
@@ -150,7 +156,9 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder's layers of a supported stock model (ValueError otherwise)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in DECODER_LAYERS:
-        raise ValueError(f"no attention observer for model_type={model_type!r}; supported: {sorted(DECODER_LAYERS)}")
+        raise ValueError(
+            f"no attention observer for model_type={model_type!r}; supported: {sorted(DECODER_LAYERS)}"
+        )
     return _get(model, DECODER_LAYERS[model_type])
 
 
@@ -189,15 +197,21 @@ def _layout_prehook(model, args, kwargs):
         if model.hook_layout.active:
             raise ValueError("hooks need input_ids to find the image tokens (got inputs_embeds only)")
         return None
-    layout = sequence_layout(model.config, input_ids, kwargs.get("attention_mask"),
-                             kwargs.get("past_key_values", kwargs.get("cache")), model.owl_sequence)
+    layout = sequence_layout(
+        model.config,
+        input_ids,
+        kwargs.get("attention_mask"),
+        kwargs.get("past_key_values", kwargs.get("cache")),
+        model.owl_sequence,
+    )
     if model.hook_layout.active:
         model.hook_layout(layout)
     return None
 
 
-def sequence_layout(config, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache,
-                    state: SequenceState) -> SequenceLayout:
+def sequence_layout(
+    config, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache, state: SequenceState
+) -> SequenceLayout:
     """SequenceLayout of one forward from ``input_ids`` [B, L], ``attention_mask`` [B, P+L] and the cache."""
     B, L = input_ids.shape
     P = int(cache.get_seq_length()) if cache is not None else 0
@@ -214,13 +228,20 @@ def sequence_layout(config, input_ids: torch.Tensor, attention_mask: torch.Tenso
     state.key_image = torch.cat([previous, image_index], dim=1)  # [B, P+L]
     mask = attention_mask.detach().cpu() if attention_mask is not None else None
     padded = mask is not None and bool((mask == 0).any())
-    kind = torch.full_like(ids, TOKEN_GENERATED if P else TOKEN_TEXT).masked_fill(is_image & (P == 0), TOKEN_IMAGE)
+    kind = torch.full_like(ids, TOKEN_GENERATED if P else TOKEN_TEXT).masked_fill(
+        is_image & (P == 0), TOKEN_IMAGE
+    )
     if mask is not None:
         kind = kind.masked_fill(mask[:, -L:] == 0, TOKEN_PAD)
     if P == 0:
         state.images_per_sample = (is_image.sum(1) // per_image).tolist()
     counts = list(getattr(state, "images_per_sample", [0] * B))  # decode steps keep the prefill's images
-    layout = SequenceLayout(past_length=P, token_kind=kind, image_index=image_index,
-                            attention_mask=mask if padded else None, images_per_sample=counts)
+    layout = SequenceLayout(
+        past_length=P,
+        token_kind=kind,
+        image_index=image_index,
+        attention_mask=mask if padded else None,
+        images_per_sample=counts,
+    )
     state.layout = layout
     return layout

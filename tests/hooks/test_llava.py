@@ -1,4 +1,5 @@
 """hooks on a stock transformers LlavaForConditionalGeneration (observed through the attention registry)."""
+
 from __future__ import annotations
 
 import random
@@ -15,19 +16,35 @@ from owl_lab.synth.shapes import render, sample_scene
 from owl_lab.synth.tokenizer import build_tokenizer
 
 CONFIG = {
-    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
-    "num_key_value_heads": 2, "max_position_embeddings": 256, "initializer_range": 0.5,
-    "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                      "num_attention_heads": 2, "image_size": 28, "patch_size": 7},
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "initializer_range": 0.5,
+    "vision_config": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": 28,
+        "patch_size": 7,
+    },
 }
 
 
 def _model(attn: str = "sdpa", seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A plain stock LLaVA (no observer installed), text decoder on ``attn``; the vision tower keeps SDPA."""
     tokenizer = build_tokenizer("llava")
-    config = llava_config(CONFIG, vocab_size=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids("<|image|>"),
-                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id)
+    config = llava_config(
+        CONFIG,
+        vocab_size=len(tokenizer),
+        image_token_id=tokenizer.convert_tokens_to_ids("<|image|>"),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     model.set_attn_implementation({"text_config": attn})
@@ -154,7 +171,7 @@ def test_visual_knockout_makes_text_logits_independent_of_the_image(attn):
     texts = ["<|image|> what color is the circle ?"]
     a = processor(text=texts, images=[_images(11)])
     b = processor(text=texts, images=[_images(12)])
-    text = (a["input_ids"][0] != model.config.image_token_id)  # [L] text positions
+    text = a["input_ids"][0] != model.config.image_token_id  # [L] text positions
     with torch.no_grad():
         assert (model(**a).logits[0, text] - model(**b).logits[0, text]).abs().max() > 1e-3
         with hooks.knockout(model, queries="all", keys="visual", layers=None):
@@ -165,8 +182,13 @@ def test_visual_knockout_makes_text_logits_independent_of_the_image(attn):
 def test_sites_record_and_identity_edit_on_stock_llava(batch):
     model, _ = _model()
     names = hooks.sites(model)
-    assert {"blocks.0.hook_resid_pre", "blocks.2.hook_resid_post", "blocks.1.hook_attn_out",
-            "blocks.1.hook_mlp_out", "blocks.0.attn.hook_z"} <= set(names)
+    assert {
+        "blocks.0.hook_resid_pre",
+        "blocks.2.hook_resid_post",
+        "blocks.1.hook_attn_out",
+        "blocks.1.hook_mlp_out",
+        "blocks.0.attn.hook_z",
+    } <= set(names)
     reference = model(**batch).logits
     with hooks.record(model, ["blocks.1.hook_resid_post", "blocks.0.attn.hook_z"]) as cache:
         model(**batch)

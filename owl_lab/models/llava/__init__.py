@@ -4,6 +4,7 @@ Nothing here re-implements LLaVA: the config is a ``transformers.LlavaConfig`` b
 recipe, the model is transformers' own class, and attention is observed through transformers'
 attention registry (:mod:`owl_lab.models.transformers_attention`).
 """
+
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from .configuration_llava import llava_config, llava_patch_features, patches_per_image

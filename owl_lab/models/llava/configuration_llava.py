@@ -15,26 +15,43 @@ A recipe's ``config`` block for family ``llava``::
 
 Top-level keys that are not LLaVA's own go to the Llama ``text_config``.
 """
+
 from __future__ import annotations
 
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
 #: LlavaConfig's own keys (everything else in a recipe's config block belongs to the text model)
-LLAVA_KEYS = ("vision_feature_layer", "vision_feature_select_strategy", "projector_hidden_act",
-              "multimodal_projector_bias", "image_seq_length", "image_token_index", "tie_word_embeddings")
+LLAVA_KEYS = (
+    "vision_feature_layer",
+    "vision_feature_select_strategy",
+    "projector_hidden_act",
+    "multimodal_projector_bias",
+    "image_seq_length",
+    "image_token_index",
+    "tie_word_embeddings",
+)
 VISION_DEFAULTS = dict(hidden_act="quick_gelu", layer_norm_eps=1e-6, projection_dim=64)
 
 
 def patches_per_image(vision: CLIPVisionConfig, strategy: str) -> int:
     """Visual tokens one image contributes: (image_size / patch_size)², +1 with CLS (strategy 'full')."""
     if vision.image_size % vision.patch_size:
-        raise ValueError(f"image_size {vision.image_size} is not a multiple of patch_size {vision.patch_size}")
+        raise ValueError(
+            f"image_size {vision.image_size} is not a multiple of patch_size {vision.patch_size}"
+        )
     n = (vision.image_size // vision.patch_size) ** 2
     return n + 1 if strategy == "full" else n
 
 
-def llava_config(config: dict, *, vocab_size: int, image_token_id: int, bos_token_id: int | None = None,
-                 eos_token_id: int | None = None, pad_token_id: int | None = None) -> LlavaConfig:
+def llava_config(
+    config: dict,
+    *,
+    vocab_size: int,
+    image_token_id: int,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> LlavaConfig:
     """A ``LlavaConfig`` (CLIP vision tower + MLP projector + Llama decoder) from a recipe config block.
 
     Args:
@@ -47,9 +64,16 @@ def llava_config(config: dict, *, vocab_size: int, image_token_id: int, bos_toke
     own.setdefault("vision_feature_layer", -1)
     own.setdefault("vision_feature_select_strategy", "default")
     own.setdefault("tie_word_embeddings", False)
-    text = LlamaConfig(**{**config, "vocab_size": vocab_size, "bos_token_id": bos_token_id,
-                          "eos_token_id": eos_token_id, "pad_token_id": pad_token_id,
-                          "tie_word_embeddings": own["tie_word_embeddings"]})
+    text = LlamaConfig(
+        **{
+            **config,
+            "vocab_size": vocab_size,
+            "bos_token_id": bos_token_id,
+            "eos_token_id": eos_token_id,
+            "pad_token_id": pad_token_id,
+            "tie_word_embeddings": own["tie_word_embeddings"],
+        }
+    )
     n = patches_per_image(vision, own["vision_feature_select_strategy"])
     if own.setdefault("image_seq_length", n) != n:
         raise ValueError(f"image_seq_length={own['image_seq_length']} but the tower yields {n} visual tokens")

@@ -5,6 +5,7 @@ lab tokenizer and ``processor_config.json``. Loading goes through transformers' 
 ``from_pretrained`` (it checks keys and shapes); the only thing the lab adds is the attention
 observer (:mod:`owl_lab.models.transformers_attention`), installed so ``hooks.capture`` can watch it.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -21,8 +22,11 @@ from .processing_llava import PROCESSOR_CONFIG, LlavaProcessor
 
 def encode_images(model: LlavaForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
     """[N, 3, S, S] → [N, T, D]: the projected visual tokens the decoder reads (one per patch)."""
-    out = model.get_image_features(pixel_values=pixel_values, vision_feature_layer=model.config.vision_feature_layer,
-                                   vision_feature_select_strategy=model.config.vision_feature_select_strategy)
+    out = model.get_image_features(
+        pixel_values=pixel_values,
+        vision_feature_layer=model.config.vision_feature_layer,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+    )
     return torch.stack(list(out.pooler_output))
 
 
@@ -37,19 +41,32 @@ def prepare_llava(model: LlavaForConditionalGeneration) -> LlavaForConditionalGe
     return model
 
 
-def build_for_training(config: dict, tokenizer, seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+def build_for_training(
+    config: dict, tokenizer, seed: int = 0
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A freshly initialised (model, processor) from a recipe's ``config`` block and the lab tokenizer
     of family ``llava`` (``owl_lab.synth.tokenizer.build_tokenizer("llava")``), seeded."""
-    cfg = llava_config(config, vocab_size=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids("<|image|>"),
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
+    cfg = llava_config(
+        config,
+        vocab_size=len(tokenizer),
+        image_token_id=tokenizer.convert_tokens_to_ids("<|image|>"),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(seed)
     model = prepare_llava(LlavaForConditionalGeneration(cfg))
     return model, LlavaProcessor.from_config(cfg, tokenizer)
 
 
-def load_checkpoint(directory: str | Path, *, dtype=None, torch_dtype=None, device_map=None,
-                    attn_implementation: str | None = None):
+def load_checkpoint(
+    directory: str | Path,
+    *,
+    dtype=None,
+    torch_dtype=None,
+    device_map=None,
+    attn_implementation: str | None = None,
+):
     """(model, processor) from a saved llava directory; model in eval mode, observer installed.
 
     Options mean what they mean for every family (:mod:`owl_lab.models.loading`): ``dtype`` None =
@@ -66,5 +83,7 @@ def load_checkpoint(directory: str | Path, *, dtype=None, torch_dtype=None, devi
     model = LlavaForConditionalGeneration.from_pretrained(str(directory), **kwargs)
     model.eval()
     prepare_llava(model)
-    processor = LlavaProcessor.from_pretrained(directory) if (directory / PROCESSOR_CONFIG).is_file() else None
+    processor = (
+        LlavaProcessor.from_pretrained(directory) if (directory / PROCESSOR_CONFIG).is_file() else None
+    )
     return model, processor

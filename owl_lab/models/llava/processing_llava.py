@@ -9,6 +9,7 @@
 * Batches are right-padded; with ``answers`` the answer tokens + eos are appended and ``labels``
   are -100 everywhere except on them (the sequence the logits live on is ``input_ids`` itself).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,9 @@ class LlavaProcessor:
     """Text + images → ``input_ids`` (image token repeated per visual token), ``attention_mask``,
     ``pixel_values`` [N_img, 3, S, S] and ``labels``."""
 
-    def __init__(self, tokenizer, image_size: int, image_seq_length: int, image_mean=CLIP_MEAN,
-                 image_std=CLIP_STD):
+    def __init__(
+        self, tokenizer, image_size: int, image_seq_length: int, image_mean=CLIP_MEAN, image_std=CLIP_STD
+    ):
         self.tokenizer = tokenizer
         self.image_size = int(image_size)
         self.image_seq_length = int(image_seq_length)
@@ -44,8 +46,10 @@ class LlavaProcessor:
         """Processor matching a ``LlavaConfig`` (image size, visual tokens per image)."""
         out = cls(tokenizer, config.vision_config.image_size, config.image_seq_length)
         if out.image_token_id != config.image_token_id:
-            raise ValueError(f"tokenizer's {IMAGE_PLACEHOLDER} id {out.image_token_id} != config.image_token_id "
-                             f"{config.image_token_id}")
+            raise ValueError(
+                f"tokenizer's {IMAGE_PLACEHOLDER} id {out.image_token_id} != config.image_token_id "
+                f"{config.image_token_id}"
+            )
         return out
 
     @property
@@ -61,11 +65,18 @@ class LlavaProcessor:
 
     def preprocess_images(self, images) -> torch.Tensor:
         """list of PIL images → [N, 3, S, S]."""
-        return torch.stack([preprocess_image(im, self.image_size, self.image_mean, self.image_std)
-                            for im in images])
+        return torch.stack(
+            [preprocess_image(im, self.image_size, self.image_mean, self.image_std) for im in images]
+        )
 
-    def __call__(self, text: str | list[str], images=None, answers=None, apply_template: bool = True,
-                 return_tensors: str | None = "pt") -> BatchFeature:
+    def __call__(
+        self,
+        text: str | list[str],
+        images=None,
+        answers=None,
+        apply_template: bool = True,
+        return_tensors: str | None = "pt",
+    ) -> BatchFeature:
         """Batch of prompts → BatchFeature (see module doc). Image-count errors as in the Owl2 processor."""
         texts = [text] if isinstance(text, str) else list(text)
         flat = Owl2Processor._flatten_images(images, [t.count(IMAGE_PLACEHOLDER) for t in texts])
@@ -78,7 +89,9 @@ class LlavaProcessor:
             ids = self.tokenize_prompt(PROMPT_TEMPLATE.format(text=t) if apply_template else t)
             labels = [IGNORE_INDEX] * len(ids)
             if answers is not None:
-                answer = self.tokenizer(answers[i], add_special_tokens=False).input_ids + [self.tokenizer.eos_token_id]
+                answer = self.tokenizer(answers[i], add_special_tokens=False).input_ids + [
+                    self.tokenizer.eos_token_id
+                ]
                 ids, labels = ids + answer, labels + answer
             rows.append(ids)
             label_rows.append(labels)
@@ -95,8 +108,12 @@ class LlavaProcessor:
             return BatchFeature(data)
         if return_tensors != "pt":
             raise ValueError(f"Only return_tensors='pt' is supported, got {return_tensors!r}.")
-        return BatchFeature({k: v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.long)
-                             for k, v in data.items()})
+        return BatchFeature(
+            {
+                k: v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.long)
+                for k, v in data.items()
+            }
+        )
 
     def decode(self, ids, **kwargs) -> str:
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
@@ -109,14 +126,28 @@ class LlavaProcessor:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(str(directory))
-        (directory / PROCESSOR_CONFIG).write_text(json.dumps({
-            "processor_class": "LlavaProcessor", "image_size": self.image_size,
-            "image_seq_length": self.image_seq_length, "image_mean": list(self.image_mean),
-            "image_std": list(self.image_std)}, indent=2) + "\n")
+        (directory / PROCESSOR_CONFIG).write_text(
+            json.dumps(
+                {
+                    "processor_class": "LlavaProcessor",
+                    "image_size": self.image_size,
+                    "image_seq_length": self.image_seq_length,
+                    "image_mean": list(self.image_mean),
+                    "image_std": list(self.image_std),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> LlavaProcessor:
         directory = Path(directory)
         own = json.loads((directory / PROCESSOR_CONFIG).read_text())
-        return cls(AutoTokenizer.from_pretrained(str(directory)), own["image_size"], own["image_seq_length"],
-                   own.get("image_mean", CLIP_MEAN), own.get("image_std", CLIP_STD))
+        return cls(
+            AutoTokenizer.from_pretrained(str(directory)),
+            own["image_size"],
+            own["image_seq_length"],
+            own.get("image_mean", CLIP_MEAN),
+            own.get("image_std", CLIP_STD),
+        )
