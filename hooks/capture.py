@@ -51,7 +51,7 @@ def _gated(model, spec: FamilySpec, gate_sites) -> tuple[bool, str]:
         how = "one fused softmax over image and text keys" if kind == "fused" else f"{kind!r} mixing"
         return False, f"its hyper layers use {how} (hyper_attention={kind!r}), there is no gate g"
     if not gate_sites:
-        return False, "it has no hook_gate points (no gated hyper layer among the captured layers)"
+        return False, "it has no hook_gate_event points (no gated hyper layer among the captured layers)"
     return True, ""
 
 

@@ -84,7 +84,7 @@ def exact_match(model, processor, examples: Sequence[Example], batch_size: int =
         spec = family_of(model)
         if spec.expands_image_marker and logits.shape[1] != labels.shape[1]:  # image rows inside the sequence
             labels = expand_labels(labels, batch["input_ids"], tokens_per_image(model), logits.shape[1],
-                                   batch.get("attention_mask"), marker=spec.image_token_id)
+                                   batch.get("attention_mask"), marker=spec.image_marker(model.config))
         pred, target = logits[:, :-1].argmax(-1), labels[:, 1:]  # position t predicts token t+1
         scored = target != IGNORE_INDEX
         ok = ((pred == target) | ~scored).all(dim=1) & scored.any(dim=1)

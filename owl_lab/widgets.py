@@ -116,7 +116,8 @@ def example(task: str, scene: int, seed: int = 0):
     return eval_set(task, scene + 1, seed=seed)[scene]
 
 
-def sequence_labels(family: str | FamilySpec, input_ids: torch.Tensor, tokenizer, tokens_per_image: int) -> list[str]:
+def sequence_labels(family: str | FamilySpec, input_ids: torch.Tensor, tokenizer, tokens_per_image: int,
+                    config=None) -> list[str]:
     """Label of every position the decoder sees (input_ids [L]): token strings; where the family expands
     each image marker into rows inside the model (Owl2), those rows as ``img0:q3`` / ``img0:eos``."""
     spec = get_family(family)
@@ -124,7 +125,7 @@ def sequence_labels(family: str | FamilySpec, input_ids: torch.Tensor, tokenizer
         return tokenizer.convert_ids_to_tokens(input_ids.tolist())
     labels, n = [], 0
     for i in input_ids.tolist():
-        if i == spec.image_token_id:
+        if i == spec.image_marker(config):
             labels += [f"img{n}:q{j}" for j in range(tokens_per_image - 1)] + [f"img{n}:eos"]
             n += 1
         else:
@@ -190,7 +191,7 @@ def explore(state: ExplorerState, cache: ModelCache | None = None) -> ExplorerVi
         raise ValueError(f"layer must be in [0, {n_layers}); got {state.layer}.")
     if state.head is not None and not 0 <= state.head < n_heads:
         raise ValueError(f"head must be None (mean) or in [0, {n_heads}); got {state.head}.")
-    labels = sequence_labels(spec, ids[0], processor.tokenizer, model.config.tokens_per_image)
+    labels = sequence_labels(spec, ids[0], processor.tokenizer, model.config.tokens_per_image, model.config)
     token = len(labels) - 1 if state.token is None or state.token < 0 else int(state.token)
     if token >= len(labels):
         raise ValueError(f"token must be a position in [0, {len(labels)}) (or None = last); got {state.token}.")

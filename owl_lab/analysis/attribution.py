@@ -120,7 +120,7 @@ class _Adapter:
         self.patch_layer = resolve_path(model, self.spec, "patch_embed")
         self.embed_layer = resolve_path(model, self.spec, "embed_tokens")
         if self.spec.images_in_sequence:  # the model puts each image's rows at its marker
-            marker = self.spec.image_token_id
+            marker = self.spec.image_marker(model.config)
             self.image_positions = (ids[0] == marker).nonzero().flatten()
             self.report = ids[0] != marker  # markers have no embedding row in the sequence
         else:

@@ -199,7 +199,7 @@ def attention_vs_token_attribution(model, processor_batch, attribution: Attribut
     ids = ad.ids[0]
     seq, length = torch.arange(ids.numel()), ids.numel()  # input_ids index → decoder position [L]
     if spec.expands_image_marker:  # every earlier marker became tokens_per_image rows instead of one
-        marker, extra = (ids == spec.image_token_id).long(), model.config.tokens_per_image - 1
+        marker, extra = (ids == spec.image_marker(model.config)).long(), model.config.tokens_per_image - 1
         seq, length = seq + (marker.cumsum(0) - marker) * extra, length + int(marker.sum()) * extra
     with torch.no_grad(), capture(model, full_maps={i: [length - 1] for i in layers}, layers=layers,
                                   gates=False, abstractor=False) as rec:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -77,3 +78,12 @@ def test_spec_facts_the_lab_branches_on(goldens):
     assert families.OWL3.patch_features(owl3, pixels3).shape[1] == owl3.config.tokens_per_image
     assert families.OWL2.has("abstractor_event") and not families.OWL3.has("abstractor_event")
     assert families.OWL3.has("gate_event") and not families.OWL2.has("gate_event")
+
+
+def test_image_marker_is_the_sentinel_or_the_configs_image_token(goldens):
+    assert families.OWL2.image_marker(goldens["owl2"].config) == -200
+    assert families.OWL3.image_marker(goldens["owl3"].config) is None  # images are not input_ids rows
+    # a family whose image rows are vocabulary tokens (LLaVA-style): the config names the id
+    vocab_marked = replace(families.OWL2, name="vocab", image_token_id=None, expands_image_marker=False)
+    assert vocab_marked.image_marker(SimpleNamespace(image_token_index=32000)) == 32000
+    assert vocab_marked.image_marker(SimpleNamespace(image_token_id=7, image_token_index=32000)) == 7
