@@ -1,25 +1,29 @@
-"""Observation points shared by every Owl model and read by the ``hooks`` package.
+"""Observation points and writable sites shared by every Owl model, read by the ``hooks`` package.
 
 The models never compute interpretability statistics themselves. At a few named places they hand
 the *exact* tensors they are about to use to a :class:`HookPoint` — an identity ``nn.Module`` that
-does nothing unless someone registered a forward hook on it (TransformerLens style). Building the
-event objects below is skipped entirely when no hook is attached, so observation costs nothing
-when it is off, and because hooks only *read* what they are given, it never changes the numbers.
+does nothing unless someone registered a forward hook on it (TransformerLens style).
 
-Hook points every family provides (names follow the math):
+*Observation points* receive an event object. Building it is skipped entirely when no hook is
+attached, so observation costs nothing when it is off, and hooks only read what they are given:
 
-=============================  ==========================  ===========================================
-module path (suffix)            receives                    when
-=============================  ==========================  ===========================================
-``<root>.hook_layout``          :class:`SequenceLayout`     once per top-level forward (= one decode step)
-``...self_attn.hook_attn``      :class:`AttentionEvent`     every decoder attention softmax (kind
-                                                             ``self``, ``cross`` or ``joint``)
-``...self_attn.hook_gate_event`` :class:`GateEvent`        Owl3 gated hyper layers only
-``...attention.hook_attn``      :class:`AttentionEvent`     Owl2 abstractor attention (kind ``abstractor``)
-=============================  ==========================  ===========================================
+================================  ==========================  ========================================
+module path (suffix)               receives                    when
+================================  ==========================  ========================================
+``<root>.hook_layout``             :class:`SequenceLayout`     once per top-level forward (one step)
+``...self_attn.hook_attn``         :class:`AttentionEvent`     every decoder attention softmax (kind
+                                                                ``self``, ``cross`` or ``joint``)
+``...self_attn.hook_gate_event``   :class:`GateEvent`          Owl3 gated hyper layers only
+``...attention.hook_attn``         :class:`AttentionEvent`     Owl2 abstractor (kind ``abstractor``)
+================================  ==========================  ========================================
 
-Which module paths exist for a family is data: see ``hooks/mapping.py``.
+*Writable sites* receive a tensor the model is about to use; a forward hook that returns a tensor
+replaces it (``hook_resid_pre`` … ``hook_z``, ``hook_image_embeds``, Owl3 ``hook_gate`` /
+``hook_cross_z``). The events are built by the attention core (:mod:`owl_lab.models.attention`).
+Which module paths a family has is data: ``FamilySpec.paths`` and ``.sites`` in
+:mod:`owl_lab.families`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -34,7 +34,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
-from owl_lab.models.attention import Allowed, apply_edit
+from owl_lab.models.attention import Allowed
+from owl_lab.models.attention import _apply_edit as apply_edit  # the core's knockout step, shared
 from owl_lab.models.observe import (
     TOKEN_GENERATED,
     TOKEN_IMAGE,
