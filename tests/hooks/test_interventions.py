@@ -181,3 +181,13 @@ def test_knockout_of_one_head_sits_between_none_and_all(owl):
     assert not torch.equal(one, ref) and not torch.equal(one, every)
     with pytest.raises(ValueError, match="heads"), hooks.knockout(model, heads=[99]):
         pass
+
+
+@torch.no_grad()
+def test_knockout_on_the_eager_path_agrees_with_sdpa(owl):
+    model, clean = owl["model"], owl["clean"]
+    with hooks.knockout(model, queries="last", keys="visual", layers=[0, 2]):
+        sdpa = model(**clean).logits
+        eager = model(**clean, output_attentions=True).logits  # output_attentions forces the eager kernel
+    assert (sdpa - eager).abs().max() <= 1e-5
+    assert not torch.equal(sdpa, owl["clean_logits"])
