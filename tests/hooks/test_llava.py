@@ -197,3 +197,14 @@ def test_sites_record_and_identity_edit_on_stock_llava(batch):
     assert cache["blocks.0.attn.hook_z"].shape == (B, L, 4, 8)
     with hooks.edit(model, {"blocks.1.hook_resid_post": lambda x: x}):
         assert torch.equal(model(**batch).logits, reference)
+
+
+def test_padded_batch_generate_masses_sum_to_one(batch):
+    model, _ = _model()
+    with torch.no_grad(), capture(model) as rec:
+        model.generate(**batch, max_new_tokens=2, do_sample=False)
+    df = rec.attention_mass
+    modality = df[df.level == "modality"]
+    total = modality.groupby(["batch", "step", "layer", "head", "query"]).mass.sum()
+    assert (total - 1).abs().max() < 1e-5
+    assert set(df.step) == {0, 1} and "pad" not in set(df[df.mass > 0].group)
