@@ -131,6 +131,8 @@ class capture:
         self.reductions = parse_reductions(heads, queries, n_heads if isinstance(n_heads, int) else None)
         spec = family_of(model)
         self.family = spec.name
+        if spec.prepare is not None:  # a stock transformers model: install its observation points
+            spec.prepare(model)
         self._layout_sites = find_sites(model, spec, "layout")
         if not self._layout_sites:
             raise ValueError(f"{type(model).__name__} has no hook_layout point; is it an owl_lab model?")

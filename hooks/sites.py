@@ -53,8 +53,14 @@ _SITE_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
 def family_spec(model: nn.Module) -> FamilySpec:
-    """The registry entry of ``model`` (``owl_lab.families.family_of``; ValueError for unknown models)."""
-    return family_of(model)
+    """The registry entry of ``model`` (``owl_lab.families.family_of``; ValueError for unknown models).
+
+    A stock transformers family is prepared on the way (its observation points and knockout slot are
+    installed, ``FamilySpec.prepare``), so record/edit/knockout work on a plain stock model."""
+    spec = family_of(model)
+    if spec.prepare is not None:
+        spec.prepare(model)
+    return spec
 
 
 def _module(model: nn.Module, path: str) -> nn.Module | None:

@@ -61,6 +61,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from owl_lab.models.llava import (
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    build_for_training,
+    llava_patch_features,
+    prepare_llava,
+)
+from owl_lab.models.llava import load_checkpoint as load_llava_checkpoint
 from owl_lab.models.loading import checkpoint_keys
 from owl_lab.models.owl2 import IMAGE_TOKEN_INDEX, Owl2Config, Owl2ForCausalLM, Owl2Processor
 from owl_lab.models.owl2 import load_checkpoint as load_owl2_checkpoint
@@ -129,6 +138,11 @@ class FamilySpec:
         tokenizer: special tokens of the lab's word-level tokenizer for this family.
         paths: component → module-path pattern (see the module docstring).
         sites: public site name pattern → module-path pattern of its writable hook point.
+        prepare: ``prepare(model)`` run by ``hooks`` before looking for observation points — a stock
+            transformers family installs them here (LLaVA: the attention observer registered in
+            transformers' attention registry); None for the lab's own models, which have them built in.
+        build_from_recipe: ``(recipe config, tokenizer, seed=) -> (model, processor)`` for a family whose config is
+            not one flat dict (stock transformers); None = ``config_class(**config, **tokenizer ids)``.
     """
 
     name: str
@@ -150,6 +164,8 @@ class FamilySpec:
     tokenizer: TokenizerSpec
     paths: dict[str, str] = field(default_factory=dict)
     sites: dict[str, str] = field(default_factory=dict)
+    prepare: Callable[[nn.Module], object] | None = None
+    build_from_recipe: Callable[..., tuple] | None = None
 
     def has(self, component: str) -> bool:
         """True when the family has ``component`` (a key of :attr:`paths`)."""
@@ -288,8 +304,53 @@ OWL3 = FamilySpec(
     },
 )
 
+def _text_layers(config) -> list[int]:
+    return list(range(config.get_text_config().num_hidden_layers))
+
+
+#: A stock ``transformers.LlavaForConditionalGeneration`` (CLIP tower, MLP projector, Llama decoder):
+#: the comparison family. Its image marker is a vocabulary id repeated once per visual token.
+LLAVA = FamilySpec(
+    name="llava",
+    title="LLaVA",
+    model_types=("llava",),
+    key_markers=("model.multi_modal_projector.", "model.vision_tower."),
+    config_class=LlavaConfig,
+    model_class=LlavaForConditionalGeneration,
+    processor_class=LlavaProcessor,
+    loader=load_llava_checkpoint,
+    image_token="<|image|>",
+    image_token_id=None,
+    expands_image_marker=False,
+    images_in_sequence=True,
+    image_layers=_text_layers,
+    patch_features=llava_patch_features,
+    vision_pretrain=("vision_tower",),
+    vision_pretrain_board=("vision_tower", "bridge"),
+    tokenizer=OWL2.tokenizer,  # the decoder is a Llama: LLaMA-like specials
+    paths={
+        "embed_tokens": "model.language_model.embed_tokens",
+        "decoder_layer": "model.language_model.layers.{i}",
+        "attention": "model.language_model.layers.{i}.self_attn",
+        "mlp": "model.language_model.layers.{i}.mlp",
+        "input_norm": "model.language_model.layers.{i}.input_layernorm",
+        "post_norm": "model.language_model.layers.{i}.post_attention_layernorm",
+        "final_norm": "model.language_model.norm",
+        "lm_head": "lm_head",
+        "vision_tower": "model.vision_tower",
+        "vision_layer": "model.vision_tower.encoder.layers.{k}",
+        "patch_embed": "model.vision_tower.embeddings.patch_embedding",
+        "bridge": "model.multi_modal_projector",
+        "encode_images": "owl_encode_images",  # attached by prepare_llava (projected patch features)
+        "layout": "hook_layout",
+        "attention_event": "model.language_model.layers.{i}.self_attn.hook_attn",
+    },
+    prepare=prepare_llava,
+    build_from_recipe=build_for_training,
+)
+
 #: Every registered family, by name. Adding a family = adding an entry here.
-FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (OWL2, OWL3)}
+FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (OWL2, OWL3, LLAVA)}
 
 
 # ---- lookups -------------------------------------------------------------------------------------

@@ -66,6 +66,9 @@ def family_classes(family: str | FamilySpec) -> tuple[type, type, type]:
 def build(recipe: dict):
     """Fresh (model, processor) for a recipe: the config's vocab and special ids come from the tokenizer."""
     family = recipe["family"]
+    spec = get_family(family)
+    if spec.build_from_recipe is not None:  # a stock transformers family: its config is not one flat dict
+        return spec.build_from_recipe(recipe["config"], build_tokenizer(spec), seed=recipe.get("seed", 0))
     Config, Model, Processor = family_classes(family)
     tokenizer = build_tokenizer(family)
     ids = dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,

@@ -47,7 +47,7 @@ def _received(model, batch, layer: int) -> tuple[torch.Tensor, torch.Tensor, obj
     ):
         model(**batch)
     # Owl2 image rows are keys of the self-attention; Owl3 image keys those of cross / joint attention
-    rows_in_sequence = family_spec(model).name == "owl2"
+    rows_in_sequence = family_spec(model).images_in_sequence
     maps = [
         m
         for (call, step, lyr, kind), m in rec.full_maps.items()
@@ -111,7 +111,7 @@ def prune_sweep(
     n = n_layers(model)
     if not 0 <= layer < n - 1:
         raise ValueError(f"layer must be in 0..{n - 2} (some layer must follow it), got {layer}")
-    owl2 = family_spec(model).name == "owl2"
+    owl2 = family_spec(model).images_in_sequence  # image rows are sequence positions (Owl2, LLaVA)
     generator = torch.Generator().manual_seed(seed)
     rows, offset = [], 0
     chunks = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]

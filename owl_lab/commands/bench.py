@@ -1,5 +1,6 @@
 """``owl-lab bench``: time and peak memory of ``hooks.capture`` vs a plain SDPA forward and vs eager
-``output_attentions=True``, on mid-size random Owl2 / Owl3 configs. Prints a table, writes a CSV.
+``output_attentions=True``, on mid-size random Owl2 / Owl3 configs and a stock transformers LLaVA
+of Owl2's decoder size. Prints a table, writes a CSV.
 
 How it measures (so the numbers mean something on a shared CPU):
 
@@ -30,8 +31,10 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import LlavaForConditionalGeneration
 
 from hooks.capture import capture
+from owl_lab.models.llava import llava_config, prepare_llava
 from owl_lab.models.owl2 import IMAGE_TOKEN_INDEX, Owl2Config, Owl2ForCausalLM
 from owl_lab.models.owl3 import Owl3Config, Owl3ForCausalLM
 
@@ -50,7 +53,7 @@ def add_arguments(parser):
     parser.add_argument("--heads", type=int, default=8, help="attention heads (default 8, head dim 64)")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per mode (best is reported)")
-    parser.add_argument("--families", nargs="+", default=["owl2", "owl3"], choices=sorted(BUILDERS))
+    parser.add_argument("--families", nargs="+", default=["owl2", "owl3", "llava"], choices=sorted(BUILDERS))
     parser.add_argument("--no-eager", action="store_true", help="skip the eager output_attentions baseline")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test of the command itself)")
     parser.add_argument("--threads", type=int, default=1,
@@ -110,8 +113,24 @@ def _build_owl3(spec: dict, common: dict):
                        use_cache=False)
 
 
-#: each family is benched along its own scaling axis (Owl2: sequence length; Owl3: image count)
-BUILDERS = {"owl2": _build_owl2, "owl3": _build_owl3}
+def _build_llava(spec: dict, common: dict):
+    """A stock transformers LLaVA with Owl2's decoder size, scaled by the decoder length L like Owl2: one
+    image (64 visual tokens, one per patch) after a short prefix, L - 64 text tokens; attention observed
+    through transformers' attention registry (:mod:`owl_lab.models.transformers_attention`)."""
+    config = llava_config({**{k: v for k, v in common.items() if k != "vocab_size"},
+                           "num_key_value_heads": common["num_attention_heads"],
+                           "vision_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+                                             "num_attention_heads": 2, "image_size": 56, "patch_size": 7}},
+                          vocab_size=common["vocab_size"], image_token_id=3, bos_token_id=1)
+    model = prepare_llava(LlavaForConditionalGeneration(config).eval())
+    n = config.image_seq_length
+    ids = torch.randint(4, config.text_config.vocab_size, (1, spec["length"]))
+    ids[0, 0], ids[0, 5:5 + n] = 1, config.image_token_id
+    return model, dict(input_ids=ids, pixel_values=torch.randn(1, 3, 56, 56), use_cache=False)
+
+
+#: each family is benched along its own scaling axis (Owl2, LLaVA: sequence length; Owl3: image count)
+BUILDERS = {"owl2": _build_owl2, "owl3": _build_owl3, "llava": _build_llava}
 
 
 def runner(model, batch: dict, mode: str):
@@ -126,8 +145,15 @@ def runner(model, batch: dict, mode: str):
         return logits, rec
 
     def eager():
-        with torch.no_grad():
-            out = model(**batch, output_attentions=True)
+        stock = getattr(model, "owl_sequence", None) is not None  # a stock model: switch to the eager twin
+        if stock:
+            model.set_attn_implementation({"text_config": "owl_lab_eager"})
+        try:
+            with torch.no_grad():
+                out = model(**batch, output_attentions=True)
+        finally:
+            if stock:
+                model.set_attn_implementation({"text_config": "owl_lab_sdpa"})
         return out.logits, out.attentions
 
     return {"plain": plain, "capture": captured, "eager": eager}[mode]
@@ -240,6 +266,9 @@ def run(args) -> int:
     if "owl2" in args.families:
         for length in ([64, 128] if args.quick else args.lengths):
             specs.append({**base, "family": "owl2", "L": length, "length": length, "images": 1, "text": 0})
+    if "llava" in args.families:
+        for length in ([96, 128] if args.quick else args.lengths):
+            specs.append({**base, "family": "llava", "L": length, "length": length, "images": 1, "text": 0})
     if "owl3" in args.families:
         text = 64 if args.quick else args.owl3_text
         for n in ([2] if args.quick else args.images):

@@ -30,7 +30,7 @@ def test_bench_quick_writes_csv(tmp_path, capsys):
     assert cli.main(["bench", "--quick", "--csv", str(path)]) == 0
     rows = list(csv.DictReader(path.open()))
     assert {(r["family"], r["mode"]) for r in rows} == {
-        (f, m) for f in ("owl2", "owl3") for m in ("plain", "capture", "eager")
+        (f, m) for f in ("owl2", "owl3", "llava") for m in ("plain", "capture", "eager")
     }
     assert all(r["status"] == "ok" for r in rows)
     for r in rows:

@@ -10,14 +10,21 @@ import torch
 
 from owl_lab import families
 from owl_lab.families import FAMILIES, family_of, family_of_checkpoint, find_sites, get_family, resolve_path
+from owl_lab.models.llava import build_for_training
 from owl_lab.models.owl2 import Owl2ForCausalLM
 from owl_lab.models.owl3 import Owl3ForCausalLM
+from owl_lab.synth.tokenizer import build_tokenizer
 from owl_lab.zoo import load_owl
 
 
 @pytest.fixture(scope="module")
 def goldens(owl2_golden_dir, owl3_golden_dir):
-    return {"owl2": load_owl(owl2_golden_dir)[0], "owl3": load_owl(owl3_golden_dir)[0]}
+    # llava: a random tiny stock LlavaForConditionalGeneration, prepared by the registry entry
+    llava, _ = build_for_training({"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+                                   "num_attention_heads": 2, "vision_config": {
+                                       "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                       "num_attention_heads": 2, "image_size": 14, "patch_size": 7}}, build_tokenizer("llava"))
+    return {"owl2": load_owl(owl2_golden_dir)[0], "owl3": load_owl(owl3_golden_dir)[0], "llava": llava}
 
 
 def test_lookups_by_name_model_and_directory(goldens, owl2_golden_dir, owl3_golden_dir):
@@ -30,8 +37,8 @@ def test_lookups_by_name_model_and_directory(goldens, owl2_golden_dir, owl3_gold
 
 
 def test_unknown_family_errors_name_what_was_given():
-    with pytest.raises(ValueError, match=r"unknown family 'llava'.*\['owl2', 'owl3'\]"):
-        get_family("llava")
+    with pytest.raises(ValueError, match=r"unknown family 'fuyu'.*\['llava', 'owl2', 'owl3'\]"):
+        get_family("fuyu")
 
     class Stranger:
         config = SimpleNamespace(model_type="llama")
@@ -52,7 +59,7 @@ def test_every_component_path_resolves_on_the_golden_model(goldens, name):
         found = resolve_path(model, spec, component, i=index["i"], k=index["k"])
         assert found is not None, component
     layers = find_sites(model, spec, "decoder_layer")
-    assert [s.index for s in layers] == list(range(model.config.num_hidden_layers))
+    assert [s.index for s in layers] == list(range(model.config.get_text_config().num_hidden_layers))
     assert find_sites(model, spec, "no_such_component") == []
     with pytest.raises(KeyError, match="no component 'nope'"):
         spec.path("nope")
