@@ -288,7 +288,8 @@ def test_hooks_do_not_change_logits(owl3, kind):
         hooked = model(**batch).logits
     for h in hooks:
         h.remove()
-    assert len(hooks) == 4 + 2 * (kind == "gated") + 1
+    n_vision = model.config.vision_config.num_hidden_layers  # SigLIP's hook_attn points (kind vision)
+    assert len(hooks) == 4 + 2 * (kind == "gated") + 1 + n_vision
     assert torch.equal(plain, hooked)
 
 
