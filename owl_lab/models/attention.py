@@ -75,13 +75,22 @@ class Allowed:
         device: where fast masks are built.
     """
 
-    def __init__(self, shape: tuple[int, int, int], rows: Callable[[int, int], torch.Tensor] | None = None,
-                 fast: str | None = None, device: torch.device | None = None):
+    def __init__(
+        self,
+        shape: tuple[int, int, int],
+        rows: Callable[[int, int], torch.Tensor] | None = None,
+        fast: str | None = None,
+        device: torch.device | None = None,
+    ):
         if (rows is None) == (fast is None):
             raise ValueError("Allowed needs exactly one of rows= or fast=")
         self.shape, self._rows, self.fast, self.device = tuple(shape), rows, fast, device
         self._tensor: torch.Tensor | None = None
         self._additive: dict = {}
+        self._last_edit: tuple | None = None  # (edit mask, kind, edited Allowed), see _apply_edit
+        # set on an edited mask: the mask before the edit and the query rows [r0, r1) that differ
+        self.unedited: Allowed | None = None
+        self.changed_rows: tuple[int, int] | None = None
 
     @classmethod
     def from_tensor(cls, allowed: torch.Tensor) -> Allowed:
@@ -172,8 +181,9 @@ def sdpa_attention_forward(
         elif allowed.fast != "all":
             mask = allowed.additive(query.dtype)  # [B, 1 | H, Lq, Lk]
     gqa = query.shape[1] != key.shape[1]
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling,
-                                         enable_gqa=gqa)
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=gqa
+    )
     return out, None
 
 
@@ -189,11 +199,25 @@ def _own_key(event: AttentionEvent) -> torch.Tensor:
 
 
 def _apply_edit(edit: Callable, event: AttentionEvent) -> Allowed | None:
-    """The edited mask, or None when the edit keeps every key (then nothing changes at all)."""
+    """The edited mask, or None when the edit keeps every key (then nothing changes at all).
+
+    The result is memoised on the unedited mask, which is shared by every layer of one forward:
+    an edit that returns the same tensor object for consecutive layers pays for the mask once.
+    """
     keep = edit(event)
     if keep is None:
         return None
-    base = event.allowed.tensor()  # [B, Lq, Lk]
+    base_mask = event.allowed
+    memo = base_mask._last_edit
+    if memo is not None and memo[0] is keep and memo[1] == event.kind:
+        return memo[2]
+    edited = _restrict(base_mask, keep, event)
+    base_mask._last_edit = (keep, event.kind, edited)  # one slot: older edit masks can be freed
+    return edited
+
+
+def _restrict(base_mask: Allowed, keep: torch.Tensor, event: AttentionEvent) -> Allowed | None:
+    base = base_mask.tensor()  # [B, Lq, Lk]
     keep = keep.to(device=base.device, dtype=torch.bool)
     if bool(keep.all()):
         return None
@@ -204,12 +228,16 @@ def _apply_edit(edit: Callable, event: AttentionEvent) -> Allowed | None:
         edited = base & keep
     empty = ~edited.any(-1, keepdim=True)  # rows the edit emptied (rows empty before stay empty)
     empty &= base.any(-1, keepdim=True)
-    if event.kind in ("self", "joint"):
-        own = _own_key(event)
-        edited = edited | (empty & (own[:, None] if edited.dim() == 4 else own))
-    elif event.kind in ("abstractor", "vision"):
-        edited = torch.where(empty, base, edited)
-    return Allowed.from_tensor(edited.expand(*edited.shape[:-2], *event.allowed.shape[1:]))
+    if bool(empty.any()):
+        if event.kind in ("self", "joint"):
+            own = _own_key(event)
+            edited = edited | (empty & (own[:, None] if edited.dim() == 4 else own))
+        elif event.kind in ("abstractor", "vision"):
+            edited = torch.where(empty, base, edited)
+    changed = (edited != base).flatten(0, -3).any(0).any(-1).nonzero()  # query rows the edit touched
+    result = Allowed.from_tensor(edited.expand(*edited.shape[:-2], *base_mask.shape[1:]))
+    result.unedited, result.changed_rows = base_mask, (int(changed[0]), int(changed[-1]) + 1)
+    return result
 
 
 def attention(
@@ -253,8 +281,15 @@ def attention(
     observe = hook is not None and hook.active
     event = None
     if edit is not None or observe:
-        event = AttentionEvent(layer=module.layer_idx, kind=kind, query=query, key=key, scale=scaling,
-                               allowed=allowed, **describe())
+        event = AttentionEvent(
+            layer=module.layer_idx,
+            kind=kind,
+            query=query,
+            key=key,
+            scale=scaling,
+            allowed=allowed,
+            **describe(),
+        )
         if edit is not None:
             edited = _apply_edit(edit, event)
             if edited is not None:
@@ -263,7 +298,22 @@ def attention(
     if kind == "cross":  # rows that see no image: dummy all-keys softmax, discarded by the caller
         no_keys = ~allowed.tensor().any(-1, keepdim=True)  # [B, (H,) Lq, 1]
         kernel_allowed = Allowed.from_tensor(allowed.tensor() | no_keys)
-    ctx, probs = kernel(module, query, key, value, kernel_allowed, scaling, softmax_dtype=softmax_dtype)
+    rows = allowed.changed_rows
+    if (
+        kernel is sdpa_attention_forward
+        and rows is not None
+        and kind != "cross"
+        and rows[1] - rows[0] <= query.shape[2] // 2
+    ):
+        # A knockout of a few query rows: the fast (often mask-free) kernel for all rows, the edited
+        # mask only for rows r0..r1-1, so a typical knockout (e.g. the last query) costs little.
+        r0, r1 = rows
+        ctx, _ = kernel(module, query, key, value, allowed.unedited, scaling)
+        edited_rows = Allowed.from_tensor(allowed.tensor()[..., r0:r1, :])
+        ctx_rows, _ = kernel(module, query[:, :, r0:r1], key, value, edited_rows, scaling)
+        ctx, probs = torch.cat([ctx[:, :, :r0], ctx_rows, ctx[:, :, r1:]], dim=2), None
+    else:
+        ctx, probs = kernel(module, query, key, value, kernel_allowed, scaling, softmax_dtype=softmax_dtype)
     if probs is not None and no_keys is not None:
         probs = probs * ~(no_keys if no_keys.dim() == 4 else no_keys[:, None])
     if observe:

@@ -6,6 +6,7 @@ old name survives there only as a deprecated alias that logs a warning). Up to 5
 ``past_key_values``. Our models accept both names and fill whichever output field the installed
 transformers defines, so they run unchanged on either side of the rename.
 """
+
 from __future__ import annotations
 
 from dataclasses import fields
@@ -21,6 +22,8 @@ def resolve_cache(past_key_values=None, cache=None):
     if cache is None:
         return past_key_values
     if past_key_values is not None and past_key_values is not cache:
-        raise ValueError("Got two different caches, past_key_values= and cache= (its transformers >= 5.24 "
-                         "name); pass only one.")
+        raise ValueError(
+            "Got two different caches, past_key_values= and cache= (its transformers >= 5.24 "
+            "name); pass only one."
+        )
     return cache

@@ -9,8 +9,14 @@ Per token t with modality m_t (0 text, 1 vision), one pre-norm LLaMA block (owl2
 Per-modality modules hold two copies under ``.multiway.{0,1}`` (official key names); a token uses
 copy m_t (per-token select). With ``config.modality_adaptive=False`` they are single stock modules.
 
+Every softmax (decoder, ViT, abstractor) runs through the attention core
+(:mod:`owl_lab.models.attention`). Writable sites per block: ``hook_resid_pre`` → ``hook_attn_out`` →
+``hook_resid_mid`` → ``hook_mlp_out`` → ``hook_resid_post`` ([B, L, D]) and ``self_attn.hook_z``
+([B, L, H, hd], context before ``W_o``); ``model.hook_image_embeds`` carries the image rows.
+
 Shapes: B batch, L positions in this call, P cached positions, H heads, Hkv KV heads, hd head dim.
 """
+
 from __future__ import annotations
 
 import torch
@@ -75,8 +81,12 @@ class Owl2Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         D, bias = config.hidden_size, config.attention_bias
         self.q_proj = nn.Linear(D, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = _per_modality(config, lambda: nn.Linear(D, self.num_kv_heads * self.head_dim, bias=bias))
-        self.v_proj = _per_modality(config, lambda: nn.Linear(D, self.num_kv_heads * self.head_dim, bias=bias))
+        self.k_proj = _per_modality(
+            config, lambda: nn.Linear(D, self.num_kv_heads * self.head_dim, bias=bias)
+        )
+        self.v_proj = _per_modality(
+            config, lambda: nn.Linear(D, self.num_kv_heads * self.head_dim, bias=bias)
+        )
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, D, bias=bias)
         self.attention_edit = None  # knockout slot, see owl_lab.models.attention
         self.hook_attn = HookPoint()  # AttentionEvent
@@ -93,12 +103,24 @@ class Owl2Attention(nn.Module):
 
         def describe() -> dict:
             P, Lk, dev = seq.past_length, k.shape[2], q.device
-            return dict(query_index=torch.arange(P, P + L, device=dev),
-                        key_position=torch.arange(Lk, device=dev).expand(B, -1), key_image=seq.key_image)
+            return dict(
+                query_index=torch.arange(P, P + L, device=dev),
+                key_position=torch.arange(Lk, device=dev).expand(B, -1),
+                key_image=seq.key_image,
+            )
 
         # softmax upcast to fp32 as in HF LLaMA
-        ctx, probs, _ = attention(self, q, k, v, seq.allowed_mask(), self.scale, "self", describe,
-                                  output_attentions=output_attentions)  # ctx [B, H, L, hd]
+        ctx, probs, _ = attention(
+            self,
+            q,
+            k,
+            v,
+            seq.allowed_mask(),
+            self.scale,
+            "self",
+            describe,
+            output_attentions=output_attentions,
+        )  # ctx [B, H, L, hd]
         z = self.hook_z(ctx.transpose(1, 2))  # [B, L, H, hd]
         return self.o_proj(z.reshape(B, L, self.num_heads * self.head_dim)), probs
 
@@ -122,8 +144,9 @@ class Owl2DecoderLayer(nn.Module):
 
     def forward(self, h, modality, cos_sin, seq, cache=None, output_attentions=False):
         h = self.hook_resid_pre(h)
-        attn, probs = self.self_attn(_route(self.input_layernorm, h, modality), modality, cos_sin, seq,
-                                     cache, output_attentions)
+        attn, probs = self.self_attn(
+            _route(self.input_layernorm, h, modality), modality, cos_sin, seq, cache, output_attentions
+        )
         h = self.hook_resid_mid(h + self.hook_attn_out(attn))
         h = h + self.hook_mlp_out(self.mlp(_route(self.post_attention_layernorm, h, modality)))
         return self.hook_resid_post(h), probs
@@ -163,8 +186,11 @@ class Owl2PreTrainedModel(PreTrainedModel):
                 module.register_buffer("q_pos_embed", q_pos.to(device), persistent=False)
                 module.register_buffer("k_pos_embed", k_pos.to(device), persistent=False)
             elif isinstance(module, LlamaRotaryEmbedding):
-                init_fn = (module.compute_default_rope_parameters if module.rope_type == "default"
-                           else ROPE_INIT_FUNCTIONS[module.rope_type])
+                init_fn = (
+                    module.compute_default_rope_parameters
+                    if module.rope_type == "default"
+                    else ROPE_INIT_FUNCTIONS[module.rope_type]
+                )
                 inv_freq, module.attention_scaling = init_fn(module.config)
                 module.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
                 module.register_buffer("original_inv_freq", inv_freq.clone().to(device), persistent=False)
@@ -195,25 +221,62 @@ class Owl2Model(Owl2PreTrainedModel):
         image_embeds = self.vision_model(pixel_values).last_hidden_state  # [N, T, Dv]
         return self.hook_image_embeds(self.visual_abstractor(image_embeds).features)
 
-    def build_sequence(self, input_ids=None, pixel_values=None, attention_mask=None, labels=None,
-                       position_ids=None, inputs_embeds=None, modality_indicators=None,
-                       past_key_values=None) -> Owl2Sequence:
+    def build_sequence(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        attention_mask=None,
+        labels=None,
+        position_ids=None,
+        inputs_embeds=None,
+        modality_indicators=None,
+        past_key_values=None,
+    ) -> Owl2Sequence:
         """The expanded decoder input (embeds, modality indicators, mask, positions); see sequence_owl2."""
-        return build_sequence(self, input_ids, pixel_values, attention_mask, labels, position_ids,
-                              inputs_embeds, modality_indicators, past_key_values)
+        return build_sequence(
+            self,
+            input_ids,
+            pixel_values,
+            attention_mask,
+            labels,
+            position_ids,
+            inputs_embeds,
+            modality_indicators,
+            past_key_values,
+        )
 
-    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
-                past_key_values=None, inputs_embeds=None, modality_indicators=None, use_cache=None,
-                output_attentions=False, output_hidden_states=False, images=None,
-                sequence: Owl2Sequence | None = None, cache=None) -> BaseModelOutputWithPast:
+    def forward(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        modality_indicators=None,
+        use_cache=None,
+        output_attentions=False,
+        output_hidden_states=False,
+        images=None,
+        sequence: Owl2Sequence | None = None,
+        cache=None,
+    ) -> BaseModelOutputWithPast:
         """Decoder forward. Returns last_hidden_state [B, L, D] (after ``norm``) over the expanded
         sequence; hidden_states follow the official (transformers 4.31) convention: the input of every
         layer, then the final normed output. ``cache=`` is the transformers >= 5.24 name of
         ``past_key_values=`` (see cache_compat)."""
         past_key_values, use_cache = prepare_cache(self.config, use_cache, past_key_values, cache, Owl2Cache)
         if sequence is None:
-            sequence = self.build_sequence(input_ids, _pixels(pixel_values, images), attention_mask, None,
-                                           position_ids, inputs_embeds, modality_indicators, past_key_values)
+            sequence = self.build_sequence(
+                input_ids,
+                _pixels(pixel_values, images),
+                attention_mask,
+                None,
+                position_ids,
+                inputs_embeds,
+                modality_indicators,
+                past_key_values,
+            )
         cache = Owl2Cache.adopt(past_key_values) if use_cache else None
         if cache is not None:
             cache.remember(sequence.attention_mask, sequence.key_image)
@@ -262,10 +325,25 @@ class Owl2ForCausalLM(Owl2PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, pixel_values=None, images=None,
-                modality_indicators=None, logits_to_keep=0, cache=None, **kwargs) -> CausalLMOutputWithPast:
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        pixel_values=None,
+        images=None,
+        modality_indicators=None,
+        logits_to_keep=0,
+        cache=None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
         """input_ids [B, Lt] with -200 markers; pixel_values (alias images) [N_img, 3, S, S];
         attention_mask [B, Lt]; labels [B, Lt] → logits [B, L, V] over the expanded sequence.
         ``cache=`` is the transformers >= 5.24 name of ``past_key_values=`` (generate passes it)."""
@@ -273,16 +351,32 @@ class Owl2ForCausalLM(Owl2PreTrainedModel, GenerationMixin):
             raise TypeError(f"Unexpected arguments for Owl2ForCausalLM.forward: {sorted(kwargs)}")
         check_attn_implementation(self.config)
         past_key_values, use_cache = prepare_cache(self.config, use_cache, past_key_values, cache, Owl2Cache)
-        output_attentions = bool(output_attentions if output_attentions is not None else self.config.output_attentions)
-        output_hidden_states = bool(output_hidden_states if output_hidden_states is not None
-                                    else self.config.output_hidden_states)
+        output_attentions = bool(
+            output_attentions if output_attentions is not None else self.config.output_attentions
+        )
+        output_hidden_states = bool(
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
 
-        seq = self.model.build_sequence(input_ids, _pixels(pixel_values, images), attention_mask, labels,
-                                        position_ids, inputs_embeds, modality_indicators, past_key_values)
+        seq = self.model.build_sequence(
+            input_ids,
+            _pixels(pixel_values, images),
+            attention_mask,
+            labels,
+            position_ids,
+            inputs_embeds,
+            modality_indicators,
+            past_key_values,
+        )
         if self.hook_layout.active:
             self.hook_layout(seq.layout())
-        out = self.model(past_key_values=past_key_values, use_cache=use_cache, sequence=seq,
-                         output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        out = self.model(
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            sequence=seq,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
         h = out.last_hidden_state
         if logits_to_keep:
             h = h[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else h[:, logits_to_keep]
@@ -291,10 +385,16 @@ class Owl2ForCausalLM(Owl2PreTrainedModel, GenerationMixin):
         loss = None
         if seq.labels is not None:  # next-token CE over the expanded sequence (image rows are -100)
             shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-            loss = F.cross_entropy(shift_logits, seq.labels[:, 1:].reshape(-1).to(logits.device),
-                                   ignore_index=IGNORE_INDEX)
-        result = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: getattr(out, CACHE_FIELD)},
-                                        hidden_states=out.hidden_states, attentions=out.attentions)
+            loss = F.cross_entropy(
+                shift_logits, seq.labels[:, 1:].reshape(-1).to(logits.device), ignore_index=IGNORE_INDEX
+            )
+        result = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            **{CACHE_FIELD: getattr(out, CACHE_FIELD)},
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+        )
         return result if return_dict is None or return_dict else result.to_tuple()
 
     # ---- generation ---------------------------------------------------------------------------
@@ -317,8 +417,9 @@ class Owl2ForCausalLM(Owl2PreTrainedModel, GenerationMixin):
         inputs.pop("position_ids", None)
         return inputs
 
-    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None,
-                                      **model_kwargs):
+    def _expand_inputs_for_generation(
+        self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs
+    ):
         """Beams / num_return_sequences: repeat each *sample's* block of images, not each image."""
         pixel_values = model_kwargs.pop("pixel_values", None)
         if pixel_values is not None and expand_size > 1 and input_ids is not None:
@@ -326,7 +427,8 @@ class Owl2ForCausalLM(Owl2PreTrainedModel, GenerationMixin):
             blocks = pixel_values.split(counts)
             pixel_values = torch.cat([b for b in blocks for _ in range(expand_size)])
         input_ids, model_kwargs = super()._expand_inputs_for_generation(
-            expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
         if pixel_values is not None:
             model_kwargs["pixel_values"] = pixel_values
         return input_ids, model_kwargs

@@ -5,6 +5,7 @@ queries, Da = abstractor width, D = LLM width, h = heads, hd = head dim.
 
 Key names follow the official checkpoint (``model.vision_model.*``, ``model.visual_abstractor.*``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -82,8 +83,18 @@ class Owl2VisionAttention(nn.Module):
             return vision_key_facts(N, T, (grid, grid), s.use_cls_token, x.device)
 
         # softmax in the model dtype like the official ViT (no fp32 upcast)
-        ctx, probs, _ = attention(self, q, k, v, allowed, self.scale, "vision", describe,
-                                  output_attentions=output_attentions, softmax_dtype=None)
+        ctx, probs, _ = attention(
+            self,
+            q,
+            k,
+            v,
+            allowed,
+            self.scale,
+            "vision",
+            describe,
+            output_attentions=output_attentions,
+            softmax_dtype=None,
+        )
         ctx = ctx.transpose(1, 2).reshape(N, T, -1)  # [N, T, Dv]
         return self.dense(ctx), probs
 
@@ -218,7 +229,9 @@ class Owl2AbstractorAttention(nn.Module):
 
     def position_tables(self):
         a = self.settings
-        return abstractor_position_tables(a.hidden_size, a.num_learnable_queries, a.grid_size, a.use_cls_token)
+        return abstractor_position_tables(
+            a.hidden_size, a.num_learnable_queries, a.grid_size, a.use_cls_token
+        )
 
     def forward(self, x: torch.Tensor, e: torch.Tensor, output_attentions: bool = False):
         """x [N, Q, Da] normed queries, e [N, T, Dv] normed image tokens → (context [N, Q, Da], probs)."""
@@ -238,21 +251,37 @@ class Owl2AbstractorAttention(nn.Module):
         # Always the explicit (eager) kernel, softmax in the model dtype, as official: the map is
         # small (Q × (Q+T) per head) and observers get the exact probabilities used.
         allowed = Allowed((N, Q, Q + T), fast="all", device=x.device)
-        ctx, probs, _ = attention(self, q, k, v, allowed, self.scale, "abstractor", lambda: self._describe(N, Q, T),
-                                  softmax_dtype=None, implementation="eager")  # ctx [N, h, Q, hd]
+        ctx, probs, _ = attention(
+            self,
+            q,
+            k,
+            v,
+            allowed,
+            self.scale,
+            "abstractor",
+            lambda: self._describe(N, Q, T),
+            softmax_dtype=None,
+            implementation="eager",
+        )  # ctx [N, h, Q, hd]
         ctx = ctx.transpose(1, 2).reshape(N, Q, -1)  # [N, Q, Da]
         return ctx, (probs if output_attentions else None)
 
     def _describe(self, N: int, Q: int, T: int) -> dict:
         g, cls = self.settings.grid_size, int(self.settings.use_cls_token)
         dev = self.q_pos_embed.device
-        key_image = torch.cat([
-            torch.full((Q,), -1, device=dev),  # query keys
-            torch.full((cls,), -2, device=dev),  # CLS
-            torch.arange(T - cls, device=dev),  # patches, row-major
-        ]).expand(N, -1)  # [N, Q+T]
-        return dict(query_index=torch.arange(Q, device=dev), key_position=torch.full((N, Q + T), -1, device=dev),
-                    key_image=key_image, grid=(g, g))
+        key_image = torch.cat(
+            [
+                torch.full((Q,), -1, device=dev),  # query keys
+                torch.full((cls,), -2, device=dev),  # CLS
+                torch.arange(T - cls, device=dev),  # patches, row-major
+            ]
+        ).expand(N, -1)  # [N, Q+T]
+        return dict(
+            query_index=torch.arange(Q, device=dev),
+            key_position=torch.full((N, Q + T), -1, device=dev),
+            key_image=key_image,
+            grid=(g, g),
+        )
 
 
 class Owl2AbstractorMLP(nn.Module):
@@ -330,8 +359,10 @@ class Owl2VisualAbstractor(nn.Module):
         super().__init__()
         a = config.abstractor_settings
         if a.add_v2t_pos_emb:
-            raise ValueError("visual_abstractor.add_v2t_pos_emb=True is a dead option of the official "
-                             "code (it cannot run there either) and is not supported.")
+            raise ValueError(
+                "visual_abstractor.add_v2t_pos_emb=True is a dead option of the official "
+                "code (it cannot run there either) and is not supported."
+            )
         if a.encoder_hidden_size != config.vision_settings.hidden_size:
             raise ValueError(
                 f"visual_abstractor.encoder_hidden_size ({a.encoder_hidden_size}) must equal the ViT "

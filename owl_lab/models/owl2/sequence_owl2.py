@@ -14,6 +14,7 @@ then ``vit_eos``), all with modality 1. Unlike the official code:
 
 Shapes: B batch, Lt = input_ids length, L = expanded length of this call, P = cached positions.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -220,7 +221,8 @@ def build_sequence(
     has_markers = input_ids is not None and bool((input_ids == IMAGE_TOKEN_INDEX).any())
     if has_markers:
         embeds, new_mask, modality, image_index, labels = _expand_images(
-            model, input_ids, new_mask, labels, pixel_values)
+            model, input_ids, new_mask, labels, pixel_values
+        )
         full_given = None  # the given mask was in input space
         has_vision = True
     else:
@@ -249,7 +251,9 @@ def build_sequence(
 
     if position_ids is not None:
         if position_ids.shape[-1] != L:
-            raise ValueError(f"position_ids must cover the expanded sequence ({L}), got {position_ids.shape[-1]}.")
+            raise ValueError(
+                f"position_ids must cover the expanded sequence ({L}), got {position_ids.shape[-1]}."
+            )
         position_ids = position_ids.to(dev).expand(B, -1)
     else:
         arange = torch.arange(P, P + L, device=dev)[None].expand(B, -1)  # [B, L]
@@ -260,10 +264,18 @@ def build_sequence(
             position_ids = arange
 
     if labels is not None and labels.shape[1] != L:
-        raise ValueError(f"labels must have length {Lt} (input ids) or {L} (expanded), got {labels.shape[1]}.")
+        raise ValueError(
+            f"labels must have length {Lt} (input ids) or {L} (expanded), got {labels.shape[1]}."
+        )
     return Owl2Sequence(
-        inputs_embeds=embeds, modality_indicators=modality, has_vision=has_vision,
-        attention_mask=full_mask, padded=padded, position_ids=position_ids, labels=labels,
-        image_index=image_index, key_image=torch.cat([past_key_image, image_index], dim=1),
+        inputs_embeds=embeds,
+        modality_indicators=modality,
+        has_vision=has_vision,
+        attention_mask=full_mask,
+        padded=padded,
+        position_ids=position_ids,
+        labels=labels,
+        image_index=image_index,
+        key_image=torch.cat([past_key_image, image_index], dim=1),
         past_length=P,
     )

@@ -5,6 +5,7 @@ Peak memory is the process's max RSS (``resource.getrusage``), so run it in a fr
 baseline RSS after building the model and inputs is reported too, so the forward's own share is the
 difference.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,11 +21,25 @@ from owl_lab.models.owl3 import Owl3Config, Owl3ForCausalLM
 def mid_config(kind: str) -> Owl3Config:
     """hidden 512, 8 layers (hyper: 0 and 4), 8 heads / 2 kv; SigLIP hidden 256, 4 layers, 224 px (256 tokens)."""
     return Owl3Config(
-        vocab_size=1000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-        num_key_value_heads=2, hyper_layers=[1, 5], rope_theta=1e6, max_window_layers=8,
-        hyper_attention=kind, projector="mlp" if kind == "fused" else "linear",
-        vision_config=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-                           image_size=224, patch_size=14),
+        vocab_size=1000,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        hyper_layers=[1, 5],
+        rope_theta=1e6,
+        max_window_layers=8,
+        hyper_attention=kind,
+        projector="mlp" if kind == "fused" else "linear",
+        vision_config=dict(
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            image_size=224,
+            patch_size=14,
+        ),
     )
 
 
@@ -47,10 +62,18 @@ def run(images: int = 32, kind: str = "gated", text_per_image: int = 4, attn: st
         out = model(input_ids=ids, pixel_values=pixels, media_offset=[starts], use_cache=False)
         seconds = time.perf_counter() - t0
     assert torch.isfinite(out.logits).all()
-    return {"kind": kind, "images": images, "seq_len": length, "image_keys": images * config.tokens_per_image,
-            "attn": attn, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
-            "forward_s": round(seconds, 3), "rss_before_MB": round(base, 1), "peak_rss_MB": round(max_rss_mb(), 1),
-            "threads": torch.get_num_threads()}
+    return {
+        "kind": kind,
+        "images": images,
+        "seq_len": length,
+        "image_keys": images * config.tokens_per_image,
+        "attn": attn,
+        "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+        "forward_s": round(seconds, 3),
+        "rss_before_MB": round(base, 1),
+        "peak_rss_MB": round(max_rss_mb(), 1),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def main(argv=None) -> None:

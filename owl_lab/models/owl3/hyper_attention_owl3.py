@@ -16,7 +16,13 @@ query* attend them:
 * fused (241101): one softmax over [visible image keys (t >= s_n) ; causal text keys].
 
 Image K/V are recomputed on every call and never enter the KV cache.
+
+Every softmax runs through the attention core (:func:`owl_lab.models.attention.attention`), which
+applies a knockout (``attention_edit``) and emits ``hook_attn``. Writable sites, [B, L, nH, D] each:
+``hook_z`` (context before ``o_proj``), ``hook_cross_z`` (cross context X), ``hook_gate`` (g);
+``hook_gate_event`` observes the fusion (:class:`~owl_lab.models.observe.GateEvent`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -93,7 +99,10 @@ class AttnContext:
         """[B, Lq, N*T + Lk]: [image keys ; causal text keys] of the fused 241101 softmax."""
         if ("joint", lk) not in self._masks:
             shape = (self.batch_size, lq, self.image_visible.shape[-1] * self.tokens_per_image + lk)
-            rows = lambda q0, q1: torch.cat([self.image_allowed(q0, q1), self.text_allowed(q0, q1, lk)], dim=-1)  # noqa: E731
+
+            def rows(q0: int, q1: int) -> torch.Tensor:
+                return torch.cat([self.image_allowed(q0, q1), self.text_allowed(q0, q1, lk)], dim=-1)
+
             self._masks[("joint", lk)] = Allowed(shape, rows=rows)
         return self._masks[("joint", lk)]
 
@@ -140,8 +149,17 @@ class Owl3Attention(nn.Module):
             k, v = ctx.cache.update(k, v, self.layer_idx)  # text K/V only
         return q, k, v
 
-    def attend(self, q, k, v, ctx: AttnContext, kind: AttentionKind, allowed: Allowed, image_keys: bool = False,
-               text_keys: bool = True):
+    def attend(
+        self,
+        q,
+        k,
+        v,
+        ctx: AttnContext,
+        kind: AttentionKind,
+        allowed: Allowed,
+        image_keys: bool = False,
+        text_keys: bool = True,
+    ):
         """The attention core on [image keys ;] text keys → (context [B, nH, L, D], probs, mask used)."""
 
         def describe() -> dict:
@@ -153,11 +171,16 @@ class Owl3Attention(nn.Module):
             if text_keys:
                 pos.append(torch.arange(n_txt, device=device)[None].expand(b, n_txt))
                 img.append(torch.full((b, n_txt), -1, dtype=torch.long, device=device))
-            return dict(query_index=ctx.query_index, key_position=torch.cat(pos, -1), key_image=torch.cat(img, -1),
-                        image_rope_positions=ctx.mi_positions if image_keys else None)
+            return dict(
+                query_index=ctx.query_index,
+                key_position=torch.cat(pos, -1),
+                key_image=torch.cat(img, -1),
+                image_rope_positions=ctx.mi_positions if image_keys else None,
+            )
 
-        return attention(self, q, k, v, allowed, self.scaling, kind, describe,
-                         output_attentions=ctx.output_attentions)
+        return attention(
+            self, q, k, v, allowed, self.scaling, kind, describe, output_attentions=ctx.output_attentions
+        )
 
     def self_attention(self, q, k, v, ctx: AttnContext, kind: AttentionKind = "self"):
         """Causal text attention → context [B, nH, L, D], probs (eager) or None."""
@@ -212,7 +235,9 @@ class Owl3HyperAttention(Owl3Attention):
         b, n = ctx.image_valid.shape
         padded = v.new_zeros(2, b, n, self.num_kv_heads, t, self.head_dim)  # [K|V, B, N, nKV, T, D]
         padded[:, ctx.image_valid] = torch.stack([k, v]).transpose(2, 3)  # [2, M, nKV, T, D]
-        k, v = padded.transpose(2, 3).reshape(2, b, self.num_kv_heads, n * t, self.head_dim)  # [B, nKV, N*T, D]
+        k, v = padded.transpose(2, 3).reshape(
+            2, b, self.num_kv_heads, n * t, self.head_dim
+        )  # [B, nKV, N*T, D]
         return k, v
 
     def forward(self, x: torch.Tensor, ctx: AttnContext, image_normed: torch.Tensor | None = None):
@@ -244,8 +269,9 @@ class Owl3HyperAttention(Owl3Attention):
         c, self_probs = self.self_attention(q, k, v, ctx)  # [B, nH, L, D]
         k_img, v_img = self.image_kv(image_normed, ctx)
         # rows that see no image get a discarded dummy softmax in the core (no NaN)
-        x, cross_probs, used = self.attend(q, k_img, v_img, ctx, "cross", ctx.image_mask(q.shape[2]),
-                                           image_keys=True, text_keys=False)
+        x, cross_probs, used = self.attend(
+            q, k_img, v_img, ctx, "cross", ctx.image_mask(q.shape[2]), image_keys=True, text_keys=False
+        )
         applied = used.tensor().any(-1)  # [B, L] rows that see >= 1 image ([B, nH, L] per-head knockout)
         keep = applied[..., None] if applied.dim() == 3 else applied[:, None, :, None]  # [B, 1 | nH, L, 1]
         x = self.hook_cross_z(x.transpose(1, 2)).transpose(1, 2)  # site [B, L, nH, D]
@@ -261,9 +287,13 @@ class Owl3HyperAttention(Owl3Attention):
             if self.hook_gate_event.active:
                 self.hook_gate_event(
                     GateEvent(
-                        layer=self.layer_idx, gate=g.transpose(1, 2), applied=applied,
-                        self_context=c.transpose(1, 2), cross_context=(x * keep).transpose(1, 2),
-                        o_proj_weight=self.o_proj.weight, query_index=ctx.query_index,
+                        layer=self.layer_idx,
+                        gate=g.transpose(1, 2),
+                        applied=applied,
+                        self_context=c.transpose(1, 2),
+                        cross_context=(x * keep).transpose(1, 2),
+                        o_proj_weight=self.o_proj.weight,
+                        query_index=ctx.query_index,
                     )
                 )
         out = torch.where(keep, fused, c)

@@ -20,6 +20,7 @@ Official ``media_offset`` formats accepted here (owl3 SPEC §3.5; §7 of the gol
 * list (241101): one 1-D LongTensor of placeholder starts per sample; images are consumed from the
   batch-global ``pixel_values`` in sample order.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -67,17 +68,23 @@ def starts_from_dense(
             raise ValueError(f"media_offset sample {b}: mixes no-image rows (column 1 < 0) with image rows.")
         base = rows[0, 0]
         if (rows[:, 0] != base).any():
-            raise ValueError(f"media_offset sample {b}: column 0 (first image of the sample) must be constant.")
+            raise ValueError(
+                f"media_offset sample {b}: column 0 (first image of the sample) must be constant."
+            )
         c = rows[:, 1] - base
         if (c < 0).any() or (c[1:] < c[:-1]).any():
-            raise ValueError(f"media_offset sample {b}: visible-image counts must be >= 0 and non-decreasing.")
+            raise ValueError(
+                f"media_offset sample {b}: visible-image counts must be >= 0 and non-decreasing."
+            )
         imaged.append((b, int(base)))
         counts[b] = c
     starts = [torch.zeros(0, dtype=torch.long) for _ in range(batch)]
     index = [torch.zeros(0, dtype=torch.long) for _ in range(batch)]
     if not imaged:
         if num_images:
-            raise ValueError(f"pixel_values holds {num_images} images but media_offset marks every sample as text-only.")
+            raise ValueError(
+                f"pixel_values holds {num_images} images but media_offset marks every sample as text-only."
+            )
         return starts, index
     bases = [base for _, base in imaged]
     if bases[0] != 0 or any(b2 <= b1 for b1, b2 in zip(bases, bases[1:], strict=False)):
@@ -119,12 +126,16 @@ def starts_from_list(
     for b, entry in enumerate(media_offset):
         s = torch.as_tensor([] if entry is None else entry, dtype=torch.long).flatten().cpu()
         if (s < 0).any() or (s[1:] < s[:-1]).any():
-            raise ValueError(f"media_offset[{b}] must hold non-negative, non-decreasing starts; got {s.tolist()}.")
+            raise ValueError(
+                f"media_offset[{b}] must hold non-negative, non-decreasing starts; got {s.tolist()}."
+            )
         starts.append(s)
         index.append(torch.arange(used, used + s.numel(), dtype=torch.long))
         used += s.numel()
     if used != num_images:
-        raise ValueError(f"media_offset lists {used} image placeholders but pixel_values holds {num_images} images.")
+        raise ValueError(
+            f"media_offset lists {used} image placeholders but pixel_values holds {num_images} images."
+        )
     return starts, index
 
 
@@ -134,7 +145,9 @@ def resolve_media(
     """Either official format → (per-sample starts, per-sample rows of pixel_values)."""
     if media_offset is None:
         if num_images:
-            raise ValueError(f"pixel_values holds {num_images} images but no media_offset says where they go.")
+            raise ValueError(
+                f"pixel_values holds {num_images} images but no media_offset says where they go."
+            )
         empty = [torch.zeros(0, dtype=torch.long) for _ in range(batch_size)]
         return empty, list(empty)
     if isinstance(media_offset, torch.Tensor) and media_offset.dim() == 3:

@@ -14,6 +14,7 @@ no head, projected to the LLM width) are handed to every decoder layer and used 
 layers (see ``hyper_attention_owl3.py``). Nothing is stored between calls: decode steps get the
 images and their placeholder starts again (``generate`` does this for you, also under beam search).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -104,7 +105,9 @@ class Owl3DecoderLayer(nn.Module):
         hidden = self.hook_resid_pre(hidden)
         image_normed = None
         if self.is_hyper and ctx.image_embeds is not None:
-            image_normed = self.input_layernorm(ctx.image_embeds)  # shared input norm, [M, T, H] (real images)
+            image_normed = self.input_layernorm(
+                ctx.image_embeds
+            )  # shared input norm, [M, T, H] (real images)
         attn_out, probs = self.self_attn(self.input_layernorm(hidden), ctx, image_normed)
         hidden = self.hook_resid_mid(hidden + self.hook_attn_out(attn_out))
         hidden = hidden + self.hook_mlp_out(self.mlp(self.post_attention_layernorm(hidden)))
@@ -126,13 +129,16 @@ class Owl3TextModel(nn.Module):
         """MI-RoPE cos/sin in fp32 for one position per image: positions [B, N] → [B, N, D] each."""
         d = self.config.hidden_size // self.config.num_attention_heads
         theta = self.config.rope_parameters["rope_theta"]
-        inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=positions.device).float() / d))
+        inv_freq = 1.0 / (
+            theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=positions.device).float() / d)
+        )
         freqs = positions.float()[..., None] * inv_freq  # [B, N, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # half-split rotation layout
         return emb.cos(), emb.sin()
 
-    def build_context(self, embeds, attention_mask, position_ids, cache, image_embeds, image_starts,
-                      output_attentions):
+    def build_context(
+        self, embeds, attention_mask, position_ids, cache, image_embeds, image_starts, output_attentions
+    ):
         b, n, _ = embeds.shape
         past = cache.get_seq_length() if cache is not None else 0
         query_index = torch.arange(past, past + n, device=embeds.device)  # raw sequence indices
@@ -145,8 +151,12 @@ class Owl3TextModel(nn.Module):
         if position_ids is None:
             position_ids = (query_index[None] - lead[:, None]).clamp(min=0)
         ctx = AttnContext(
-            batch_size=b, past_length=past, query_index=query_index, key_valid=key_valid,
-            position_embeddings=self.rotary_emb(embeds, position_ids), cache=cache,
+            batch_size=b,
+            past_length=past,
+            query_index=query_index,
+            key_valid=key_valid,
+            position_embeddings=self.rotary_emb(embeds, position_ids),
+            cache=cache,
             output_attentions=output_attentions,
         )
         if image_embeds is not None and image_starts.shape[1] > 0:
@@ -169,11 +179,27 @@ class Owl3TextModel(nn.Module):
                 ctx.mi_cos, ctx.mi_sin = self.mi_rope(ctx.mi_positions.clamp(min=0))
         return ctx
 
-    def forward(self, inputs_embeds, attention_mask=None, position_ids=None, past_key_values=None,
-                image_embeds=None, image_starts=None, output_attentions=False, output_hidden_states=False):
+    def forward(
+        self,
+        inputs_embeds,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        image_embeds=None,
+        image_starts=None,
+        output_attentions=False,
+        output_hidden_states=False,
+    ):
         """inputs_embeds [B, L, H] → final-normed hidden [B, L, H], hidden-state tuple, probs per layer."""
-        ctx = self.build_context(inputs_embeds, attention_mask, position_ids, past_key_values,
-                                 image_embeds, image_starts, output_attentions)
+        ctx = self.build_context(
+            inputs_embeds,
+            attention_mask,
+            position_ids,
+            past_key_values,
+            image_embeds,
+            image_starts,
+            output_attentions,
+        )
         hidden = inputs_embeds
         all_hidden = [hidden] if output_hidden_states else None
         self_probs, image_probs = [], []
@@ -237,7 +263,8 @@ class Owl3ForCausalLM(Owl3PreTrainedModel, GenerationMixin):
             )
         self.language_model = Owl3LanguageModel(config)
         self.vision_model = SiglipVisionModel(config.vision_config)
-        for k, vision_layer in enumerate(self.vision_model.encoder.layers):  # observation points (kind vision)
+        # observation points of kind vision (transformers' SigLIP attention has none)
+        for k, vision_layer in enumerate(self.vision_model.encoder.layers):
             vision_layer.self_attn = Owl3VisionAttention(config.vision_config, k)
         v, h = config.vision_config.hidden_size, config.hidden_size
         if config.projector == "mlp":
@@ -273,7 +300,11 @@ class Owl3ForCausalLM(Owl3PreTrainedModel, GenerationMixin):
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [N, 3, S, S] → projected features [N, T, H] (SigLIP hidden_states[-2])."""
         size = self.config.vision_config.image_size
-        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3 or tuple(pixel_values.shape[-2:]) != (size, size):
+        if (
+            pixel_values.dim() != 4
+            or pixel_values.shape[1] != 3
+            or tuple(pixel_values.shape[-2:]) != (size, size)
+        ):
             raise ValueError(
                 f"pixel_values must be [N_images, 3, {size}, {size}] for this checkpoint; got "
                 f"{tuple(pixel_values.shape)}. Use the Owl3Processor (it resizes to {size} px)."
@@ -295,9 +326,23 @@ class Owl3ForCausalLM(Owl3PreTrainedModel, GenerationMixin):
 
     # ---- forward ----------------------------------------------------------------------------------
     def forward(
-        self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
-        labels=None, use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
-        pixel_values=None, media_offset=None, image_embeds=None, image_starts=None, logits_to_keep=0, cache=None,
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        pixel_values=None,
+        media_offset=None,
+        image_embeds=None,
+        image_starts=None,
+        logits_to_keep=0,
+        cache=None,
         **kwargs,
     ):
         """One decoder pass (prefill or decode step) → :class:`Owl3CausalLMOutputWithPast`.
@@ -320,24 +365,40 @@ class Owl3ForCausalLM(Owl3PreTrainedModel, GenerationMixin):
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         self._check_attention_mask(attention_mask, batch, past + length)
         if image_embeds is None and (pixel_values is not None or media_offset is not None):
-            image_embeds, image_starts = self.prepare_images(pixel_values, media_offset, (batch, length), attention_mask)
-        elif image_embeds is not None and (image_starts is None or image_starts.shape != image_embeds.shape[:2]):
+            image_embeds, image_starts = self.prepare_images(
+                pixel_values, media_offset, (batch, length), attention_mask
+            )
+        elif image_embeds is not None and (
+            image_starts is None or image_starts.shape != image_embeds.shape[:2]
+        ):
             raise ValueError("image_embeds [B, N, T, H] needs image_starts [B, N] (-1 for padding slots).")
         if self.hook_layout.active:
             self.hook_layout(self._layout(batch, length, past, attention_mask, image_starts, input_ids))
 
-        output_attentions = bool(self.config.output_attentions if output_attentions is None else output_attentions)
+        output_attentions = bool(
+            self.config.output_attentions if output_attentions is None else output_attentions
+        )
         hidden, all_hidden, self_probs, image_probs = self.language_model.model(
-            inputs_embeds, attention_mask, position_ids, past_key_values, image_embeds, image_starts,
-            output_attentions=output_attentions, output_hidden_states=bool(output_hidden_states),
+            inputs_embeds,
+            attention_mask,
+            position_ids,
+            past_key_values,
+            image_embeds,
+            image_starts,
+            output_attentions=output_attentions,
+            output_hidden_states=bool(output_hidden_states),
         )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.language_model.lm_head(hidden[:, keep, :]).float()
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
+            )
         out = Owl3CausalLMOutputWithPast(
-            loss=loss, logits=logits, **{CACHE_FIELD: past_key_values if use_cache else None},
+            loss=loss,
+            logits=logits,
+            **{CACHE_FIELD: past_key_values if use_cache else None},
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
             attentions=tuple(self_probs) if output_attentions else None,
             cross_attentions=tuple(image_probs) if output_attentions else None,
@@ -346,18 +407,26 @@ class Owl3ForCausalLM(Owl3PreTrainedModel, GenerationMixin):
 
     @staticmethod
     def _check_attention_mask(attention_mask, batch, total):
-        if attention_mask is not None and (attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, total)):
+        if attention_mask is not None and (
+            attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, total)
+        ):
             raise ValueError(
                 f"attention_mask must be 2-D [batch, past + new] = [{batch}, {total}]; got {tuple(attention_mask.shape)}."
             )
 
     def _layout(self, batch, length, past, attention_mask, image_starts, input_ids) -> SequenceLayout:
         device = self.device if input_ids is None else input_ids.device
-        kind = torch.full((batch, length), TOKEN_GENERATED if past > 0 else TOKEN_TEXT, dtype=torch.long, device=device)
+        kind = torch.full(
+            (batch, length), TOKEN_GENERATED if past > 0 else TOKEN_TEXT, dtype=torch.long, device=device
+        )
         image_index = torch.full((batch, length), -1, dtype=torch.long, device=device)
         counts = []
         for b in range(batch):
-            s = image_starts[b][image_starts[b] >= 0] if image_starts is not None else torch.zeros(0, dtype=torch.long)
+            s = (
+                image_starts[b][image_starts[b] >= 0]
+                if image_starts is not None
+                else torch.zeros(0, dtype=torch.long)
+            )
             counts.append(int(s.numel()))
             for n, pos in enumerate(s.tolist()):
                 if past <= pos < past + length:
@@ -366,13 +435,24 @@ class Owl3ForCausalLM(Owl3PreTrainedModel, GenerationMixin):
         if attention_mask is not None:
             kind = torch.where(attention_mask[:, past:].to(device) == 0, TOKEN_PAD, kind)
         return SequenceLayout(
-            past_length=past, token_kind=kind, image_index=image_index, attention_mask=attention_mask,
+            past_length=past,
+            token_kind=kind,
+            image_index=image_index,
+            attention_mask=attention_mask,
             images_per_sample=counts,
         )
 
     # ---- generation -------------------------------------------------------------------------------
-    def generate(self, input_ids=None, attention_mask=None, pixel_values=None, media_offset=None,
-                 image_embeds=None, image_starts=None, **kwargs):
+    def generate(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        pixel_values=None,
+        media_offset=None,
+        image_embeds=None,
+        image_starts=None,
+        **kwargs,
+    ):
         """HF ``generate`` with the images converted once into the per-sample form.
 
         * ``image_embeds``/``image_starts`` carry a batch dimension, so beam search and
@@ -383,13 +463,16 @@ class Owl3ForCausalLM(Owl3PreTrainedModel, GenerationMixin):
           ``input_ids`` unchanged, followed by the new tokens.
         """
         if input_ids is None:
-            return super().generate(attention_mask=attention_mask, image_embeds=image_embeds,
-                                    image_starts=image_starts, **kwargs)
+            return super().generate(
+                attention_mask=attention_mask, image_embeds=image_embeds, image_starts=image_starts, **kwargs
+            )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         self._check_attention_mask(attention_mask, *input_ids.shape)
         if image_embeds is None and pixel_values is not None:
-            image_embeds, image_starts = self.prepare_images(pixel_values, media_offset, input_ids.shape, attention_mask)
+            image_embeds, image_starts = self.prepare_images(
+                pixel_values, media_offset, input_ids.shape, attention_mask
+            )
         elif image_embeds is None and media_offset is not None:
             resolve_media(media_offset, 0, input_ids.shape[0], attention_mask)  # validates: text-only
         ids, mask, order = left_align(input_ids, attention_mask)
@@ -397,6 +480,7 @@ class Owl3ForCausalLM(Owl3PreTrainedModel, GenerationMixin):
             new_index = torch.argsort(order, dim=1)  # old position → new position
             moved = new_index.gather(1, image_starts.clamp(min=0).to(order.device))
             image_starts = torch.where(image_starts >= 0, moved.to(image_starts.device), -1)
-        out = super().generate(input_ids=ids, attention_mask=mask, image_embeds=image_embeds,
-                               image_starts=image_starts, **kwargs)
+        out = super().generate(
+            input_ids=ids, attention_mask=mask, image_embeds=image_embeds, image_starts=image_starts, **kwargs
+        )
         return out if order is None else restore_prompt(out, input_ids)

@@ -6,6 +6,7 @@ Reproduces the tokenization of the owl3-tiny-a goldens: special tokens ``<|endof
 words map to ``<unk>``. Note: here ``<|image|>`` is ONE token, while the real Qwen2 tokenizer splits
 the plain text ``<|image|>`` into several pieces (the model only uses the placeholder start).
 """
+
 from __future__ import annotations
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
@@ -21,10 +22,12 @@ def build_word_tokenizer(vocab: dict[str, int], unk_token: str = "<unk>") -> Pre
         raise ValueError(f"vocab lacks the tokens {missing}.")
     tok = Tokenizer(models.WordLevel(vocab=dict(vocab), unk_token=unk_token))
     tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),  # drop spaces/tabs, keep "\n"
-        pre_tokenizers.Split(Regex(r"\n|[a-z0-9]+|[^a-z0-9\s]"), behavior="isolated"),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),  # drop spaces/tabs, keep "\n"
+            pre_tokenizers.Split(Regex(r"\n|[a-z0-9]+|[^a-z0-9\s]"), behavior="isolated"),
+        ]
+    )
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
     tok.add_special_tokens(list(SPECIAL_TOKENS))
     return PreTrainedTokenizerFast(

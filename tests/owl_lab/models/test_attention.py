@@ -32,14 +32,19 @@ class Toy(nn.Module):
 
 def qkv(B=2, H=4, Hkv=2, Lq=6, Lk=6, D=8, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, H, Lq, D, generator=g, dtype=torch.float64),
-            torch.randn(B, Hkv, Lk, D, generator=g, dtype=torch.float64),
-            torch.randn(B, Hkv, Lk, D, generator=g, dtype=torch.float64))
+    return (
+        torch.randn(B, H, Lq, D, generator=g, dtype=torch.float64),
+        torch.randn(B, Hkv, Lk, D, generator=g, dtype=torch.float64),
+        torch.randn(B, Hkv, Lk, D, generator=g, dtype=torch.float64),
+    )
 
 
 def describe(B, Lq, Lk):
-    return lambda: dict(query_index=torch.arange(Lk - Lq, Lk), key_position=torch.arange(Lk).expand(B, -1),
-                        key_image=torch.full((B, Lk), -1))
+    return lambda: dict(
+        query_index=torch.arange(Lk - Lq, Lk),
+        key_position=torch.arange(Lk).expand(B, -1),
+        key_image=torch.full((B, Lk), -1),
+    )
 
 
 def test_fast_causal_rows_are_the_causal_mask():
@@ -73,7 +78,9 @@ def test_unknown_implementation_is_a_clear_error():
     assert ATTN_IMPLEMENTATIONS == ("eager", "sdpa")
     q, k, v = qkv()
     with pytest.raises(ValueError, match="flex_attention"):
-        attention(Toy("flex_attention"), q, k, v, Allowed((2, 6, 6), fast="causal"), 0.3, "self", describe(2, 6, 6))
+        attention(
+            Toy("flex_attention"), q, k, v, Allowed((2, 6, 6), fast="causal"), 0.3, "self", describe(2, 6, 6)
+        )
 
 
 @pytest.mark.parametrize("impl", ATTN_IMPLEMENTATIONS)
@@ -104,8 +111,17 @@ def test_edit_reaches_kernel_and_event_and_eager_equals_sdpa(per_head):
         mod.attention_edit = lambda ev: (seen.setdefault("base", ev.allowed), keep)[1]
         events = []
         mod.hook_attn.register_forward_hook(lambda m, a, o, events=events: events.append(a[0]))
-        out, _, used = attention(mod, q, k, v, Allowed((B, Lq, Lk), fast="causal"), 0.3, "self", describe(B, Lq, Lk),
-                                 output_attentions=impl == "eager")
+        out, _, used = attention(
+            mod,
+            q,
+            k,
+            v,
+            Allowed((B, Lq, Lk), fast="causal"),
+            0.3,
+            "self",
+            describe(B, Lq, Lk),
+            output_attentions=impl == "eager",
+        )
         outs[impl] = out
         assert events[0].allowed is used and used.per_head == per_head
         if impl == "eager":
@@ -120,10 +136,20 @@ def test_emptied_rows_keep_own_key_for_self_and_dummy_for_cross():
     q, k, v = qkv(Hkv=4)
     mod = Toy("eager")
     mod.attention_edit = lambda ev: torch.zeros(2, 6, 6, dtype=torch.bool)  # block everything
-    out, probs, used = attention(mod, q, k, v, Allowed((2, 6, 6), fast="causal"), 0.3, "self", describe(2, 6, 6),
-                                 output_attentions=True)
+    out, probs, used = attention(
+        mod,
+        q,
+        k,
+        v,
+        Allowed((2, 6, 6), fast="causal"),
+        0.3,
+        "self",
+        describe(2, 6, 6),
+        output_attentions=True,
+    )
     assert torch.equal(used.tensor(), torch.eye(6, dtype=torch.bool).expand(2, -1, -1))
     torch.testing.assert_close(out, v, rtol=0, atol=1e-12)  # each token sees only itself
-    out, probs, used = attention(mod, q, k, v, Allowed((2, 6, 6), fast="all"), 0.3, "cross", describe(2, 6, 6),
-                                 output_attentions=True)
+    out, probs, used = attention(
+        mod, q, k, v, Allowed((2, 6, 6), fast="all"), 0.3, "cross", describe(2, 6, 6), output_attentions=True
+    )
     assert not used.tensor().any() and not torch.isnan(out).any() and probs.abs().max() == 0

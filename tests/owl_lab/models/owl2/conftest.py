@@ -1,4 +1,5 @@
 """Tiny random Owl2 models and a word-level tokenizer for the owl2 tests (CPU, fp32, fast)."""
+
 from __future__ import annotations
 
 import math
@@ -10,20 +11,66 @@ from transformers import PreTrainedTokenizerFast
 
 from owl_lab.models.owl2 import Owl2Config, Owl2ForCausalLM, Owl2Processor
 
-WORDS = ["<unk>", "<s>", "</s>", "USER:", "ASSISTANT:", "what", "color", "is", "the", "circle", "square",
-         "?", "red", "blue", "green", "a", "describe", "image", "and", "left", "right"]
+WORDS = [
+    "<unk>",
+    "<s>",
+    "</s>",
+    "USER:",
+    "ASSISTANT:",
+    "what",
+    "color",
+    "is",
+    "the",
+    "circle",
+    "square",
+    "?",
+    "red",
+    "blue",
+    "green",
+    "a",
+    "describe",
+    "image",
+    "and",
+    "left",
+    "right",
+]
 
 
 def tiny_config(**overrides) -> Owl2Config:
     """2-layer LLM (hidden 64), 1-layer ViT on 28-px images (2×2 patches + CLS), 4 queries → 5 rows."""
-    llm = dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=4, rms_norm_eps=1e-6, max_position_embeddings=256)
-    visual_model = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
-                        image_size=28, patch_size=14, layer_norm_eps=1e-6, hidden_act="quick_gelu")
-    visual_abstractor = dict(hidden_size=32, encoder_hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                             intermediate_size=40, num_learnable_queries=4, layer_norm_eps=1e-6)
+    llm = dict(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=256,
+    )
+    visual_model = dict(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+        layer_norm_eps=1e-6,
+        hidden_act="quick_gelu",
+    )
+    visual_abstractor = dict(
+        hidden_size=32,
+        encoder_hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=40,
+        num_learnable_queries=4,
+        layer_norm_eps=1e-6,
+    )
     llm.update(overrides)
-    return Owl2Config(visual_config={"visual_model": visual_model, "visual_abstractor": visual_abstractor}, **llm)
+    return Owl2Config(
+        visual_config={"visual_model": visual_model, "visual_abstractor": visual_abstractor}, **llm
+    )
 
 
 @torch.no_grad()
@@ -54,8 +101,9 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", pad_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"
+    )
 
 
 def rand_pixels(n: int, seed: int = 1, size: int = 28) -> torch.Tensor:

@@ -25,13 +25,18 @@ def prefill_and_step(model, inputs):
     with torch.no_grad():
         pre = model(**inputs, use_cache=True)
         mask = torch.cat([inputs["attention_mask"], torch.ones(3, 1, dtype=torch.long)], 1)
-        step = model(input_ids=torch.tensor([[3], [4], [5]]), attention_mask=mask, past_key_values=pre.past_key_values)
+        step = model(
+            input_ids=torch.tensor([[3], [4], [5]]), attention_mask=mask, past_key_values=pre.past_key_values
+        )
     return pre.logits, step.logits
 
 
 def site_modules(model, family: str) -> dict[str, torch.nn.Module]:
     """Every module named by the family's ``sites`` patterns (families.py)."""
-    regexes = [re.compile("^" + re.escape(p).replace(r"\{i\}", r"\d+") + "$") for p in FAMILIES[family].sites.values()]
+    regexes = [
+        re.compile("^" + re.escape(p).replace(r"\{i\}", r"\d+") + "$")
+        for p in FAMILIES[family].sites.values()
+    ]
     return {n: m for n, m in model.named_modules() if any(r.match(n) for r in regexes)}
 
 
@@ -43,8 +48,10 @@ def test_eager_equals_sdpa_padded_and_decode(owl2, num_kv):
         outs[attn] = prefill_and_step(model, batch(owl2))
     for a, b in zip(outs["eager"], outs["sdpa"], strict=True):
         assert (a - b).abs().max() < 1e-6  # fp64: measured ~1e-15
-    fp32 = {attn: prefill_and_step(owl2.make_model(attn=attn, num_key_value_heads=num_kv), batch(owl2))
-            for attn in ("eager", "sdpa")}
+    fp32 = {
+        attn: prefill_and_step(owl2.make_model(attn=attn, num_key_value_heads=num_kv), batch(owl2))
+        for attn in ("eager", "sdpa")
+    }
     for a, b in zip(fp32["eager"], fp32["sdpa"], strict=True):
         assert (a - b).abs().max() < 1e-5  # fp32, O(1) random weights: measured ~3e-6
 
@@ -85,7 +92,9 @@ def test_knockout_eager_equals_sdpa_and_empty_knockout_is_bitwise(owl2):
         plain = prefill_and_step(model, batch(owl2))
         for layer in model.model.layers:
             layer.self_attn.attention_edit = lambda ev: None  # nothing to knock out
-        assert all(torch.equal(a, b) for a, b in zip(plain, prefill_and_step(model, batch(owl2)), strict=True))
+        assert all(
+            torch.equal(a, b) for a, b in zip(plain, prefill_and_step(model, batch(owl2)), strict=True)
+        )
         _knock_out_images(model)
         outs[attn] = prefill_and_step(model, batch(owl2))
     for a, b in zip(outs["eager"], outs["sdpa"], strict=True):
@@ -99,7 +108,10 @@ def test_identity_hooks_on_every_site_leave_logits_bitwise_equal(owl2, attn):
     assert len(sites) == 2 * 6 + 1  # 2 layers x (5 block sites + hook_z) + hook_image_embeds
     plain = prefill_and_step(model, batch(owl2))
     fired = []
-    handles = [m.register_forward_hook(lambda m, a, o, n=n: (fired.append(n), o.clone())[1]) for n, m in sites.items()]
+    handles = [
+        m.register_forward_hook(lambda m, a, o, n=n: (fired.append(n), o.clone())[1])
+        for n, m in sites.items()
+    ]
     try:
         hooked = prefill_and_step(model, batch(owl2))
     finally:
@@ -127,8 +139,10 @@ def test_sites_fire_on_every_generate_step(owl2):
     model = owl2.make_model()
     calls = []
     sites = site_modules(model, "owl2")
-    handles = [sites[n].register_forward_hook(lambda m, a, o, n=n: calls.append((n, o.shape[1])))
-               for n in ("model.layers.1.hook_resid_post", "model.layers.0.self_attn.hook_z")]
+    handles = [
+        sites[n].register_forward_hook(lambda m, a, o, n=n: calls.append((n, o.shape[1])))
+        for n in ("model.layers.1.hook_resid_post", "model.layers.0.self_attn.hook_z")
+    ]
     try:
         model.generate(**batch(owl2), max_new_tokens=3, do_sample=False)
     finally:
@@ -137,3 +151,21 @@ def test_sites_fire_on_every_generate_step(owl2):
     lengths = [length for n, length in calls if n.endswith("hook_resid_post")]
     assert len(lengths) == 3 and lengths[1:] == [1, 1]  # prefill, then two single-token decode steps
     assert len(calls) == 6
+
+
+def test_knockout_of_the_last_query_row_only_eager_equals_sdpa(owl2):
+    """Few edited rows take the SDPA split path (fast kernel + edited rows); it must match eager."""
+    outs = {}
+    for attn in ("eager", "sdpa"):
+        model = owl2.make_model(attn=attn).double()
+        with torch.no_grad():
+            plain = model(**batch(owl2)).logits
+            real = model.model.build_sequence(**batch(owl2)).attention_mask.bool()[:, :-1]
+        for layer in model.model.layers:
+            layer.self_attn.attention_edit = lambda ev: (
+                ~((ev.key_image >= 0)[:, None, :] & (ev.query_index == ev.query_index.max())[None, :, None])
+            )
+        outs[attn] = model(**batch(owl2)).logits.detach()
+        assert torch.equal(outs[attn][:, :-1][real], plain[:, :-1][real])  # earlier real rows: bitwise
+        assert (outs[attn][:, -1] - plain[:, -1]).abs().max() > 1e-6
+    assert (outs["eager"] - outs["sdpa"]).abs().max() < 1e-6

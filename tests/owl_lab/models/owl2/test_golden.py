@@ -1,4 +1,5 @@
 """Equivalence with the official mPLUG-Owl2 numbers (goldens/owl2-tiny-a) and the 7B key manifest."""
+
 from __future__ import annotations
 
 import re
@@ -83,7 +84,9 @@ def test_abstractor_under_no_grad(golden):
 def test_sequence_building(golden):
     inp, out, err = golden["inputs"], golden["outputs"], golden["errors"]
     with torch.no_grad():
-        seq = golden["model"].model.build_sequence(inp["input_ids"], inp["pixel_values"], inp["attention_mask"])
+        seq = golden["model"].model.build_sequence(
+            inp["input_ids"], inp["pixel_values"], inp["attention_mask"]
+        )
     assert torch.equal(seq.modality_indicators, out["llm.modality_indicators"])
     assert torch.equal(seq.attention_mask, out["llm.attention_mask"])
     close("llm.inputs_embeds", seq.inputs_embeds, out["llm.inputs_embeds"], err)
@@ -97,8 +100,14 @@ def test_multimodal_forward(golden, impl):
     model.config._attn_implementation = impl
     try:
         with torch.no_grad():
-            o = model(input_ids=inp["input_ids"], attention_mask=inp["attention_mask"], images=inp["pixel_values"],
-                      output_attentions=impl == "eager", output_hidden_states=True, use_cache=False)
+            o = model(
+                input_ids=inp["input_ids"],
+                attention_mask=inp["attention_mask"],
+                images=inp["pixel_values"],
+                output_attentions=impl == "eager",
+                output_hidden_states=True,
+                use_cache=False,
+            )
     finally:
         model.config._attn_implementation = "sdpa"
     suffix = "" if impl == "eager" else f" ({impl})"
@@ -114,8 +123,12 @@ def test_multimodal_forward(golden, impl):
 def test_text_only_forward(golden):
     inp, out, err = golden["inputs"], golden["outputs"], golden["errors"]
     with torch.no_grad():
-        o = golden["model"](input_ids=inp["text_input_ids"], attention_mask=inp["text_attention_mask"],
-                            output_attentions=True, output_hidden_states=True)
+        o = golden["model"](
+            input_ids=inp["text_input_ids"],
+            attention_mask=inp["text_attention_mask"],
+            output_attentions=True,
+            output_hidden_states=True,
+        )
     close("text.logits", o.logits, out["text.logits"], err)
     for i in range(3):
         close(f"text.hidden_states.{i}", o.hidden_states[i], out[f"text.hidden_states.{i}"], err)
@@ -126,9 +139,16 @@ def test_text_only_forward(golden):
 def test_greedy_generation(golden):
     inp, out, err = golden["inputs"], golden["outputs"], golden["errors"]
     with torch.no_grad():  # exactly the official call: no attention_mask, images=
-        g = golden["model"].generate(inp["input_ids"][0:1], images=inp["pixel_values"][0:1], do_sample=False,
-                                     num_beams=1, max_new_tokens=5, use_cache=True, output_scores=True,
-                                     return_dict_in_generate=True)
+        g = golden["model"].generate(
+            inp["input_ids"][0:1],
+            images=inp["pixel_values"][0:1],
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=5,
+            use_cache=True,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
     assert torch.equal(g.sequences, out["generate.sequences"])
     assert torch.equal(g.sequences[:, -5:], out["generate.new_tokens"])
     close("generate.step_logits", torch.stack(g.scores), out["generate.step_logits"], err)
@@ -145,8 +165,9 @@ def test_real_checkpoint_layout_with_inv_freq_loads(golden, owl2_golden_dir, tmp
     model, _ = load_checkpoint(tmp_path)
     inp = golden["inputs"]
     with torch.no_grad():
-        logits = model(input_ids=inp["input_ids"], attention_mask=inp["attention_mask"],
-                       pixel_values=inp["pixel_values"]).logits
+        logits = model(
+            input_ids=inp["input_ids"], attention_mask=inp["attention_mask"], pixel_values=inp["pixel_values"]
+        ).logits
     torch.testing.assert_close(logits, golden["outputs"]["logits"], rtol=0, atol=ATOL)
 
 
@@ -156,12 +177,17 @@ def test_sharded_bin_checkpoint_loads(golden, owl2_golden_dir, tmp_path):
 
     state = read_state_dict(owl2_golden_dir)
     names = sorted(state)
-    shards = {"pytorch_model-1-of-2.bin": names[: len(names) // 2], "pytorch_model-2-of-2.bin": names[len(names) // 2:]}
+    shards = {
+        "pytorch_model-1-of-2.bin": names[: len(names) // 2],
+        "pytorch_model-2-of-2.bin": names[len(names) // 2 :],
+    }
     weight_map = {}
     for fname, keys in shards.items():
         torch.save({k: state[k].to(torch.bfloat16) for k in keys}, tmp_path / fname)
         weight_map.update({k: fname for k in keys})
-    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (tmp_path / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     shutil.copy(owl2_golden_dir / "config.json", tmp_path / "config.json")
     model, _ = load_checkpoint(tmp_path)
     assert model.dtype == torch.float32
@@ -180,7 +206,9 @@ def test_sharded_safetensors_checkpoint_loads(golden, owl2_golden_dir, tmp_path)
         fname = f"model-0000{i + 1}-of-00002.safetensors"
         save_file({k: state[k] for k in keys}, str(tmp_path / fname), metadata={"format": "pt"})
         weight_map.update({k: fname for k in keys})
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     shutil.copy(owl2_golden_dir / "config.json", tmp_path / "config.json")
     model, _ = load_checkpoint(tmp_path)
     inp = golden["inputs"]

@@ -1,4 +1,5 @@
 """Owl2 model behaviour on tiny random configs: padding, batching, generation, GQA, MAM, loading."""
+
 from __future__ import annotations
 
 import json
@@ -51,7 +52,7 @@ N_IMG = [1, 1, 0, 2]
 def pixels_for(rows_idx, owl2):
     all_px = owl2.rand_pixels(sum(N_IMG), seed=3)
     starts = [sum(N_IMG[:i]) for i in range(len(N_IMG))]
-    return torch.cat([all_px[starts[i]: starts[i] + N_IMG[i]] for i in rows_idx]) if rows_idx else None
+    return torch.cat([all_px[starts[i] : starts[i] + N_IMG[i]] for i in rows_idx]) if rows_idx else None
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -60,7 +61,9 @@ def test_padded_batch_with_uneven_rows_equals_each_sample_alone(tiny_model, owl2
     px = pixels_for(range(4), owl2)
     batch = real_rows(tiny_model, ids, mask, px, run(tiny_model, ids, mask, px).logits)
     for i, row in enumerate(ROWS):
-        alone = run(tiny_model, torch.tensor([row]), None, pixels_for([i], owl2) if N_IMG[i] else None).logits[0]
+        alone = run(
+            tiny_model, torch.tensor([row]), None, pixels_for([i], owl2) if N_IMG[i] else None
+        ).logits[0]
         assert alone.shape[0] == len(row) + (Q1 - 1) * N_IMG[i]
         torch.testing.assert_close(batch[i], alone, rtol=0, atol=ATOL)
 
@@ -75,10 +78,16 @@ def test_manual_decode_after_right_padded_prefill(tiny_model, owl2):
         seq = tiny_model.model.build_sequence(ids, px, mask)
         last = seq.attention_mask.shape[1] - 1 - seq.attention_mask.flip(1).argmax(1)  # last real row
         nxt = out.logits[torch.arange(4), last].argmax(-1)  # [B]
-        step_mask = torch.cat([mask, torch.ones(4, 1, dtype=mask.dtype)], dim=1)  # HF convention (input space)
-        step = tiny_model(input_ids=nxt[:, None], attention_mask=step_mask, past_key_values=out.past_key_values)
+        step_mask = torch.cat(
+            [mask, torch.ones(4, 1, dtype=mask.dtype)], dim=1
+        )  # HF convention (input space)
+        step = tiny_model(
+            input_ids=nxt[:, None], attention_mask=step_mask, past_key_values=out.past_key_values
+        )
         for i, row in enumerate(ROWS):
-            a = tiny_model(input_ids=torch.tensor([row]), pixel_values=pixels_for([i], owl2) if N_IMG[i] else None)
+            a = tiny_model(
+                input_ids=torch.tensor([row]), pixel_values=pixels_for([i], owl2) if N_IMG[i] else None
+            )
             assert a.logits[0, -1].argmax() == nxt[i]
             a2 = tiny_model(input_ids=nxt[i].view(1, 1), past_key_values=a.past_key_values)
             torch.testing.assert_close(step.logits[i, -1], a2.logits[0, -1], rtol=0, atol=ATOL)
@@ -110,7 +119,10 @@ def test_sdpa_equals_eager(owl2, rows_idx):
     eager, sdpa = owl2.make_model(attn="eager"), owl2.make_model(attn="sdpa")
     ids, mask = pad_batch([ROWS[i] for i in rows_idx], "left")
     px = pixels_for(rows_idx, owl2)
-    a, b = run(eager, ids, mask, px, output_hidden_states=True), run(sdpa, ids, mask, px, output_hidden_states=True)
+    a, b = (
+        run(eager, ids, mask, px, output_hidden_states=True),
+        run(sdpa, ids, mask, px, output_hidden_states=True),
+    )
     torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=ATOL)
     for x, y in zip(a.hidden_states, b.hidden_states, strict=True):
         torch.testing.assert_close(x, y, rtol=0, atol=ATOL)
@@ -138,9 +150,10 @@ def _generate_each(model, rows_idx, owl2, n=4):
     for i in rows_idx:
         px = pixels_for([i], owl2) if N_IMG[i] else None
         with torch.no_grad():
-            g = model.generate(torch.tensor([ROWS[i]]), pixel_values=px, max_new_tokens=n, min_new_tokens=n,
-                               do_sample=False)
-        out.append(g[0, len(ROWS[i]):])
+            g = model.generate(
+                torch.tensor([ROWS[i]]), pixel_values=px, max_new_tokens=n, min_new_tokens=n, do_sample=False
+            )
+        out.append(g[0, len(ROWS[i]) :])
     return out
 
 
@@ -150,12 +163,13 @@ def test_batched_generate_equals_per_sample(tiny_model, owl2, side):
     ids, mask = pad_batch([ROWS[i] for i in rows_idx], side)
     px = pixels_for(rows_idx, owl2)
     with torch.no_grad():
-        g = tiny_model.generate(input_ids=ids, attention_mask=mask, images=px, max_new_tokens=4,
-                                min_new_tokens=4, do_sample=False)
+        g = tiny_model.generate(
+            input_ids=ids, attention_mask=mask, images=px, max_new_tokens=4, min_new_tokens=4, do_sample=False
+        )
     assert torch.equal(g[:, : ids.shape[1]], ids)  # the caller's (unexpanded) prompt comes back
     expected = _generate_each(tiny_model, rows_idx, owl2)
     for b, exp in enumerate(expected):
-        assert g[b, ids.shape[1]:].tolist() == exp.tolist(), f"row {b}"
+        assert g[b, ids.shape[1] :].tolist() == exp.tolist(), f"row {b}"
 
 
 def test_cached_decoding_equals_full_forward(tiny_model, owl2):
@@ -163,11 +177,17 @@ def test_cached_decoding_equals_full_forward(tiny_model, owl2):
     px = owl2.rand_pixels(1)
     prompt = torch.tensor([ROWS[1]])
     with torch.no_grad():
-        g = tiny_model.generate(prompt, pixel_values=px, max_new_tokens=4, min_new_tokens=4,
-                                output_logits=True, return_dict_in_generate=True)
+        g = tiny_model.generate(
+            prompt,
+            pixel_values=px,
+            max_new_tokens=4,
+            min_new_tokens=4,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
     full = run(tiny_model, g.sequences, None, px, use_cache=False).logits[0]
     L = len(ROWS[1]) + Q1 - 1
-    torch.testing.assert_close(torch.stack(g.logits)[:, 0], full[L - 1: L + 3], rtol=0, atol=ATOL)
+    torch.testing.assert_close(torch.stack(g.logits)[:, 0], full[L - 1 : L + 3], rtol=0, atol=ATOL)
 
 
 def test_cache_is_an_alias_of_past_key_values(tiny_model, owl2):
@@ -184,15 +204,27 @@ def test_cache_is_an_alias_of_past_key_values(tiny_model, owl2):
             logits[name] = (pre.logits, step.logits)
         torch.testing.assert_close(logits["cache"], logits["past_key_values"], rtol=0, atol=0)
         with pytest.raises(ValueError, match="two different caches"):
-            tiny_model(input_ids=prompt, past_key_values=caches["cache"], cache=DynamicCache(config=tiny_model.config))
+            tiny_model(
+                input_ids=prompt,
+                past_key_values=caches["cache"],
+                cache=DynamicCache(config=tiny_model.config),
+            )
 
 
 def test_num_return_sequences_repeats_each_samples_images(tiny_model, owl2):
     ids, mask = pad_batch([ROWS[3], ROWS[0]], "left")
     px = torch.cat([pixels_for([3], owl2), pixels_for([0], owl2)])
     with torch.no_grad():
-        g = tiny_model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=2,
-                                min_new_tokens=2, num_beams=2, num_return_sequences=2, do_sample=False)
+        g = tiny_model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=px,
+            max_new_tokens=2,
+            min_new_tokens=2,
+            num_beams=2,
+            num_return_sequences=2,
+            do_sample=False,
+        )
     assert g.shape == (4, ids.shape[1] + 2)
 
 
@@ -236,7 +268,9 @@ def test_gqa_builds_runs_and_sdpa_equals_eager(owl2):
     torch.testing.assert_close(a.logits, run(sdpa, ids, mask, px).logits, rtol=0, atol=ATOL)
     assert a.attentions[0].shape[1] == 4
     with torch.no_grad():
-        g = sdpa.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=3, min_new_tokens=3)
+        g = sdpa.generate(
+            input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=3, min_new_tokens=3
+        )
     assert g.shape == (2, ids.shape[1] + 3)
 
 
@@ -244,8 +278,12 @@ def test_without_mam_uses_stock_llama_keys(owl2):
     model = owl2.make_model(modality_adaptive=False)
     keys = set(model.state_dict())
     assert not any("multiway" in k for k in keys)
-    for k in ("self_attn.k_proj.weight", "self_attn.v_proj.weight", "input_layernorm.weight",
-              "post_attention_layernorm.weight"):
+    for k in (
+        "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight",
+        "input_layernorm.weight",
+        "post_attention_layernorm.weight",
+    ):
         assert f"model.layers.0.{k}" in keys
     assert model.config.to_dict()["modality_adaptive"] is False
     ids, mask = pad_batch([ROWS[0], ROWS[2]], "right")
@@ -284,14 +322,21 @@ def test_checkpoint_with_wrong_keys_is_a_clear_error(tiny_model, tmp_path):
     state.pop("model.visual_abstractor.vit_eos")
     state["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(64, 64)
     save_file(state, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"1 missing key\(s\) \['model.visual_abstractor.vit_eos'\]; "
-                                         r"1 unexpected key\(s\) \['model.layers.0.self_attn.k_proj.weight'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"1 missing key\(s\) \['model.visual_abstractor.vit_eos'\]; "
+        r"1 unexpected key\(s\) \['model.layers.0.self_attn.k_proj.weight'\]",
+    ):
         load_checkpoint(tmp_path)
 
 
 def test_config_falls_back_for_release_era_keys():
-    cfg = Owl2Config(visual_config={"visual_model": {"image_size": 56, "patch_size": 14},
-                                    "visual_abstractor": {"grid_size": None}})
+    cfg = Owl2Config(
+        visual_config={
+            "visual_model": {"image_size": 56, "patch_size": 14},
+            "visual_abstractor": {"grid_size": None},
+        }
+    )
     v, a = cfg.vision_settings, cfg.abstractor_settings
     assert v.use_cls_token and v.use_post_layernorm and not a.add_v2t_pos_emb
     assert a.grid_size == 4 and a.use_cls_token

@@ -1,4 +1,5 @@
 """The observation contract (owl_lab/models/observe.py) as emitted by Owl2."""
+
 from __future__ import annotations
 
 import pytest
@@ -35,6 +36,7 @@ class Recorder:
     def _hook(self, name):
         def hook(module, args, output):
             self.events.setdefault(name, []).append(args[0])
+
         return hook
 
     def remove(self):
@@ -66,10 +68,16 @@ def test_self_attention_events_reproduce_eager_probs(owl2, num_kv):
     rec = Recorder(model)
     try:
         with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=mask, pixel_values=px, output_attentions=True, use_cache=True)
+            out = model(
+                input_ids=ids, attention_mask=mask, pixel_values=px, output_attentions=True, use_cache=True
+            )
             nxt = torch.tensor([[3], [4], [5]])
-            step = model(input_ids=nxt, attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1),
-                         past_key_values=out.past_key_values, output_attentions=True)
+            step = model(
+                input_ids=nxt,
+                attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1),
+                past_key_values=out.past_key_values,
+                output_attentions=True,
+            )
     finally:
         rec.remove()
     for layer in range(2):
@@ -96,8 +104,9 @@ def test_layout_events(owl2, tiny_model):
     rec = Recorder(tiny_model)
     try:
         with torch.no_grad():
-            tiny_model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=2,
-                                min_new_tokens=2)
+            tiny_model.generate(
+                input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=2, min_new_tokens=2
+            )
     finally:
         rec.remove()
     layouts = rec.events["hook_layout"]
@@ -128,8 +137,9 @@ def test_abstractor_events_under_no_grad(owl2, tiny_model):
     finally:
         rec.remove()
     with torch.no_grad():
-        ref = tiny_model.model.visual_abstractor(tiny_model.model.vision_model(px).last_hidden_state,
-                                                 output_attentions=True).attentions
+        ref = tiny_model.model.visual_abstractor(
+            tiny_model.model.vision_model(px).last_hidden_state, output_attentions=True
+        ).attentions
     for k in range(2):
         (ev,) = rec.events[f"model.visual_abstractor.encoder.layers.{k}.crossattention.attention.hook_attn"]
         assert ev.kind == "abstractor" and ev.layer == k and ev.grid == (2, 2)

@@ -1,4 +1,5 @@
 """Owl2Processor: template, chunk-wise tokenization (SPEC §6), images (SPEC §3.1), labels, persistence."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,8 +11,27 @@ from owl_lab.models.owl2 import IMAGE_TOKEN_INDEX, Owl2Processor, load_checkpoin
 from owl_lab.models.owl2.processing_owl2 import CLIP_MEAN, CLIP_STD
 
 IMG = IMAGE_TOKEN_INDEX
-V = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "USER:", "ASSISTANT:", "what", "color", "is", "the",
-                                 "circle", "square", "?", "red", "blue"])}
+V = {
+    w: i
+    for i, w in enumerate(
+        [
+            "<unk>",
+            "<s>",
+            "</s>",
+            "USER:",
+            "ASSISTANT:",
+            "what",
+            "color",
+            "is",
+            "the",
+            "circle",
+            "square",
+            "?",
+            "red",
+            "blue",
+        ]
+    )
+}
 
 
 def image(w=40, h=30, seed=0):
@@ -45,7 +65,9 @@ def test_template_padding_and_pixels(processor):
 
 
 def test_answers_give_labels_only_on_answer_and_eos(processor):
-    batch = processor(text=["<|image|>what color ?", "what ?"], images=[[image()], []], answers=["red", "blue red"])
+    batch = processor(
+        text=["<|image|>what color ?", "what ?"], images=[[image()], []], answers=["red", "blue red"]
+    )
     ids, labels = batch["input_ids"], batch["labels"]
     assert ids[0].tolist()[-2:] == [V["red"], 2]
     assert labels[0].tolist() == [-100] * 7 + [V["red"], 2]
@@ -58,7 +80,9 @@ def test_image_preprocessing_matches_official_steps(processor):
     px = processor(text="<|image|>", images=[img])["pixel_values"][0]
     # squash to 40x40, then CLIP shortest edge → 28 (a square stays square), bicubic; normalise
     ref = img.resize((40, 40), Image.BICUBIC).resize((28, 28), Image.BICUBIC)
-    ref = (np.asarray(ref, dtype=np.float32) / 255 - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+    ref = (np.asarray(ref, dtype=np.float32) / 255 - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(
+        CLIP_STD, dtype=np.float32
+    )
     torch.testing.assert_close(px, torch.from_numpy(ref).permute(2, 0, 1), rtol=0, atol=1e-6)
     crop = Owl2Processor(processor.tokenizer, image_size=28, squash=False)
     assert crop.preprocess_images([img]).shape == (1, 3, 28, 28)
@@ -76,7 +100,10 @@ def test_image_count_errors(processor):
 
 def test_decode_skips_markers(processor):
     assert processor.decode([1, 5, IMG, 6]) == "<s> what color"
-    assert processor.batch_decode(torch.tensor([[1, 5], [IMG, 6]]), skip_special_tokens=True) == ["what", "color"]
+    assert processor.batch_decode(torch.tensor([[1, 5], [IMG, 6]]), skip_special_tokens=True) == [
+        "what",
+        "color",
+    ]
 
 
 def test_save_load_and_end_to_end(processor, tiny_model, tmp_path, owl2):
@@ -84,9 +111,15 @@ def test_save_load_and_end_to_end(processor, tiny_model, tmp_path, owl2):
     processor.save_pretrained(tmp_path)
     model, proc = load_checkpoint(tmp_path)
     assert isinstance(proc, Owl2Processor) and proc.image_size == 28 and proc.squash
-    batch = proc(text=["<|image|>what color is the circle ?", "what ?"], images=[image()], answers=["red", "blue"])
-    assert torch.equal(batch["input_ids"], processor(text=["<|image|>what color is the circle ?", "what ?"],
-                                                     images=[image()], answers=["red", "blue"])["input_ids"])
+    batch = proc(
+        text=["<|image|>what color is the circle ?", "what ?"], images=[image()], answers=["red", "blue"]
+    )
+    assert torch.equal(
+        batch["input_ids"],
+        processor(
+            text=["<|image|>what color is the circle ?", "what ?"], images=[image()], answers=["red", "blue"]
+        )["input_ids"],
+    )
     with torch.no_grad():
         out = model(**batch)
         assert out.loss is not None and torch.isfinite(out.loss)

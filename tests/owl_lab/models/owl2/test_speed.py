@@ -2,6 +2,7 @@
 
 The full comparison (hidden 512, 8 layers, L=512) is ``python -m owl_lab.models.owl2.benchmark_owl2``.
 """
+
 from __future__ import annotations
 
 import os

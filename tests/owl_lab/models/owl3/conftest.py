@@ -1,4 +1,5 @@
 """Tiny random Owl3 models and the toy tokenizer for the owl3 tests (CPU, fp32, seeded)."""
+
 from __future__ import annotations
 
 import json
@@ -17,12 +18,29 @@ IMAGE_ID = 396  # `<|image|>` in the golden toy vocabulary
 def tiny_config(kind: str = "gated", **overrides) -> Owl3Config:
     """4 decoder layers (hyper: 0 and 2), hidden 32, 4 heads / 2 kv heads, SigLIP 28 px → 4 tokens/image."""
     values = dict(
-        vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, hyper_layers=[1, 3], rope_theta=1e6, rms_norm_eps=1e-6, bos_token_id=399,
-        eos_token_id=397, max_window_layers=4, tie_word_embeddings=False, hyper_attention=kind,
+        vocab_size=400,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        hyper_layers=[1, 3],
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+        bos_token_id=399,
+        eos_token_id=397,
+        max_window_layers=4,
+        tie_word_embeddings=False,
+        hyper_attention=kind,
         projector="mlp" if kind == "fused" else "linear",
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=28, patch_size=14),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        ),
     )
     values.update(overrides)
     return Owl3Config(**values)
@@ -56,8 +74,12 @@ def tiny_model(kind: str = "gated", seed: int = 0, **overrides) -> Owl3ForCausal
 
 def random_images(n: int, seed: int = 0, sizes=((40, 30), (30, 50), (28, 28), (64, 20))) -> list[Image.Image]:
     rng = np.random.RandomState(seed)
-    return [Image.fromarray(rng.randint(0, 256, (sizes[i % len(sizes)][1], sizes[i % len(sizes)][0], 3),
-                                        dtype=np.uint8)) for i in range(n)]
+    return [
+        Image.fromarray(
+            rng.randint(0, 256, (sizes[i % len(sizes)][1], sizes[i % len(sizes)][0], 3), dtype=np.uint8)
+        )
+        for i in range(n)
+    ]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -88,5 +110,6 @@ def owl3():
     """Helpers for test modules (importlib mode: tests cannot import this conftest directly)."""
     from types import SimpleNamespace
 
-    return SimpleNamespace(config=tiny_config, model=tiny_model, images=random_images, randomize=randomize,
-                           IMAGE_ID=IMAGE_ID)
+    return SimpleNamespace(
+        config=tiny_config, model=tiny_model, images=random_images, randomize=randomize, IMAGE_ID=IMAGE_ID
+    )

@@ -2,6 +2,7 @@
 
 Not part of the default run (about a minute on 2 shared cores): ``pytest -m slow tests/owl_lab/models/owl3``.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,13 @@ import pytest
 def test_32_image_forward_time_and_memory(kind, request):
     if "slow" not in (request.config.getoption("markexpr") or ""):
         pytest.skip("benchmark: select it with -m slow")
-    proc = subprocess.run([sys.executable, "-m", "owl_lab.models.owl3.bench_owl3", "--images", "32", "--kind", kind],
-                          capture_output=True, text=True, timeout=600, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "owl_lab.models.owl3.bench_owl3", "--images", "32", "--kind", kind],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     print(result)
     assert result["image_keys"] == 32 * 256

@@ -1,5 +1,6 @@
 """Owl3 vs the official 240728 goldens (owl3-tiny-a): weights loaded from the golden folder, every
 reference tensor reproduced within 1e-5 (token ids exactly)."""
+
 from __future__ import annotations
 
 import json
@@ -49,15 +50,26 @@ def capture(model, run, eager=True):
 
     for i, layer in enumerate(model.language_model.model.layers):
         attn = layer.self_attn
-        handles.append(attn.hook_attn.register_forward_hook(
-            lambda m, a, o, i=i: rec["attn"].setdefault(i, {}).__setitem__(o.kind, o)))
-        handles.append(attn.o_proj.register_forward_hook(
-            lambda m, a, o, i=i: store(("o_in", i, a[0]), ("o_out", i, o))))
-        handles.append(layer.register_forward_hook(lambda m, a, o, i=i: rec["layer_out"].__setitem__(i, o[0])))
+        handles.append(
+            attn.hook_attn.register_forward_hook(
+                lambda m, a, o, i=i: rec["attn"].setdefault(i, {}).__setitem__(o.kind, o)
+            )
+        )
+        handles.append(
+            attn.o_proj.register_forward_hook(lambda m, a, o, i=i: store(("o_in", i, a[0]), ("o_out", i, o)))
+        )
+        handles.append(
+            layer.register_forward_hook(lambda m, a, o, i=i: rec["layer_out"].__setitem__(i, o[0]))
+        )
         if layer.is_hyper:
-            handles.append(attn.hook_gate_event.register_forward_hook(lambda m, a, o, i=i: rec["gate"].__setitem__(i, o)))
-            handles.append(attn.v_kv_proj.register_forward_hook(
-                lambda m, a, o, i=i: store(("kv_in", i, a[0]), ("kv_out", i, o))))
+            handles.append(
+                attn.hook_gate_event.register_forward_hook(lambda m, a, o, i=i: rec["gate"].__setitem__(i, o))
+            )
+            handles.append(
+                attn.v_kv_proj.register_forward_hook(
+                    lambda m, a, o, i=i: store(("kv_in", i, a[0]), ("kv_out", i, o))
+                )
+            )
     try:
         with torch.no_grad():
             rec["output"] = run()
@@ -70,9 +82,16 @@ def capture(model, run, eager=True):
 @pytest.fixture(scope="module")
 def mm(golden):
     model, inp = golden["model"], golden["inp"]
-    return capture(model, lambda: model(
-        input_ids=inp["input_ids"], pixel_values=inp["pixel_values"], media_offset=inp["media_offset"],
-        output_hidden_states=True, output_attentions=True))
+    return capture(
+        model,
+        lambda: model(
+            input_ids=inp["input_ids"],
+            pixel_values=inp["pixel_values"],
+            media_offset=inp["media_offset"],
+            output_hidden_states=True,
+            output_attentions=True,
+        ),
+    )
 
 
 def test_image_embeddings_and_vision_hidden_state(golden):
@@ -132,8 +151,15 @@ def test_gate_raw_row_order(golden, mm):
 
 def test_text_only_forward(golden):
     model, inp, out = golden["model"], golden["inp"], golden["out"]
-    rec = capture(model, lambda: model(input_ids=inp["text.input_ids"], media_offset=inp["text.media_offset"],
-                                       output_hidden_states=True, output_attentions=True))
+    rec = capture(
+        model,
+        lambda: model(
+            input_ids=inp["text.input_ids"],
+            media_offset=inp["text.media_offset"],
+            output_hidden_states=True,
+            output_attentions=True,
+        ),
+    )
     o = rec["output"]
     close(o.logits, out["text.logits"])
     for k in range(5):
@@ -147,8 +173,15 @@ def test_text_only_forward(golden):
 
 def test_mixed_batch(golden):
     model, inp, out = golden["model"], golden["inp"], golden["out"]
-    rec = capture(model, lambda: model(input_ids=inp["mixed.input_ids"], pixel_values=inp["mixed.pixel_values"],
-                                       media_offset=inp["mixed.media_offset"], output_attentions=True))
+    rec = capture(
+        model,
+        lambda: model(
+            input_ids=inp["mixed.input_ids"],
+            pixel_values=inp["mixed.pixel_values"],
+            media_offset=inp["mixed.media_offset"],
+            output_attentions=True,
+        ),
+    )
     o = rec["output"]
     close(o.logits, out["mixed.logits"])
     for layer in HYPER:
@@ -165,10 +198,16 @@ def test_mixed_batch(golden):
 
 def test_greedy_generation_tokens_and_step_logits(golden):
     model, inp, out = golden["model"], golden["inp"], golden["out"]
-    res = model.generate(input_ids=inp["sample0.input_ids"], pixel_values=inp["sample0.pixel_values"],
-                         media_offset=inp["sample0.media_offset"], max_new_tokens=5, do_sample=False,
-                         output_logits=True, return_dict_in_generate=True)
-    new = res.sequences[:, inp["sample0.input_ids"].shape[1]:]
+    res = model.generate(
+        input_ids=inp["sample0.input_ids"],
+        pixel_values=inp["sample0.pixel_values"],
+        media_offset=inp["sample0.media_offset"],
+        max_new_tokens=5,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    new = res.sequences[:, inp["sample0.input_ids"].shape[1] :]
     assert torch.equal(new, out["gen.sample0.new_tokens"])
     assert torch.equal(new, out["gen.sample0.new_tokens_manual_loop"])
     close(torch.cat(res.logits), out["gen.sample0.step_logits"])
@@ -179,10 +218,15 @@ def test_greedy_generation_tokens_and_step_logits(golden):
 def test_batch_equals_single_samples(golden):
     model, inp = golden["model"], golden["inp"]
     with torch.no_grad():
-        batch = model(input_ids=inp["input_ids"], pixel_values=inp["pixel_values"], media_offset=inp["media_offset"])
+        batch = model(
+            input_ids=inp["input_ids"], pixel_values=inp["pixel_values"], media_offset=inp["media_offset"]
+        )
         for b in (0, 1):
-            single = model(input_ids=inp[f"sample{b}.input_ids"], pixel_values=inp[f"sample{b}.pixel_values"],
-                           media_offset=inp[f"sample{b}.media_offset"])
+            single = model(
+                input_ids=inp[f"sample{b}.input_ids"],
+                pixel_values=inp[f"sample{b}.pixel_values"],
+                media_offset=inp[f"sample{b}.media_offset"],
+            )
             close(batch.logits[b], single.logits[0], atol=1e-5)
 
 
@@ -200,7 +244,9 @@ def test_processor_reproduces_golden_inputs(golden):
         starts = torch.nonzero(single["input_ids"][0] == 396).flatten()
         assert torch.equal(starts, inp[f"image_placeholder_positions.sample{b}"])
     text = processor(prompts["text_only"])
-    assert torch.equal(text["input_ids"], inp["text.input_ids"]) and torch.equal(text["media_offset"], inp["text.media_offset"])
+    assert torch.equal(text["input_ids"], inp["text.input_ids"]) and torch.equal(
+        text["media_offset"], inp["text.media_offset"]
+    )
     assert "pixel_values" not in text
     mixed = processor([prompts["mixed_text_row"], prompts["sample1"]], images=[[], images[2:]])
     for key in ("input_ids", "media_offset", "pixel_values"):

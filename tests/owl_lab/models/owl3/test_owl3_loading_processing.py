@@ -1,5 +1,6 @@
 """Owl3 checkpoint I/O (save_pretrained / load_checkpoint / Auto classes, tolerated and reported key
 differences, shards, tied embeddings) and the processor (templates, cutting, formats, labels)."""
+
 from __future__ import annotations
 
 import json
@@ -39,12 +40,18 @@ def test_save_then_load_roundtrip(tmp_path, owl3, make_processor, kind):
     assert not loaded.training and loaded.dtype == torch.float32 and loaded.config.mi_rope == (kind != "sum")
     batch = proc("<|image|>what is it ?", images=owl3.images(1))
     assert proc.media_offset_format == ("list" if kind == "fused" else "dense")
-    assert torch.equal(logits(model, batch["input_ids"], batch["pixel_values"], batch["media_offset"]),
-                       logits(loaded, batch["input_ids"], batch["pixel_values"], batch["media_offset"]))
+    assert torch.equal(
+        logits(model, batch["input_ids"], batch["pixel_values"], batch["media_offset"]),
+        logits(loaded, batch["input_ids"], batch["pixel_values"], batch["media_offset"]),
+    )
     auto = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert type(auto) is Owl3ForCausalLM and isinstance(AutoConfig.from_pretrained(tmp_path), type(model.config))
-    assert torch.equal(logits(auto, batch["input_ids"], batch["pixel_values"], batch["media_offset"]),
-                       logits(model, batch["input_ids"], batch["pixel_values"], batch["media_offset"]))
+    assert type(auto) is Owl3ForCausalLM and isinstance(
+        AutoConfig.from_pretrained(tmp_path), type(model.config)
+    )
+    assert torch.equal(
+        logits(auto, batch["input_ids"], batch["pixel_values"], batch["media_offset"]),
+        logits(model, batch["input_ids"], batch["pixel_values"], batch["media_offset"]),
+    )
     via_zoo, _ = load_owl(tmp_path)
     assert type(via_zoo) is Owl3ForCausalLM
 
@@ -53,14 +60,22 @@ def test_official_layout_tied_sharded_and_tolerated_keys(tmp_path, owl3):
     """Official-style config (no owl-lab fields), tied lm_head absent, no SigLIP head, 2 shards."""
     model = owl3.model("static_gate", seed=21, tie_word_embeddings=True)
     assert model.language_model.lm_head.weight is model.language_model.model.embed_tokens.weight
-    state = {k: v.clone() for k, v in model.state_dict().items()
-             if not k.startswith(("vision_model.head.", "vision_model.post_layernorm.")) and k != "language_model.lm_head.weight"}
+    state = {
+        k: v.clone()
+        for k, v in model.state_dict().items()
+        if not k.startswith(("vision_model.head.", "vision_model.post_layernorm."))
+        and k != "language_model.lm_head.weight"
+    }
     names = sorted(state)
-    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2], "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[: len(names) // 2],
+        "model-00002-of-00002.safetensors": names[len(names) // 2 :],
+    }
     for file, keys in shards.items():
         save_file({k: state[k] for k in keys}, str(tmp_path / file))
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}})
+    )
     config = model.config.to_dict()
     for field in ("hyper_attention", "projector", "mi_rope"):
         config.pop(field)
@@ -106,9 +121,14 @@ def test_cut_anchor_selection_and_prompts():
     assert select_anchor(1200, 300, 14) == (1, 4)
     assert select_anchor(300, 900, 14) == (3, 1)
     assert select_anchor(600, 400, 14) == (2, 3)
-    assert cut_prompt(1, 3, "v2") == ("Cut to 1 rows 3 columns with a global view\nsubimg(0,0)<|image|> "
-                                      "subimg(0,1)<|image|> subimg(0,2)<|image|>\nglobal_view<|image|>")
-    assert cut_prompt(2, 2, "v3") == "<|start_cut|>2*2\n<|image|> <|image|>\n<|image|> <|image|>\n<|image|><|end_cut|>"
+    assert cut_prompt(1, 3, "v2") == (
+        "Cut to 1 rows 3 columns with a global view\nsubimg(0,0)<|image|> "
+        "subimg(0,1)<|image|> subimg(0,2)<|image|>\nglobal_view<|image|>"
+    )
+    assert (
+        cut_prompt(2, 2, "v3")
+        == "<|start_cut|>2*2\n<|image|> <|image|>\n<|image|> <|image|>\n<|image|><|end_cut|>"
+    )
 
 
 def test_processor_cutting_formats_labels_and_decode(tmp_path, owl3, make_processor):
@@ -120,13 +140,22 @@ def test_processor_cutting_formats_labels_and_decode(tmp_path, owl3, make_proces
     assert [s.numel() for s in batch["media_offset"]] == [10, 0]
     starts = batch["media_offset"][0]
     assert torch.equal(batch["input_ids"][0, starts], torch.full((10,), 396))
-    assert torch.allclose(batch["pixel_values"][0], torch.tensor([200 / 255, 10 / 255, 10 / 255])[:, None, None] * 2 - 1)
+    assert torch.allclose(
+        batch["pixel_values"][0], torch.tensor([200 / 255, 10 / 255, 10 / 255])[:, None, None] * 2 - 1
+    )
     with torch.no_grad():
         assert torch.isfinite(model(**batch).logits).all()
-    labelled = processor(["<|image|>what color ?", "which shape ?"], images=[wide], answers=["red", "a circle"],
-                         cut_enable=False)
+    labelled = processor(
+        ["<|image|>what color ?", "which shape ?"],
+        images=[wide],
+        answers=["red", "a circle"],
+        cut_enable=False,
+    )
     lab = labelled["labels"]
-    assert lab[0][lab[0] != -100].tolist() == processor.tokenizer("red<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert (
+        lab[0][lab[0] != -100].tolist()
+        == processor.tokenizer("red<|im_end|>", add_special_tokens=False)["input_ids"]
+    )
     assert lab[1][lab[1] != -100].tolist() == [221, 1, 397]  # "a", unknown word, <|im_end|>
     assert (lab[labelled["attention_mask"] == 0] == -100).all()
     assert processor.batch_decode(labelled["input_ids"][:, :4]) == ["<|im_start|> system \n <|im_end|>"] * 2
@@ -134,7 +163,9 @@ def test_processor_cutting_formats_labels_and_decode(tmp_path, owl3, make_proces
     processor.save_pretrained(tmp_path)
     again = Owl3Processor.from_pretrained(tmp_path)
     assert again.to_dict() == processor.to_dict()
-    assert torch.equal(again("<|image|>hi", images=[wide])["input_ids"], processor("<|image|>hi", images=[wide])["input_ids"])
+    assert torch.equal(
+        again("<|image|>hi", images=[wide])["input_ids"], processor("<|image|>hi", images=[wide])["input_ids"]
+    )
 
 
 def test_auto_classes_on_the_official_golden_folder(owl3_golden_dir):
@@ -147,6 +178,8 @@ def test_auto_classes_on_the_official_golden_folder(owl3_golden_dir):
     out = logits(eager, inp["input_ids"], inp["pixel_values"], inp["media_offset"])
     assert (out - ref).abs().max() < 1e-5
     half, _ = load_checkpoint(owl3_golden_dir, torch_dtype=torch.bfloat16)
-    assert half.dtype == torch.bfloat16 and half.language_model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert (
+        half.dtype == torch.bfloat16 and half.language_model.model.rotary_emb.inv_freq.dtype == torch.float32
+    )
     out = logits(half, inp["input_ids"], inp["pixel_values"], inp["media_offset"])
     assert out.dtype == torch.float32 and (out - ref).abs().max() < 0.5
