@@ -36,6 +36,13 @@ Observation points are found on a model with :func:`find_sites` (``hooks`` uses 
 any component with :func:`resolve_path`. Look a family up with :func:`get_family` (by name),
 :func:`family_of` (a loaded model) or :func:`family_of_checkpoint` (a directory).
 
+Adding a family is one more entry in :data:`FAMILIES`. A stock transformers VLM such as LLaVA would
+set its classes and loader, ``image_token_id=None`` (its image rows are vocabulary tokens:
+:meth:`FamilySpec.image_marker` reads ``config.image_token_id``), ``images_in_sequence=True``,
+``expands_image_marker=False`` (the processor already wrote one token per row), and observation
+points on the modules where the lab's attention function (registered in transformers' attention
+registry) emits its events.
+
 ``sites`` maps the public, TransformerLens-style site names of the causal toolkit
 (``blocks.{i}.hook_resid_pre`` ...) to the module path of the writable hook point that carries
 that tensor (a forward hook on it may return a replacement).
