@@ -24,11 +24,14 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pandas as pd
 import torch
 from captum.attr import FeatureAblation
 from PIL import Image
+from tqdm.auto import tqdm
 
-from owl_lab.analysis.pixels import _choose, answer_positions
+from owl_lab.analysis.attribution import attribute
+from owl_lab.analysis.pixels import _choose, answer_positions, answer_to_pixels
 from owl_lab.synth.shapes import BACKGROUND, NATIVE_SIZE, Obj, _shape_mask
 from owl_lab.synth.vocab import COLORS, POSITIONS, SHAPES
 
@@ -219,12 +222,6 @@ def object_hits(
     Returns:
         DataFrame: question, task, map, share, chance (the object's area share), lift = share / chance.
     """
-    import pandas as pd
-    from tqdm.auto import tqdm
-
-    from owl_lab.analysis.attribution import attribute
-    from owl_lab.analysis.pixels import answer_to_pixels
-
     unknown = sorted(set(maps) - set(MAP_TYPES))
     if unknown:
         raise ValueError(f"unknown map types {unknown}; choose from {MAP_TYPES}")

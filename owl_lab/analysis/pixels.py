@@ -38,6 +38,7 @@ import torch
 
 from hooks.capture import capture
 from owl_lab.families import family_of
+from owl_lab.viz.pixels import pixel_overlay_figure
 
 MAP_KINDS = ("raw", "composed", "rollout")
 PIXEL_COLUMNS = ["map", "image", "token", "position", "layer", "gh", "gw", "weight"]
@@ -91,8 +92,6 @@ class PixelPath:
 
     def figure(self, token: int = 0, image: int = 0, kinds=None, title: str | None = None):
         """Plotly overlay of the maps of one token on one image (see :mod:`owl_lab.viz.pixels`)."""
-        from owl_lab.viz.pixels import pixel_overlay_figure
-
         kinds = list(self.maps) if kinds is None else list(kinds)
         maps = {k: self.maps[k][token, image] for k in kinds}
         return pixel_overlay_figure(

@@ -263,7 +263,8 @@ class Owl3ForCausalLM(Owl3PreTrainedModel, GenerationMixin):
             )
         self.language_model = Owl3LanguageModel(config)
         self.vision_model = SiglipVisionModel(config.vision_config)
-        for k, vision_layer in enumerate(self.vision_model.encoder.layers):  # observation points (kind vision)
+        # observation points of kind vision (transformers' SigLIP attention has none)
+        for k, vision_layer in enumerate(self.vision_model.encoder.layers):
             vision_layer.self_attn = Owl3VisionAttention(config.vision_config, k)
         v, h = config.vision_config.hidden_size, config.hidden_size
         if config.projector == "mlp":

@@ -384,8 +384,8 @@ def test_hooks_do_not_change_logits(owl3, kind):
         hooked = model(**batch).logits
     for h in hooks:
         h.remove()
-    vision_layers = model.config.vision_config.num_hidden_layers  # the SigLIP tower emits kind "vision" events
-    assert len(hooks) == 4 + 2 * (kind == "gated") + 1 + vision_layers
+    n_vision = model.config.vision_config.num_hidden_layers  # SigLIP's hook_attn points (kind vision)
+    assert len(hooks) == 4 + 2 * (kind == "gated") + 1 + n_vision
     assert torch.equal(plain, hooked)
 
 
