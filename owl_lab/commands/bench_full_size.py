@@ -19,6 +19,12 @@ import time
 import torch
 from torch import nn
 
+from hooks.capture import capture
+from owl_lab.families import get_family
+from owl_lab.models.owl2 import Owl2Config
+from owl_lab.models.owl3 import Owl3Config
+from owl_lab.models.owl3.loading_owl3 import _rebuild_buffers
+
 OWL3_7B_240728 = dict(  # data/reference/owl3/SPEC.md §2 (config of 7B-240728)
     hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
     num_key_value_heads=4, vocab_size=151851, rope_theta=1e6, max_position_embeddings=32768,
@@ -42,12 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def full_size_config(family: str, layers: int | None = None):
     """The released config (optionally cut to ``layers`` decoder layers)."""
     if family == "owl2":
-        from owl_lab.models.owl2 import Owl2Config
-
         config = Owl2Config()  # defaults = mPLUG-Owl2-LLaMA2-7B (data/reference/owl2/SPEC.md §1)
     else:
-        from owl_lab.models.owl3 import Owl3Config
-
         config = Owl3Config(**OWL3_7B_240728)
     if layers is not None:
         config.num_hidden_layers = layers
@@ -139,21 +141,12 @@ def build(family: str, layers: int | None = None, resident: bool = False, text: 
     """(model, batch, materialiser, weight bytes) at the real config, bf16 on CPU."""
     config = full_size_config(family, layers)
     with torch.device("meta"):
-        if family == "owl2":
-            from owl_lab.models.owl2 import Owl2ForCausalLM
-
-            model = Owl2ForCausalLM(config)
-        else:
-            from owl_lab.models.owl3 import Owl3ForCausalLM
-
-            model = Owl3ForCausalLM(config)
+        model = get_family(family).model_class(config)
     weight_bytes = sum(p.numel() for p in model.parameters()) * 2
     mat = Materialiser(model, torch.bfloat16, resident)
     if family == "owl2":
         model.rebuild_buffers(torch.device("cpu"))
     else:
-        from owl_lab.models.owl3.loading_owl3 import _rebuild_buffers
-
         _rebuild_buffers(model)
     model.eval()
     torch.manual_seed(0)
@@ -174,7 +167,6 @@ def _peak_rss_gb() -> float:
 
 
 def run(args) -> int:
-    from hooks.capture import capture
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
