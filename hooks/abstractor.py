@@ -4,6 +4,7 @@ The abstractor's softmax runs over ``[queries ; CLS ; patches]`` at once (``key_
 the row-major patch index). We keep the patch probabilities reshaped to the grid (not renormalised)
 and report the mass on CLS and on the other queries separately, so the three parts sum to 1.
 """
+
 from __future__ import annotations
 
 import math
@@ -62,13 +63,23 @@ def summarize_abstractor(event: AttentionEvent, chunk_bytes=None) -> AbstractorR
     group[key_image == KEY_CLS] = 1
     group[key_image >= 0] = 2
     res = grouped_mass(
-        q, event.key, event.scale, event.allowed, group, 3,
-        probs=event.probs, select=torch.arange(Q), chunk_bytes=chunk_bytes,
+        q,
+        event.key,
+        event.scale,
+        event.allowed,
+        group,
+        3,
+        probs=event.probs,
+        select=torch.arange(Q),
+        chunk_bytes=chunk_bytes,
     )
     probs = res.maps.float().cpu()  # [N, H, Q, Lk]
     patch = probs[..., patch_cols.to(probs.device)].reshape(N, H, Q, gh, gw)  # [N, H, Q, gh, gw]
     mass = res.mass.float().cpu()  # [N, H, Q, 3]
     return AbstractorRecord(
-        layer=int(event.layer), patch_probs=patch,
-        query_mass=mass[..., 0], cls_mass=mass[..., 1], patch_mass=mass[..., 2],
+        layer=int(event.layer),
+        patch_probs=patch,
+        query_mass=mass[..., 0],
+        cls_mass=mass[..., 1],
+        patch_mass=mass[..., 2],
     )

@@ -23,6 +23,7 @@ The group of a sequence position comes from the :class:`SequenceLayout` history 
 index, first real token); keys outside the sequence (``key_position == -1``) are image keys whose
 image is ``key_image``.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -125,7 +126,9 @@ class SequenceHistory:
     def first_real(self) -> torch.Tensor:
         """[B] long index of each sample's first non-pad position (the ``bos`` group)."""
         real = self.kind != TOKEN_PAD  # [B, S]
-        return torch.where(real.any(1), real.int().argmax(1), torch.full_like(real[:, 0], -1, dtype=torch.long))
+        return torch.where(
+            real.any(1), real.int().argmax(1), torch.full_like(real[:, 0], -1, dtype=torch.long)
+        )
 
     def valid_queries(self, query_index: torch.Tensor) -> torch.Tensor:
         """[B, Lq] bool: queries that are real tokens (pads are dropped from the results)."""
@@ -158,7 +161,9 @@ def key_groups(
     ki = key_image.detach().to("cpu", torch.long)  # [B, Lk]
     B, Lk = kp.shape
     if history.kind is None:
-        raise ValueError("an attention event arrived before any SequenceLayout (the model must emit hook_layout first)")
+        raise ValueError(
+            "an attention event arrived before any SequenceLayout (the model must emit hook_layout first)"
+        )
     if history.kind.shape[0] != B:
         raise ValueError(f"attention event has batch {B}, the layout has batch {history.kind.shape[0]}")
     if kp.numel() and int(kp.max()) >= history.length:

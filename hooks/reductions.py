@@ -19,6 +19,7 @@ mass, measured by tests/hooks/test_reductions.py), and 4 bytes per (batch, head,
 the record tensors before the table is built. So 28 layers × 28 heads × 2,000 queries × ~6 groups
 ≈ 9.4 M rows ≈ 560 MB; with ``heads="mean", queries="last"``: 28 × 1 × 1 × 6 = 168 rows per sample.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -62,7 +63,8 @@ def parse_reductions(heads, queries, n_heads: int | None = None) -> Reductions:
         if isinstance(queries, str):
             if queries not in QUERY_WORDS:
                 raise ValueError(
-                    f"queries must be None, 'last', a slice, an int or list of positions, or a callable; got {queries!r}"
+                    "queries must be None, 'last', a slice, an int or list of positions, or a callable; "
+                    f"got {queries!r}"
                 )
         else:
             chosen = [queries] if isinstance(queries, int) else list(queries)
@@ -136,7 +138,9 @@ def allowed_rows(allowed: Callable[[int, int], torch.Tensor], rows: torch.Tensor
     return sub
 
 
-def head_subset(query: torch.Tensor, key: torch.Tensor | None, probs: torch.Tensor | None, heads: tuple[int, ...]):
+def head_subset(
+    query: torch.Tensor, key: torch.Tensor | None, probs: torch.Tensor | None, heads: tuple[int, ...]
+):
     """(query, key, probs) restricted to ``heads``: query [B, h, Lq, D]; key [B, h, Lk, D] (the key head
     of each chosen query head, so GQA keeps working with one key head per query head)."""
     H = query.shape[1]

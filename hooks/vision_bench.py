@@ -8,8 +8,9 @@ Owl2: a random ViT of ViT-L/14 width at 448 px (1,024 patches + CLS; width 1024,
 Owl3: a random SigLIP of so400m width at 378 px (729 patches, no CLS; width 1152, 16 heads, MLP 4304);
 its observation point recomputes q and k (transformers' SigLIP attention does not hand them out), so it
 costs a little more. Both with ``layers`` blocks: every block pays the same observation cost, so the
-ratio of a 2-block tower is the ratio of the full one. Time is process CPU time of one encoder forward, one intra-op thread,
-best of ``repeats``, modes interleaved (a shared machine's noise hits every mode alike).
+ratio of a 2-block tower is the ratio of the full one. Time is process CPU time of one encoder forward,
+one intra-op thread, best of ``repeats``, modes interleaved (a shared machine's noise hits every mode
+alike).
 """
 
 from __future__ import annotations
@@ -88,8 +89,9 @@ def vision_capture_cost(
     """CPU seconds of one encoder forward per mode, and the ratio to the plain forward.
 
     ``family="owl2"``: the ViT at 448 px; ``"owl3"``: ``encode_images`` at 378 px (SigLIP ``layers``
-    blocks, the last block of the tower is skipped as the model does, plus the projector). Modes: ``plain`` (no hooks), ``mass`` (``capture(vision=True)``), ``grid`` (``vision="grid"``),
-    ``full`` (``vision="full"``, head-mean [T, T] maps kept).
+    blocks, the last block of the tower is skipped as the model does, plus the projector). Modes: ``plain``
+    (no hooks), ``mass`` (``capture(vision=True)``), ``grid`` (``vision="grid"``), ``full``
+    (``vision="full"``, head-mean [T, T] maps kept).
     """
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)

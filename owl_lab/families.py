@@ -141,8 +141,9 @@ class FamilySpec:
         prepare: ``prepare(model)`` run by ``hooks`` before looking for observation points — a stock
             transformers family installs them here (LLaVA: the attention observer registered in
             transformers' attention registry); None for the lab's own models, which have them built in.
-        build_from_recipe: ``(recipe config, tokenizer, seed=) -> (model, processor)`` for a family whose config is
-            not one flat dict (stock transformers); None = ``config_class(**config, **tokenizer ids)``.
+        build_from_recipe: ``(recipe config, tokenizer, seed=) -> (model, processor)`` for a family whose
+            config is not one flat dict (stock transformers); None = ``config_class(**config, **tokenizer
+            ids)``.
     """
 
     name: str
@@ -184,7 +185,9 @@ class FamilySpec:
     def path(self, component: str, i: int | None = None, k: int | None = None) -> str:
         """The module path of ``component`` (``{i}`` / ``{k}`` filled); KeyError naming the known ones."""
         if component not in self.paths:
-            raise KeyError(f"family {self.name!r} has no component {component!r}; it has {sorted(self.paths)}")
+            raise KeyError(
+                f"family {self.name!r} has no component {component!r}; it has {sorted(self.paths)}"
+            )
         pattern = self.paths[component]
         return pattern.replace("{i}", str(i)).replace("{k}", str(k))
 
@@ -270,11 +273,19 @@ OWL3 = FamilySpec(
     vision_pretrain=("vision_tower", "bridge"),
     vision_pretrain_board=("vision_tower", "bridge"),
     tokenizer=TokenizerSpec(
-        specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"),  # <unk>: a word-level model needs one
+        specials=(
+            "<|endoftext|>",
+            "<|im_start|>",
+            "<|im_end|>",
+            "<unk>",
+        ),  # <unk>: a word-level model needs one
         # <|im_start|> has no role, so it is listed as an extra special: all_special_ids must hold every chat
         # marker (attribution keeps special tokens in its baseline; decoding skips them)
         roles=dict(
-            eos_token="<|im_end|>", unk_token="<unk>", pad_token="<|endoftext|>", extra_special_tokens=["<|im_start|>"]
+            eos_token="<|im_end|>",
+            unk_token="<unk>",
+            pad_token="<|endoftext|>",
+            extra_special_tokens=["<|im_start|>"],
         ),
     ),
     paths={
@@ -303,6 +314,7 @@ OWL3 = FamilySpec(
         "blocks.{i}.attn.hook_cross_z": "language_model.model.layers.{i}.self_attn.hook_cross_z",
     },
 )
+
 
 def _text_layers(config) -> list[int]:
     return list(range(config.get_text_config().num_hidden_layers))
@@ -355,7 +367,9 @@ FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (OWL2, OWL3, LLAV
 
 # ---- lookups -------------------------------------------------------------------------------------
 def _supported() -> str:
-    return ", ".join(f"{s.title} ({s.name!r}, model_type {'/'.join(s.model_types)})" for s in FAMILIES.values())
+    return ", ".join(
+        f"{s.title} ({s.name!r}, model_type {'/'.join(s.model_types)})" for s in FAMILIES.values()
+    )
 
 
 def get_family(name: str | FamilySpec) -> FamilySpec:
@@ -415,8 +429,9 @@ def family_of_checkpoint(directory: str | os.PathLike) -> FamilySpec:
 
 
 # ---- module paths ----------------------------------------------------------------------------------
-def resolve_path(model: nn.Module, spec: FamilySpec | str, component: str, i: int | None = None,
-                 k: int | None = None):
+def resolve_path(
+    model: nn.Module, spec: FamilySpec | str, component: str, i: int | None = None, k: int | None = None
+):
     """The object at ``component``'s path in ``model`` (a module, or a method such as ``encode_images``)."""
     return operator.attrgetter(get_family(spec).path(component, i, k))(model)
 

@@ -1,4 +1,5 @@
 """Notebook set-up shared by every lab notebook: determinism, threads, renderers, display."""
+
 from __future__ import annotations
 
 import random

@@ -1,11 +1,19 @@
 """One optimiser step with the loss-curve bookkeeping shared by every training stage."""
+
 from __future__ import annotations
 
 import torch
 
 
-def apply_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list, grad_clip: float,
-               history: dict, global_step: int, stage_index: int) -> int:
+def apply_step(
+    opt: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    params: list,
+    grad_clip: float,
+    history: dict,
+    global_step: int,
+    stage_index: int,
+) -> int:
     """Backward ``loss``, clip ``params`` to ``grad_clip``, step ``opt``, append this step to
     ``history`` (keys step / loss / lr / stage, the format of ``loss_curve.json``) and return the
     next global step."""

@@ -24,7 +24,9 @@ def recipes_dir() -> Path:
 def _merge(base: dict, override: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in override.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+        out[k] = (
+            _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+        )
     return out
 
 
@@ -43,8 +45,10 @@ def load_recipe(name_or_path: str | Path) -> dict:
     recipe.setdefault("name", path.stem)
     missing = [k for k in ("family", "config", "stages") if k not in recipe]
     if missing or recipe["family"] not in FAMILIES:
-        raise ValueError(f"recipe {path}: needs keys family ∈ {sorted(FAMILIES)}, config, stages; missing "
-                         f"{missing}, family={recipe.get('family')!r}")
+        raise ValueError(
+            f"recipe {path}: needs keys family ∈ {sorted(FAMILIES)}, config, stages; missing "
+            f"{missing}, family={recipe.get('family')!r}"
+        )
     return recipe
 
 

@@ -18,6 +18,7 @@ Outputs in the checkpoint directory: ``config.json``, ``model.safetensors``, tok
 (processor.save_pretrained), ``recipe.json`` (the resolved recipe), ``metrics.json``,
 ``loss_curve.json``.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,6 +58,7 @@ from owl_lab.synth.tokenizer import build_tokenizer
 
 # --- the family plug-in ------------------------------------------------------------------------
 
+
 def family_classes(family: str | FamilySpec) -> tuple[type, type, type]:
     """(Config, Model, Processor) classes of a registered family."""
     spec = get_family(family)
@@ -71,8 +73,12 @@ def build(recipe: dict):
         return spec.build_from_recipe(recipe["config"], build_tokenizer(spec), seed=recipe.get("seed", 0))
     Config, Model, Processor = family_classes(family)
     tokenizer = build_tokenizer(family)
-    ids = dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    ids = dict(
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
     config = Config(**{**recipe["config"], **ids})
     torch.manual_seed(recipe.get("seed", 0))
     model = Model(config)
@@ -89,9 +95,13 @@ def copy_text_branch_to_vision(model) -> int:
     Without it the two branches start unrelated, and the image rows' keys/values live in a space the
     text queries have never seen. Raises ValueError on a model without multiway modules."""
     params = dict(model.named_parameters())
-    pairs = [(name, name.replace(".multiway.1.", ".multiway.0.")) for name in params if ".multiway.1." in name]
+    pairs = [
+        (name, name.replace(".multiway.1.", ".multiway.0.")) for name in params if ".multiway.1." in name
+    ]
     if not pairs:
-        raise ValueError("vision_branch_from_text needs a modality-adaptive model (no '.multiway.1.' parameters)")
+        raise ValueError(
+            "vision_branch_from_text needs a modality-adaptive model (no '.multiway.1.' parameters)"
+        )
     with torch.no_grad():
         for vision, text in pairs:
             params[vision].copy_(params[text])
@@ -99,6 +109,7 @@ def copy_text_branch_to_vision(model) -> int:
 
 
 # --- optimisation ------------------------------------------------------------------------------
+
 
 def lr_factor(step: int, steps: int, warmup: int, schedule: str, final: float) -> float:
     """Linear warm-up, then ``cosine`` or ``linear`` decay to ``final`` × peak (or ``constant``)."""
@@ -136,9 +147,17 @@ def default_threads() -> int:
     return int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
 
 
-def train(recipe: dict, out_dir: Path | None = None, *, progress: bool = True, evaluate_after: bool = True,
-          steps_override: int | None = None, callback=None, callback_every: int = 0,
-          threads: int | None = None) -> dict:
+def train(
+    recipe: dict,
+    out_dir: Path | None = None,
+    *,
+    progress: bool = True,
+    evaluate_after: bool = True,
+    steps_override: int | None = None,
+    callback=None,
+    callback_every: int = 0,
+    threads: int | None = None,
+) -> dict:
     """Run a recipe; save the checkpoint to ``out_dir`` (if given); return the metrics dict.
 
     ``threads``: torch intra-op threads (default: the recipe's ``"threads"``, else
@@ -164,8 +183,18 @@ def train(recipe: dict, out_dir: Path | None = None, *, progress: bool = True, e
         steps = steps_override or stage["steps"]
         stage_start = time.perf_counter()
         if stage.get("kind") == "vision":  # encoder pre-training (see owl_lab/pretrain_vision.py)
-            global_step = run_vision_stage(model, processor, recipe["family"], dict(stage, steps=steps),
-                                           f"{seed}.{si}", world, history, global_step, si, progress)
+            global_step = run_vision_stage(
+                model,
+                processor,
+                recipe["family"],
+                dict(stage, steps=steps),
+                f"{seed}.{si}",
+                world,
+                history,
+                global_step,
+                si,
+                progress,
+            )
             stage_seconds.append(round(time.perf_counter() - stage_start, 3))
             vision_probes[f"stage{si + 1}"] = _probe_vision(model, processor, world, progress)
             model.train()
@@ -174,18 +203,28 @@ def train(recipe: dict, out_dir: Path | None = None, *, progress: bool = True, e
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
         opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": stage.get("weight_decay", 0.01)},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=stage["lr"], betas=tuple(stage.get("betas", (0.9, 0.98))), eps=stage.get("eps", 1e-8),
+            [
+                {"params": decay, "weight_decay": stage.get("weight_decay", 0.01)},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=stage["lr"],
+            betas=tuple(stage.get("betas", (0.9, 0.98))),
+            eps=stage.get("eps", 1e-8),
         )
         warmup = min(stage.get("warmup", 100), steps // 4 or 1)
         mix = Mixture(stage["tasks"], seed=f"{seed}.{si}", **{**world, **stage.get("world", {})})
-        bar = tqdm(mix.batches(stage["batch_size"], steps), total=steps, disable=not progress,
-                   desc=f"{recipe['name']} stage {si + 1}/{len(recipe['stages'])}", mininterval=2.0)
+        bar = tqdm(
+            mix.batches(stage["batch_size"], steps),
+            total=steps,
+            disable=not progress,
+            desc=f"{recipe['name']} stage {si + 1}/{len(recipe['stages'])}",
+            mininterval=2.0,
+        )
         for step, examples in enumerate(bar):
             for group in opt.param_groups:
-                group["lr"] = stage["lr"] * lr_factor(step, steps, warmup, stage.get("schedule", "cosine"),
-                                                      stage.get("final_lr_fraction", 0.05))
+                group["lr"] = stage["lr"] * lr_factor(
+                    step, steps, warmup, stage.get("schedule", "cosine"), stage.get("final_lr_fraction", 0.05)
+                )
             loss = model(**collate(processor, examples)).loss
             global_step = apply_step(opt, loss, params, stage.get("grad_clip", 1.0), history, global_step, si)
             if callback is not None and callback_every and global_step % callback_every == 0:
@@ -224,8 +263,9 @@ def train(recipe: dict, out_dir: Path | None = None, *, progress: bool = True, e
     return metrics
 
 
-def estimate_seconds(recipe: dict, fraction: float = 0.1, *, threads: int | None = None,
-                     progress: bool = True) -> dict:
+def estimate_seconds(
+    recipe: dict, fraction: float = 0.1, *, threads: int | None = None, progress: bool = True
+) -> dict:
     """Project how long ``recipe`` trains, from a run of ``fraction`` of every stage's steps.
 
     Runs the recipe (nothing saved, no evaluation) with ``max(1, round(fraction × steps))`` steps per
@@ -242,12 +282,19 @@ def estimate_seconds(recipe: dict, fraction: float = 0.1, *, threads: int | None
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     full = [stage["steps"] for stage in recipe["stages"]]
     short = [max(1, round(fraction * n)) for n in full]
-    run = train({**recipe, "stages": [{**st, "steps": n} for st, n in zip(recipe["stages"], short, strict=True)]},
-                None, progress=progress, evaluate_after=False, threads=threads)
+    run = train(
+        {**recipe, "stages": [{**st, "steps": n} for st, n in zip(recipe["stages"], short, strict=True)]},
+        None,
+        progress=progress,
+        evaluate_after=False,
+        threads=threads,
+    )
     per_step = [sec / n for sec, n in zip(run["stage_seconds"], short, strict=True)]
     overhead = max(0.0, run["train_seconds"] - sum(run["stage_seconds"]))
     return {
-        "fraction": fraction, "threads": run["threads"], "steps": full,
+        "fraction": fraction,
+        "threads": run["threads"],
+        "steps": full,
         "ms_per_step": [round(1000 * t, 1) for t in per_step],
         "measured_seconds": run["train_seconds"],
         "projected_seconds": round(sum(t * n for t, n in zip(per_step, full, strict=True)) + overhead, 1),
@@ -264,8 +311,12 @@ def _probe_vision(model, processor, world: dict, progress: bool) -> dict[str, fl
     """
 
     model.eval()
-    result = {k: round(v, 1) for k, v in probe_cell_attributes(
-        model, processor, n_train=500, n_test=200, render_size=world.get("render_size", 112)).items()}
+    result = {
+        k: round(v, 1)
+        for k, v in probe_cell_attributes(
+            model, processor, n_train=500, n_test=200, render_size=world.get("render_size", 112)
+        ).items()
+    }
     if progress:
         tqdm.write(f"vision probe after pre-training (% of object patches): {result}")
     return result

@@ -11,6 +11,7 @@ JavaScript runs) call it directly::
 result into Output widgets as plain display data (no FigureWidget, so no frontend is needed to
 build or update it). Models are loaded lazily through :func:`owl_lab.load_owl` and cached.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -116,8 +117,9 @@ def example(task: str, scene: int, seed: int = 0):
     return eval_set(task, scene + 1, seed=seed)[scene]
 
 
-def sequence_labels(family: str | FamilySpec, input_ids: torch.Tensor, tokenizer, tokens_per_image: int,
-                    config=None) -> list[str]:
+def sequence_labels(
+    family: str | FamilySpec, input_ids: torch.Tensor, tokenizer, tokens_per_image: int, config=None
+) -> list[str]:
     """Label of every position the decoder sees (input_ids [L]): token strings; where the family expands
     each image marker into rows inside the model (Owl2), those rows as ``img0:q3`` / ``img0:eos``."""
     spec = get_family(family)
@@ -194,18 +196,22 @@ def explore(state: ExplorerState, cache: ModelCache | None = None) -> ExplorerVi
     labels = sequence_labels(spec, ids[0], processor.tokenizer, model.config.tokens_per_image, model.config)
     token = len(labels) - 1 if state.token is None or state.token < 0 else int(state.token)
     if token >= len(labels):
-        raise ValueError(f"token must be a position in [0, {len(labels)}) (or None = last); got {state.token}.")
+        raise ValueError(
+            f"token must be a position in [0, {len(labels)}) (or None = last); got {state.token}."
+        )
 
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=int(state.max_new_tokens), do_sample=False)
-        answer = processor.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        answer = processor.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
         with capture(model, full_maps={state.layer: [token]}) as rec:
             model(**batch)
     df = rec.attention_mass
     kind = _pick_kind(df, state.layer, state.kind)
     figures, numbers = {}, {"correct": answer == ex.answer}
     if ex.images:
-        figures["image"] = _image_figure(list(ex.images), f"{state.task} scene {state.scene} (seed {state.seed})")
+        figures["image"] = _image_figure(
+            list(ex.images), f"{state.task} scene {state.scene} (seed {state.seed})"
+        )
 
     # attention mass by layer (modality level); gated Owl3 has no image keys in `self`: add the gate share
     decoder_kinds = [k for k in ("self", "joint") if k in set(df["kind"].astype(str))]
@@ -222,22 +228,35 @@ def explore(state: ExplorerState, cache: ModelCache | None = None) -> ExplorerVi
     rows = df if state.head is None else df[df["head"] == state.head]
     tq = query_mass(rows, layer=state.layer, kind=kind, level="token")
     who = "mean over heads" if state.head is None else f"head {state.head}"
-    figures["token_mass"] = query_mass_figure(tq, title=f"layer {state.layer} ({kind}), {who}: mass per query")
+    figures["token_mass"] = query_mass_figure(
+        tq, title=f"layer {state.layer} ({kind}), {who}: mass per query"
+    )
     fm = rec.full_maps.get((0, state.layer, kind))
     if fm is not None and fm.probs.shape[2] == 1:
         figures["token_keys"], visual = _key_figure(
-            fm, state.head, labels, f"token {token} {labels[token]!r}: attention over keys ({kind}, {who})")
+            fm, state.head, labels, f"token {token} {labels[token]!r}: attention over keys ({kind}, {who})"
+        )
         numbers["token_visual_mass"] = visual
 
     if len(rec.abstractor_records):  # only families with an abstractor record any
-        figures["abstractor"] = abstractor_map_figure(rec.abstractor_maps, image=ex.images[0],
-                                                      title="abstractor queries → patches (last layer)")
+        figures["abstractor"] = abstractor_map_figure(
+            rec.abstractor_maps, image=ex.images[0], title="abstractor queries → patches (last layer)"
+        )
     if len(rec.gate_records):
         hyper = sorted(rec.gates["layer"].unique())
         layer = state.layer if state.layer in hyper else int(hyper[0])
         figures["gates"] = gate_heatmap_figure(rec.gates, layer=layer, token_labels=labels)
-    return ExplorerView(state=state, family=spec.name, prompt=prompt, answer=answer, expected=ex.answer,
-                        labels=labels, numbers=numbers, figures=figures, images=list(ex.images))
+    return ExplorerView(
+        state=state,
+        family=spec.name,
+        prompt=prompt,
+        answer=answer,
+        expected=ex.answer,
+        labels=labels,
+        numbers=numbers,
+        figures=figures,
+        images=list(ex.images),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,10 +266,15 @@ def explore(state: ExplorerState, cache: ModelCache | None = None) -> ExplorerVi
 
 def figure_output(fig: go.Figure) -> dict:
     """A notebook display-data output for a plotly figure (plotly mimetype + static HTML fallback)."""
-    return {"output_type": "display_data", "metadata": {},
-            "data": {"application/vnd.plotly.v1+json": fig.to_plotly_json(),
-                     "text/html": fig.to_html(full_html=False, include_plotlyjs="cdn"),
-                     "text/plain": f"<plotly figure: {fig.layout.title.text or ''}>"}}
+    return {
+        "output_type": "display_data",
+        "metadata": {},
+        "data": {
+            "application/vnd.plotly.v1+json": fig.to_plotly_json(),
+            "text/html": fig.to_html(full_html=False, include_plotlyjs="cdn"),
+            "text/plain": f"<plotly figure: {fig.layout.title.text or ''}>",
+        },
+    }
 
 
 class ExplorerApp:
@@ -259,7 +283,6 @@ class ExplorerApp:
 
     def __init__(self, model: str | None = None, cache: ModelCache | None = None):
         import ipywidgets as w
-
 
         self.cache = cache if cache is not None else DEFAULT_CACHE
         names = list_checkpoints()
@@ -274,11 +297,21 @@ class ExplorerApp:
         self.head.observe(self._head_none_to_mean, names="value")  # before _changed (observer order)
         self.token = w.IntText(value=-1, description="token", tooltip="-1 = last prompt position")
         self.text = w.HTML()
-        self.outputs = {k: w.Output() for k in ("image", "layer_mass", "token_mass", "token_keys",
-                                                     "abstractor", "gates")}
+        self.outputs = {
+            k: w.Output() for k in ("image", "layer_mass", "token_mass", "token_keys", "abstractor", "gates")
+        }
         self.view: ExplorerView | None = None
         self._busy = False  # control changes made by update() itself must not re-enter it
-        controls = [self.model, self.task, self.scene, self.seed, self.prompt, self.layer, self.head, self.token]
+        controls = [
+            self.model,
+            self.task,
+            self.scene,
+            self.seed,
+            self.prompt,
+            self.layer,
+            self.head,
+            self.token,
+        ]
         for c in controls:
             c.observe(self._changed, names="value")
         self.widget = w.VBox([w.HBox(controls[:5]), w.HBox(controls[5:]), self.text, *self.outputs.values()])
@@ -292,11 +325,16 @@ class ExplorerApp:
                 self._busy = False
 
     def state(self) -> ExplorerState:
-        return ExplorerState(model=self.model.value, task=self.task.value, scene=int(self.scene.value),
-                             seed=int(self.seed.value),
-                             prompt=self.prompt.value, layer=int(self.layer.value),
-                             head=None if self.head.value in (None, HEAD_MEAN) else int(self.head.value),
-                             token=None if self.token.value < 0 else int(self.token.value))
+        return ExplorerState(
+            model=self.model.value,
+            task=self.task.value,
+            scene=int(self.scene.value),
+            seed=int(self.seed.value),
+            prompt=self.prompt.value,
+            layer=int(self.layer.value),
+            head=None if self.head.value in (None, HEAD_MEAN) else int(self.head.value),
+            token=None if self.token.value < 0 else int(self.token.value),
+        )
 
     def _sync_model_controls(self) -> None:
         """Layer/head ranges follow the loaded model's config."""
@@ -361,8 +399,9 @@ def _model_picker_class():
 
         def __init__(self, value: str, names: list[str]):
             self.choice = w.Dropdown(options=[*names, PATH_CHOICE], description="model")
-            self.path = w.Text(placeholder="/path/to/checkpoint", continuous_update=False,
-                               layout=w.Layout(width="16em"))
+            self.path = w.Text(
+                placeholder="/path/to/checkpoint", continuous_update=False, layout=w.Layout(width="16em")
+            )
             super().__init__([self.choice, self.path])
             self._names = list(names)
             self._syncing = False
@@ -419,5 +458,15 @@ def explorer_app(model: str | None = None, cache: ModelCache | None = None, run:
     return app
 
 
-__all__ = ["ExplorerState", "ExplorerView", "ExplorerApp", "ModelCache", "explore", "explorer_app",
-           "example", "sequence_labels", "figure_output", "model_picker"]
+__all__ = [
+    "ExplorerState",
+    "ExplorerView",
+    "ExplorerApp",
+    "ModelCache",
+    "explore",
+    "explorer_app",
+    "example",
+    "sequence_labels",
+    "figure_output",
+    "model_picker",
+]

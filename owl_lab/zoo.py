@@ -56,7 +56,8 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
         return shipped
     known = ", ".join(list_checkpoints()) or "(none)"
     raise FileNotFoundError(
-        f"No checkpoint directory or shipped checkpoint named {str(name_or_path)!r}. Shipped checkpoints: {known}."
+        f"No checkpoint directory or shipped checkpoint named {str(name_or_path)!r}. "
+        f"Shipped checkpoints: {known}."
     )
 
 
@@ -97,5 +98,9 @@ def load_owl(
     directory = resolve_checkpoint(name_or_path)
     spec = family_of_checkpoint(directory)
     return spec.loader(
-        directory, dtype=dtype, torch_dtype=torch_dtype, device_map=device_map, attn_implementation=attn_implementation
+        directory,
+        dtype=dtype,
+        torch_dtype=torch_dtype,
+        device_map=device_map,
+        attn_implementation=attn_implementation,
     )

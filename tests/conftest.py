@@ -1,4 +1,5 @@
 """Shared pytest fixtures: where the reference goldens are, and deterministic CPU settings."""
+
 from __future__ import annotations
 
 import os
@@ -71,14 +72,36 @@ def tiny_configs() -> dict[str, dict]:
     treat as read-only (``{**tiny_configs[family], **overrides}`` for variants)."""
     vision = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, image_size=28, patch_size=7)
     return {
-        "owl2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=4, max_position_embeddings=256,
-                     visual_config={"visual_model": dict(vision, num_hidden_layers=1, hidden_act="quick_gelu"),
-                                    "visual_abstractor": dict(hidden_size=16, encoder_hidden_size=16,
-                                                              num_hidden_layers=1, num_attention_heads=2,
-                                                              intermediate_size=32, num_learnable_queries=4,
-                                                              grid_size=4)}),
-        "owl3": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, hyper_layers=[1], hyper_attention="gated", projector="linear",
-                     tie_word_embeddings=False, vision_config=dict(vision, num_hidden_layers=2)),
+        "owl2": dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=256,
+            visual_config={
+                "visual_model": dict(vision, num_hidden_layers=1, hidden_act="quick_gelu"),
+                "visual_abstractor": dict(
+                    hidden_size=16,
+                    encoder_hidden_size=16,
+                    num_hidden_layers=1,
+                    num_attention_heads=2,
+                    intermediate_size=32,
+                    num_learnable_queries=4,
+                    grid_size=4,
+                ),
+            },
+        ),
+        "owl3": dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            hyper_layers=[1],
+            hyper_attention="gated",
+            projector="linear",
+            tie_word_embeddings=False,
+            vision_config=dict(vision, num_hidden_layers=2),
+        ),
     }

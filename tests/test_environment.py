@@ -1,4 +1,5 @@
 """The conda environment.yml must install exactly the runtime dependencies of pyproject.toml."""
+
 from __future__ import annotations
 
 import re
@@ -58,7 +59,9 @@ def test_torch_requirement_is_a_range_the_cpu_build_satisfies():
 def _locked() -> dict[str, str]:
     lines = (PROJECT_ROOT / "constraints.txt").read_text().splitlines()
     pins = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    assert all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[^\s=]+", p) for p in pins), "constraints.txt: name==version lines only"
+    assert all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[^\s=]+", p) for p in pins), (
+        "constraints.txt: name==version lines only"
+    )
     return {_name(p): p.split("==")[1] for p in pins}
 
 
@@ -73,8 +76,10 @@ def test_the_lock_satisfies_pyproject_and_leaves_torch_to_the_user():
         if name == "torch":
             continue
         assert name in locked, f"{name} is a dependency but not locked in constraints.txt"
-        spec = SpecifierSet(requirement[len(name):].split(";")[0])
-        assert spec.contains(locked[name], prereleases=True), f"locked {name}=={locked[name]} violates {requirement}"
+        spec = SpecifierSet(requirement[len(name) :].split(";")[0])
+        assert spec.contains(locked[name], prereleases=True), (
+            f"locked {name}=={locked[name]} violates {requirement}"
+        )
     assert "-c constraints.txt" in (PROJECT_ROOT / "Makefile").read_text()
 
 
@@ -87,12 +92,16 @@ def test_environment_installs_at_the_locked_versions():
     reqs, other = _environment_pip()
     env = yaml.safe_load((PROJECT_ROOT / "environment.yml").read_text())
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
-    assert pip_section[0] == "-c constraints.txt", f"environment.yml pip section must start with the lock: {pip_section[:2]}"
+    assert pip_section[0] == "-c constraints.txt", (
+        f"environment.yml pip section must start with the lock: {pip_section[:2]}"
+    )
     assert (PROJECT_ROOT / "constraints.txt").is_file()
     locked = _locked()
     for name, requirement in reqs.items():
         if name == "torch":
             continue
         assert name in locked, f"environment.yml installs {name}, which constraints.txt does not lock"
-        spec = SpecifierSet(requirement[len(name):].split(";")[0])
-        assert spec.contains(locked[name], prereleases=True), f"locked {name}=={locked[name]} violates {requirement}"
+        spec = SpecifierSet(requirement[len(name) :].split(";")[0])
+        assert spec.contains(locked[name], prereleases=True), (
+            f"locked {name}=={locked[name]} violates {requirement}"
+        )

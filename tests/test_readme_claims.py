@@ -5,6 +5,7 @@ The table is generated from the notebooks' stored "What we found" outputs
 number without updating the README fails here. To update: paste the output of
 ``python -c "from tests.test_readme_claims import expected_table; print(expected_table())"``.
 """
+
 from __future__ import annotations
 
 import difflib

@@ -1,4 +1,5 @@
 """Reductions of captured recordings into the small tables notebooks print and plot."""
+
 from owl_lab.analysis.attribution import Attribution, attribute
 from owl_lab.analysis.compare import (
     AttentionComparison,

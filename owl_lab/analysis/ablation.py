@@ -12,6 +12,7 @@ A *column* pools one or more flag keys: a task name (``eval_set`` flags, one per
 ``"distractor:N"`` (CircularEval flags, one per question, at N images). All checkpoints must be
 scored on the same questions, so per-question flags pair up across them.
 """
+
 from __future__ import annotations
 
 import json
@@ -71,21 +72,37 @@ def describe(config, directory: str | Path | None = None) -> dict:
         vm = config.visual_config["visual_model"]
         ab = config.visual_config["visual_abstractor"]
         recipe = _json(Path(directory) / "recipe.json") if directory is not None else {}
-        return {"queries": int(ab["num_learnable_queries"]), "image_size": int(vm["image_size"]),
-                "patch_size": int(vm["patch_size"]), "patches": (vm["image_size"] // vm["patch_size"]) ** 2,
-                "tokens_per_image": int(config.tokens_per_image),
-                "mam": bool(getattr(config, "modality_adaptive", True)), "vit": _vit_training(recipe, spec)}
+        return {
+            "queries": int(ab["num_learnable_queries"]),
+            "image_size": int(vm["image_size"]),
+            "patch_size": int(vm["patch_size"]),
+            "patches": (vm["image_size"] // vm["patch_size"]) ** 2,
+            "tokens_per_image": int(config.tokens_per_image),
+            "mam": bool(getattr(config, "modality_adaptive", True)),
+            "vit": _vit_training(recipe, spec),
+        }
     if spec is not None and spec.name == "owl3":
-        return {"hyper_attention": str(config.hyper_attention), "mi_rope": bool(config.mi_rope),
-                "hyper_layers": ",".join(str(x) for x in config.hyper_layers), "projector": str(config.projector),
-                "image_size": int(config.image_size)}
+        return {
+            "hyper_attention": str(config.hyper_attention),
+            "mi_rope": bool(config.mi_rope),
+            "hyper_layers": ",".join(str(x) for x in config.hyper_layers),
+            "projector": str(config.projector),
+            "image_size": int(config.image_size),
+        }
     model_type = getattr(config, "model_type", None)
-    raise ValueError(f"describe expects an Owl2 ('mplug_owl2') or Owl3 ('mplugowl3') config, got {model_type!r}")
+    raise ValueError(
+        f"describe expects an Owl2 ('mplug_owl2') or Owl3 ('mplugowl3') config, got {model_type!r}"
+    )
 
 
-def score_tasks(model, processor, eval_sets: Mapping[str, Sequence], batch_size: int = 64) -> dict[str, list[bool]]:
+def score_tasks(
+    model, processor, eval_sets: Mapping[str, Sequence], batch_size: int = 64
+) -> dict[str, list[bool]]:
     """Teacher-forced exact-match flags per task (``evaluate.exact_match``), in question order."""
-    return {task: evaluate.exact_match(model, processor, examples, batch_size) for task, examples in eval_sets.items()}
+    return {
+        task: evaluate.exact_match(model, processor, examples, batch_size)
+        for task, examples in eval_sets.items()
+    }
 
 
 def shipped_accuracy(directory: str | Path) -> dict[str, tuple[float, int]]:
@@ -101,7 +118,10 @@ def shipped_accuracy(directory: str | Path) -> dict[str, tuple[float, int]]:
     curve = metrics.get("distractor")
     if curve:
         q = int(recipe.get("eval", {}).get("distractor", {}).get("questions", 40))
-        out |= {f"{DISTRACTOR}{k}": (float(a), q) for k, a in zip(curve["n_images"], curve["circular"], strict=True)}
+        out |= {
+            f"{DISTRACTOR}{k}": (float(a), q)
+            for k, a in zip(curve["n_images"], curve["circular"], strict=True)
+        }
     return out
 
 
@@ -113,7 +133,9 @@ def pool(flags: Mapping[str, Sequence], keys: Sequence[str]) -> list:
     return [f for k in keys for f in flags[k]]
 
 
-def accuracy_table(flags: Mapping[str, Mapping[str, Sequence]], columns: Columns, se: bool = False) -> pd.DataFrame:
+def accuracy_table(
+    flags: Mapping[str, Mapping[str, Sequence]], columns: Columns, se: bool = False
+) -> pd.DataFrame:
     """Accuracy (%) per checkpoint label (rows) and column (pooled flag keys); ``se=True``: binomial SE."""
     rows = {}
     for label, per in flags.items():
@@ -122,8 +144,12 @@ def accuracy_table(flags: Mapping[str, Mapping[str, Sequence]], columns: Columns
     return pd.DataFrame.from_dict(rows, orient="index")[list(columns)]
 
 
-def pair_table(flags: Mapping[str, Mapping[str, Sequence]], pairs: Mapping[str, tuple[str, str]],
-               columns: Columns, k: float = 2.0) -> pd.DataFrame:
+def pair_table(
+    flags: Mapping[str, Mapping[str, Sequence]],
+    pairs: Mapping[str, tuple[str, str]],
+    columns: Columns,
+    k: float = 2.0,
+) -> pd.DataFrame:
     """``a − b`` on the same questions for each named pair ``{comparison: (a, b)}`` of scored labels.
 
     One row per (comparison, column); columns ``a``, ``b`` (accuracies %), ``diff``, ``se`` (paired),
@@ -137,28 +163,44 @@ def pair_table(flags: Mapping[str, Mapping[str, Sequence]], pairs: Mapping[str, 
     for name, (a, b) in pairs.items():
         for c, keys in columns.items():
             d = paired_difference(pool(flags[a], keys), pool(flags[b], keys), k=k)
-            rows.append({"comparison": name, "column": c, "a": d["a"], "b": d["b"], "diff": d["diff"],
-                         "se": d["se"], "beyond": d["beyond_noise"], "n": d["n"]})
+            rows.append(
+                {
+                    "comparison": name,
+                    "column": c,
+                    "a": d["a"],
+                    "b": d["b"],
+                    "diff": d["diff"],
+                    "se": d["se"],
+                    "beyond": d["beyond_noise"],
+                    "n": d["n"],
+                }
+            )
     return pd.DataFrame(rows).set_index(["comparison", "column"])
 
 
-def replicate_verdict(table: pd.DataFrame, effects: Sequence[str], spreads: Sequence[str], column: str) -> str:
+def replicate_verdict(
+    table: pd.DataFrame, effects: Sequence[str], spreads: Sequence[str], column: str
+) -> str:
     """Does an effect survive a change of training seed? One line, from a :func:`pair_table`.
 
-    ``effects``: the rows holding the same ablation effect in each seed (e.g. "gate effect, seed 0", "…, seed 1");
-    ``spreads``: the rows holding seed 1 − seed 0 of one design. True/False answers: the effect keeps its sign
-    in every seed, and its smallest size exceeds the largest seed-to-seed difference.
+    ``effects``: the rows holding the same ablation effect in each seed (e.g. "gate effect, seed 0",
+    "…, seed 1"); ``spreads``: the rows holding seed 1 − seed 0 of one design. True/False answers: the
+    effect keeps its sign in every seed, and its smallest size exceeds the largest seed-to-seed
+    difference.
     """
     effect = [float(table.loc[(e, column), "diff"]) for e in effects]
     spread = max(abs(float(table.loc[(r, column), "diff"])) for r in spreads)
     same_sign = all(x > 0 for x in effect) or all(x < 0 for x in effect)
     sizes = ", ".join(f"{x:+.1f}" for x in effect)
-    return (f"{column}: the effect keeps its sign across seeds: {same_sign} ({sizes} points); it exceeds the "
-            f"largest seed-to-seed difference ({spread:.1f} points): {min(abs(x) for x in effect) > spread}")
+    return (
+        f"{column}: the effect keeps its sign across seeds: {same_sign} ({sizes} points); it exceeds the "
+        f"largest seed-to-seed difference ({spread:.1f} points): {min(abs(x) for x in effect) > spread}"
+    )
 
 
-def paired_table(flags: Mapping[str, Mapping[str, Sequence]], baseline: str, columns: Columns,
-                 k: float = 2.0) -> pd.DataFrame:
+def paired_table(
+    flags: Mapping[str, Mapping[str, Sequence]], baseline: str, columns: Columns, k: float = 2.0
+) -> pd.DataFrame:
     """Each other label minus ``baseline`` on the same questions: one row per (variant, column).
 
     Columns: ``baseline``, ``variant acc`` (accuracies %), ``diff`` (variant − baseline), ``se`` (paired),
@@ -171,8 +213,12 @@ def paired_table(flags: Mapping[str, Mapping[str, Sequence]], baseline: str, col
     return table.rename_axis(["variant", "column"])[["baseline", "variant acc", "diff", "se", "beyond", "n"]]
 
 
-def crosscheck(flags: Mapping[str, Mapping[str, Sequence]], shipped: Mapping[str, Mapping[str, tuple]],
-               columns: Columns, k: float = 3.0) -> pd.DataFrame:
+def crosscheck(
+    flags: Mapping[str, Mapping[str, Sequence]],
+    shipped: Mapping[str, Mapping[str, tuple]],
+    columns: Columns,
+    k: float = 3.0,
+) -> pd.DataFrame:
     """Recomputed accuracy beside the shipped one, per (label, column): a two-proportion z-test.
 
     Pooled shipped columns are the n-weighted mean of their keys. ``se`` is the SE of the difference
@@ -199,8 +245,19 @@ def crosscheck(flags: Mapping[str, Mapping[str, Sequence]], shipped: Mapping[str
             else:
                 acc_s = n_s = se = math.nan
             diff = acc - acc_s
-            rows.append({"label": label, "column": c, "ours": acc, "n": n, "shipped": acc_s, "n shipped": n_s,
-                         "diff": diff, "se": se, "beyond": bool(abs(diff) > k * se) if se == se else False})
+            rows.append(
+                {
+                    "label": label,
+                    "column": c,
+                    "ours": acc,
+                    "n": n,
+                    "shipped": acc_s,
+                    "n shipped": n_s,
+                    "diff": diff,
+                    "se": se,
+                    "beyond": bool(abs(diff) > k * se) if se == se else False,
+                }
+            )
     return pd.DataFrame(rows).set_index(["label", "column"])
 
 
@@ -214,15 +271,33 @@ def chance_check(flags: Sequence, chance: float, k: float = 2.0) -> dict:
     if not vals:
         raise ValueError("chance_check needs at least one flag")
     acc, se = 100.0 * sum(vals) / len(vals), binomial_se(chance, len(vals))
-    return {"acc": acc, "chance": chance, "se": se, "n": len(vals),
-            "at_chance": abs(acc - chance) <= k * se, "above": acc > chance + k * se}
+    return {
+        "acc": acc,
+        "chance": chance,
+        "se": se,
+        "n": len(vals),
+        "at_chance": abs(acc - chance) <= k * se,
+        "above": acc > chance + k * se,
+    }
 
 
 def difference_text(d: dict, k: float = 2.0) -> str:
     """One-line summary of a ``paired_difference`` result: 'b% -> a%, Δ ± se (paired SE), beyond 2 SE: …'."""
-    return (f"{d['b']:.1f}% -> {d['a']:.1f}%, Δ {d['diff']:+.1f} ± {d['se']:.1f} (paired SE); "
-            f"beyond {k:g} SE: {d['beyond_noise']}")
+    return (
+        f"{d['b']:.1f}% -> {d['a']:.1f}%, Δ {d['diff']:+.1f} ± {d['se']:.1f} (paired SE); "
+        f"beyond {k:g} SE: {d['beyond_noise']}"
+    )
 
 
-__all__ = ["DISTRACTOR", "accuracy_table", "chance_check", "crosscheck", "describe", "difference_text",
-           "paired_table", "pool", "score_tasks", "shipped_accuracy"]
+__all__ = [
+    "DISTRACTOR",
+    "accuracy_table",
+    "chance_check",
+    "crosscheck",
+    "describe",
+    "difference_text",
+    "paired_table",
+    "pool",
+    "score_tasks",
+    "shipped_accuracy",
+]

@@ -11,6 +11,7 @@ map sums to the query's *patch share*, not to 1). Conventions (our choices, stat
   mass is compared with its **area share** (``lift`` = mass / area share; 1 = a uniform map);
 * the peak cell is the cell with the largest lift (a density peak, so small cells are not penalised).
 """
+
 from __future__ import annotations
 
 import math
@@ -23,15 +24,30 @@ import torch
 
 from owl_lab.synth.vocab import GRID
 
-STAT_COLUMNS = ["abstractor_layer", "image", "query", "patch_share", "entropy", "com_row", "com_col",
-                "peak_cell", "peak_row", "peak_col", "peak_share", "peak_lift", "occupied"]
+STAT_COLUMNS = [
+    "abstractor_layer",
+    "image",
+    "query",
+    "patch_share",
+    "entropy",
+    "com_row",
+    "com_col",
+    "peak_cell",
+    "peak_row",
+    "peak_col",
+    "peak_share",
+    "peak_lift",
+    "occupied",
+]
 
 
 def _check_maps(maps) -> torch.Tensor:
     maps = torch.as_tensor(maps, dtype=torch.float64) if not torch.is_tensor(maps) else maps.double()
     if maps.dim() != 6:
-        raise ValueError("abstractor maps must be [abstractor_layer, image, head, query, grid_h, grid_w]; "
-                         f"got {maps.dim()} dims {tuple(maps.shape)}")
+        raise ValueError(
+            "abstractor maps must be [abstractor_layer, image, head, query, grid_h, grid_w]; "
+            f"got {maps.dim()} dims {tuple(maps.shape)}"
+        )
     return maps
 
 
@@ -78,34 +94,52 @@ def query_map_stats(maps, scenes=None, board: int = GRID) -> pd.DataFrame:
     com_row = (p.sum(-1) * rows_c).sum(-1)  # [A, N, Q]
     com_col = (p.sum(-2) * cols_c).sum(-1)
     cells = cell_mass(maps, board)  # [A, N, Q, board²]
-    area = torch.bincount(patch_cells(gh, gw, board).flatten(), minlength=board * board).to(p.dtype) / (gh * gw)
+    area = torch.bincount(patch_cells(gh, gw, board).flatten(), minlength=board * board).to(p.dtype) / (
+        gh * gw
+    )
     lift = cells / area
     peak = lift.argmax(-1)  # [A, N, Q]
-    a, n, q = (t.flatten() for t in torch.meshgrid(torch.arange(A), torch.arange(N), torch.arange(Q), indexing="ij"))
+    a, n, q = (
+        t.flatten() for t in torch.meshgrid(torch.arange(A), torch.arange(N), torch.arange(Q), indexing="ij")
+    )
     peak_f = peak.flatten()
     occupied = np.full(peak_f.numel(), np.nan)
     if scenes is not None:
-        occ = torch.tensor([[s.at(c // board, c % board) is not None for c in range(board * board)] for s in scenes])
+        occ = torch.tensor(
+            [[s.at(c // board, c % board) is not None for c in range(board * board)] for s in scenes]
+        )
         occupied = occ[n, peak_f].numpy().astype(float)
-    return pd.DataFrame({
-        "abstractor_layer": a.numpy(), "image": n.numpy(), "query": q.numpy(),
-        "patch_share": share.flatten().numpy(), "entropy": entropy.flatten().numpy(),
-        "com_row": com_row.flatten().numpy(), "com_col": com_col.flatten().numpy(),
-        "peak_cell": peak_f.numpy(), "peak_row": (peak_f // board).numpy(), "peak_col": (peak_f % board).numpy(),
-        "peak_share": cells.flatten(0, 2)[torch.arange(peak_f.numel()), peak_f].numpy(),
-        "peak_lift": lift.flatten(0, 2)[torch.arange(peak_f.numel()), peak_f].numpy(),
-        "occupied": occupied,
-    })[STAT_COLUMNS]
+    return pd.DataFrame(
+        {
+            "abstractor_layer": a.numpy(),
+            "image": n.numpy(),
+            "query": q.numpy(),
+            "patch_share": share.flatten().numpy(),
+            "entropy": entropy.flatten().numpy(),
+            "com_row": com_row.flatten().numpy(),
+            "com_col": com_col.flatten().numpy(),
+            "peak_cell": peak_f.numpy(),
+            "peak_row": (peak_f // board).numpy(),
+            "peak_col": (peak_f % board).numpy(),
+            "peak_share": cells.flatten(0, 2)[torch.arange(peak_f.numel()), peak_f].numpy(),
+            "peak_lift": lift.flatten(0, 2)[torch.arange(peak_f.numel()), peak_f].numpy(),
+            "occupied": occupied,
+        }
+    )[STAT_COLUMNS]
 
 
 def _consistency(peaks: np.ndarray) -> float:
     """peaks [N, Q] → mean over queries of the fraction of images at that query's most common cell."""
-    return float(np.mean([Counter(peaks[:, j].tolist()).most_common(1)[0][1] / len(peaks)
-                          for j in range(peaks.shape[1])]))
+    return float(
+        np.mean(
+            [Counter(peaks[:, j].tolist()).most_common(1)[0][1] / len(peaks) for j in range(peaks.shape[1])]
+        )
+    )
 
 
-def specialisation(stats: pd.DataFrame, scenes=None, board: int = GRID, shuffles: int = 200,
-                   seed: int = 0) -> pd.DataFrame:
+def specialisation(
+    stats: pd.DataFrame, scenes=None, board: int = GRID, shuffles: int = 200, seed: int = 0
+) -> pd.DataFrame:
     """Does each query look at its own place? One row per abstractor layer.
 
     Columns:
@@ -137,19 +171,34 @@ def specialisation(stats: pd.DataFrame, scenes=None, board: int = GRID, shuffles
             if len(scenes) != len(peaks):
                 raise ValueError(f"got {len(scenes)} scenes for {len(peaks)} images")
             chance = float(np.mean([len(s.objects) for s in scenes])) / (board * board)
-            coverage = float(np.mean([
-                len({c for c in row.tolist() if s.at(c // board, c % board) is not None}) / len(s.objects)
-                for row, s in zip(peaks, scenes, strict=True)]))
-        out.append({"abstractor_layer": int(layer), "peak_lift": float(rows["peak_lift"].mean()),
-                    "consistency": observed, "consistency_shuffled": float(np.mean(shuffled)),
-                    "consistency_p": (1 + sum(x >= observed - 1e-12 for x in shuffled)) / (1 + shuffles),
-                    "distinct_cells": len(set(modal)), "object_hit": float(rows["occupied"].mean()),
-                    "object_chance": chance, "object_coverage": coverage})
+            coverage = float(
+                np.mean(
+                    [
+                        len({c for c in row.tolist() if s.at(c // board, c % board) is not None})
+                        / len(s.objects)
+                        for row, s in zip(peaks, scenes, strict=True)
+                    ]
+                )
+            )
+        out.append(
+            {
+                "abstractor_layer": int(layer),
+                "peak_lift": float(rows["peak_lift"].mean()),
+                "consistency": observed,
+                "consistency_shuffled": float(np.mean(shuffled)),
+                "consistency_p": (1 + sum(x >= observed - 1e-12 for x in shuffled)) / (1 + shuffles),
+                "distinct_cells": len(set(modal)),
+                "object_hit": float(rows["occupied"].mean()),
+                "object_chance": chance,
+                "object_coverage": coverage,
+            }
+        )
     return pd.DataFrame(out).set_index("abstractor_layer")
 
 
 def per_image_specialisation(stats: pd.DataFrame, scenes, board: int = GRID, layer: int = -1) -> pd.DataFrame:
-    """The numbers of :func:`specialisation`, per image, for one abstractor layer (so they get standard errors).
+    """The numbers of :func:`specialisation`, per image, for one abstractor layer (so they get standard
+    errors).
 
     Columns (one row per image):
         own_cell: fraction of the queries whose peak is that query's most common peak cell (over all images).
@@ -163,13 +212,21 @@ def per_image_specialisation(stats: pd.DataFrame, scenes, board: int = GRID, lay
     if len(scenes) != len(peaks):
         raise ValueError(f"got {len(scenes)} scenes for {len(peaks)} images")
     modal = peaks.mode().iloc[0]  # each query's most common peak cell (smallest on ties)
-    return pd.DataFrame({
-        "own_cell": (peaks == modal).mean(axis=1),
-        "object_hit": rows.groupby("image")["occupied"].mean(),
-        "object_chance": [len(s.objects) / (board * board) for s in scenes],
-        "peak_lift": rows.groupby("image")["peak_lift"].mean(),
-    })
+    return pd.DataFrame(
+        {
+            "own_cell": (peaks == modal).mean(axis=1),
+            "object_hit": rows.groupby("image")["occupied"].mean(),
+            "object_chance": [len(s.objects) / (board * board) for s in scenes],
+            "peak_lift": rows.groupby("image")["peak_lift"].mean(),
+        }
+    )
 
 
-__all__ = ["STAT_COLUMNS", "patch_cells", "cell_mass", "per_image_specialisation", "query_map_stats",
-           "specialisation"]
+__all__ = [
+    "STAT_COLUMNS",
+    "patch_cells",
+    "cell_mass",
+    "per_image_specialisation",
+    "query_map_stats",
+    "specialisation",
+]

@@ -28,6 +28,7 @@ Baselines (the path's start point, documented choice):
 Target: the logit (or log-prob / prob, ``score=``) of one vocabulary token at the last prompt
 position, i.e. the first answer token. Default: the model's own greedy next token.
 """
+
 from __future__ import annotations
 
 import time
@@ -89,15 +90,18 @@ class Attribution:
         """pandas DataFrame: position, token, score (one row per prompt token)."""
         import pandas as pd
 
-        return pd.DataFrame({"position": self.token_positions.tolist(), "token": self.tokens,
-                             "score": self.token_scores.tolist()})
+        return pd.DataFrame(
+            {
+                "position": self.token_positions.tolist(),
+                "token": self.tokens,
+                "score": self.token_scores.tolist(),
+            }
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # family adapters: which layers to attribute at, and a forward that scores k copies of the prompt
 # ---------------------------------------------------------------------------------------------
-
-
 
 
 class _Adapter:
@@ -129,8 +133,9 @@ class _Adapter:
             if self.pixels is not None:  # where each image goes: s_n, and which pixel row is image n
                 starts, order = resolve_media(batch.get("media_offset"), self.pixels.shape[0], 1, mask)
                 self.image_starts, self.order = starts[0][None], order[0]  # [1, N], [N]
-            self.image_positions = (self.image_starts[0] if self.image_starts is not None
-                                    else torch.zeros(0, dtype=torch.long))
+            self.image_positions = (
+                self.image_starts[0] if self.image_starts is not None else torch.zeros(0, dtype=torch.long)
+            )
             self.report = torch.ones_like(ids[0], dtype=torch.bool)
 
     def forward(self, ids: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:
@@ -173,9 +178,19 @@ def _score(logits: torch.Tensor, target_id: int, score: str) -> torch.Tensor:
     return logp if score == "logprob" else logp.exp()
 
 
-def attribute(model, processor_batch, target: str | int | None = None, method: str = "integrated_gradients",
-              n_steps: int = 32, *, score: str = "logit", tokenizer=None, baseline_token: int | None = None,
-              internal_batch_size: int | None = None, integration: str = "gausslegendre") -> Attribution:
+def attribute(
+    model,
+    processor_batch,
+    target: str | int | None = None,
+    method: str = "integrated_gradients",
+    n_steps: int = 32,
+    *,
+    score: str = "logit",
+    tokenizer=None,
+    baseline_token: int | None = None,
+    internal_batch_size: int | None = None,
+    integration: str = "gausslegendre",
+) -> Attribution:
     """Attribute a target token's score to image patches and prompt tokens (see module docstring).
 
     Args:
@@ -212,7 +227,9 @@ def attribute(model, processor_batch, target: str | int | None = None, method: s
     keep = torch.zeros_like(ids[0], dtype=torch.bool)
     keep[ad.image_positions] = True
     keep |= ~ad.report  # image marker rows (none where images are not rows)
-    special = set(getattr(tokenizer, "all_special_ids", []) or []) - {getattr(tokenizer, "pad_token_id", None)}
+    special = set(getattr(tokenizer, "all_special_ids", []) or []) - {
+        getattr(tokenizer, "pad_token_id", None)
+    }
     if special:
         keep |= torch.isin(ids[0], torch.tensor(sorted(special), dtype=ids.dtype))
     pad = baseline_token if baseline_token is not None else getattr(tokenizer, "pad_token_id", None)
@@ -232,8 +249,13 @@ def attribute(model, processor_batch, target: str | int | None = None, method: s
         lig = LayerIntegratedGradients(scored, layers if len(layers) > 1 else layers[0])
         # (captum's own delta needs every input to share the batch dim; N_img != 1 breaks that, so the
         # completeness gap is computed below from the two end-point scores)
-        attrs = lig.attribute(inputs, baselines=baselines, n_steps=int(n_steps), method=integration,
-                              internal_batch_size=internal_batch_size)
+        attrs = lig.attribute(
+            inputs,
+            baselines=baselines,
+            n_steps=int(n_steps),
+            method=integration,
+            internal_batch_size=internal_batch_size,
+        )
         with torch.no_grad():
             value = float(scored(ids, ad.pixels))
             baseline_value = float(scored(*baselines))
@@ -247,13 +269,24 @@ def attribute(model, processor_batch, target: str | int | None = None, method: s
         patch = torch.zeros(0, 0, 0)
     positions = ad.report.nonzero().flatten()
     id_list = ids[0, positions].tolist()
-    tokens = (tokenizer.convert_ids_to_tokens(id_list) if tokenizer is not None else [str(i) for i in id_list])
+    tokens = tokenizer.convert_ids_to_tokens(id_list) if tokenizer is not None else [str(i) for i in id_list]
     target_str = tokenizer.convert_ids_to_tokens(target_id) if tokenizer is not None else str(target_id)
     return Attribution(
-        patch_maps=patch.cpu(), token_scores=token_all[positions].cpu(), tokens=list(tokens),
-        token_positions=positions.cpu(), target_id=target_id, target=str(target_str), score=score,
-        value=value, baseline_value=baseline_value,
+        patch_maps=patch.cpu(),
+        token_scores=token_all[positions].cpu(),
+        tokens=list(tokens),
+        token_positions=positions.cpu(),
+        target_id=target_id,
+        target=str(target_str),
+        score=score,
+        value=value,
+        baseline_value=baseline_value,
         delta=float(patch.double().sum() + token_all.double().sum()) - (value - baseline_value),
-        n_steps=int(n_steps), family=ad.family, seconds=time.perf_counter() - t0,
-        extra={"baseline_ids": base_ids.cpu(), "marker_attribution": float(token_all[~ad.report].abs().sum())},
+        n_steps=int(n_steps),
+        family=ad.family,
+        seconds=time.perf_counter() - t0,
+        extra={
+            "baseline_ids": base_ids.cpu(),
+            "marker_attribution": float(token_all[~ad.report].abs().sum()),
+        },
     )

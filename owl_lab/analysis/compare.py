@@ -11,6 +11,7 @@ first token, i.e. the attributed token), mean over heads and the chosen layers, 
 (Integrated Gradients), absolute values by default (importance regardless of sign). Rank
 correlation (Spearman) because the two live on unrelated scales.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -62,12 +63,15 @@ def _last_query_maps(rec, kinds: tuple[str, ...], layers) -> list:
     # keys end in (..., layer, kind): (step, layer, kind) or (call, step, layer, kind) — one forward here
     maps = [fm for key, fm in sorted(rec.full_maps.items()) if key[-1] in kinds and key[-2] in layers]
     if not maps:
-        raise ValueError(f"no {kinds} attention was recorded for the last position in layers {sorted(layers)}.")
+        raise ValueError(
+            f"no {kinds} attention was recorded for the last position in layers {sorted(layers)}."
+        )
     return maps
 
 
-def attention_patch_maps(model, processor_batch, *, weighting: str = "decoder", abstractor_layer: int = -1,
-                         layers=None) -> tuple[torch.Tensor, str]:
+def attention_patch_maps(
+    model, processor_batch, *, weighting: str = "decoder", abstractor_layer: int = -1, layers=None
+) -> tuple[torch.Tensor, str]:
     """Attention mass per image patch seen from the last prompt position: ([N_img, gh, gw], source).
 
     * Owl2: abstractor query→patch maps (``hooks.capture``, mean over heads) of ``abstractor_layer``,
@@ -89,8 +93,17 @@ def attention_patch_maps(model, processor_batch, *, weighting: str = "decoder", 
     extra_rows = model.config.tokens_per_image - 1 if spec.expands_image_marker else 0
     length = ad.ids.shape[1] + n_img * extra_rows
     has_abstractor = spec.has("abstractor_event")
-    with torch.no_grad(), capture(model, attention=True, full_maps={i: [length - 1] for i in layers},
-                                  abstractor=has_abstractor, gates=False, layers=layers) as rec:
+    with (
+        torch.no_grad(),
+        capture(
+            model,
+            attention=True,
+            full_maps={i: [length - 1] for i in layers},
+            abstractor=has_abstractor,
+            gates=False,
+            layers=layers,
+        ) as rec,
+    ):
         model(**{k: v for k, v in processor_batch.items() if k != "labels"})
     if has_abstractor:
         amap = rec.abstractor_maps[abstractor_layer].mean(1)  # [N, H, Q, gh, gw] → [N, Q, gh, gw]
@@ -104,24 +117,35 @@ def attention_patch_maps(model, processor_batch, *, weighting: str = "decoder", 
             for n in range(n_img):
                 cols = (fm.key_image[0] == n).nonzero().flatten()[:Q]  # query rows (vit_eos is last)
                 w[n] += p[cols] / len(maps)
-        return (torch.einsum("nq,nqhw->nhw", w, amap),
-                f"Owl2 abstractor layer {abstractor_layer} maps (mean over heads), weighted by the decoder's "
-                f"attention from the last position to each query row (mean over heads, layers {layers})")
+        return (
+            torch.einsum("nq,nqhw->nhw", w, amap),
+            f"Owl2 abstractor layer {abstractor_layer} maps (mean over heads), weighted by the decoder's "
+            f"attention from the last position to each query row (mean over heads, layers {layers})",
+        )
     maps = _last_query_maps(rec, ("cross", "joint"), layers)
-    grid = int(round(model.config.tokens_per_image ** 0.5))
+    grid = int(round(model.config.tokens_per_image**0.5))
     out = torch.zeros(n_img, grid * grid)
     for fm in maps:
         p = fm.probs[0, :, -1].mean(0)  # [Lk]
         for n in range(n_img):
             cols = ((fm.key_image[0] == n) & (fm.key_position[0] < 0)).nonzero().flatten()
             out[n] += p[cols] / len(maps)
-    return out.view(n_img, grid, grid), (f"Owl3 attention of the last position to each image key, mean over "
-                                         f"heads and hyper layers {layers}")
+    return out.view(n_img, grid, grid), (
+        f"Owl3 attention of the last position to each image key, mean over heads and hyper layers {layers}"
+    )
 
 
-def attention_vs_attribution(model, processor_batch, attribution: Attribution | None = None, *,
-                             absolute: bool = True, weighting: str = "decoder", abstractor_layer: int = -1,
-                             layers=None, **attribute_kwargs) -> AttentionComparison:
+def attention_vs_attribution(
+    model,
+    processor_batch,
+    attribution: Attribution | None = None,
+    *,
+    absolute: bool = True,
+    weighting: str = "decoder",
+    abstractor_layer: int = -1,
+    layers=None,
+    **attribute_kwargs,
+) -> AttentionComparison:
     """Put the attention view and the IG view of the image patches side by side.
 
     Args:
@@ -134,17 +158,26 @@ def attention_vs_attribution(model, processor_batch, attribution: Attribution | 
     Returns:
         :class:`AttentionComparison`; ``round(cmp.spearman, 2)`` is the number a notebook prints.
     """
-    attention, source = attention_patch_maps(model, processor_batch, weighting=weighting,
-                                             abstractor_layer=abstractor_layer, layers=layers)
+    attention, source = attention_patch_maps(
+        model, processor_batch, weighting=weighting, abstractor_layer=abstractor_layer, layers=layers
+    )
     if attribution is None:
         attribution = attribute(model, processor_batch, **attribute_kwargs)
     attr = attribution.patch_maps.abs() if absolute else attribution.patch_maps
     if tuple(attr.shape) != tuple(attention.shape):
-        raise ValueError(f"attention maps {tuple(attention.shape)} and attribution maps {tuple(attr.shape)} "
-                         "differ in shape; was the attribution computed on this batch?")
+        raise ValueError(
+            f"attention maps {tuple(attention.shape)} and attribution maps {tuple(attr.shape)} "
+            "differ in shape; was the attribution computed on this batch?"
+        )
     per_image = [spearman(attention[n], attr[n]) for n in range(attr.shape[0])]
-    return AttentionComparison(attention=attention, attribution=attr, spearman=spearman(attention, attr),
-                               per_image=per_image, source=source, result=attribution)
+    return AttentionComparison(
+        attention=attention,
+        attribution=attr,
+        spearman=spearman(attention, attr),
+        per_image=per_image,
+        source=source,
+        result=attribution,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,8 +208,15 @@ class TokenComparison:
     result: Attribution
 
 
-def attention_vs_token_attribution(model, processor_batch, attribution: Attribution | None = None, *,
-                                   absolute: bool = True, layers=None, **attribute_kwargs) -> TokenComparison:
+def attention_vs_token_attribution(
+    model,
+    processor_batch,
+    attribution: Attribution | None = None,
+    *,
+    absolute: bool = True,
+    layers=None,
+    **attribute_kwargs,
+) -> TokenComparison:
     """Put the attention view and the IG view of the prompt tokens side by side.
 
     Attention: the last position's softmax over sequence keys (kind ``self``, or ``joint`` in fused Owl3
@@ -201,8 +241,12 @@ def attention_vs_token_attribution(model, processor_batch, attribution: Attribut
     if spec.expands_image_marker:  # every earlier marker became tokens_per_image rows instead of one
         marker, extra = (ids == spec.image_marker(model.config)).long(), model.config.tokens_per_image - 1
         seq, length = seq + (marker.cumsum(0) - marker) * extra, length + int(marker.sum()) * extra
-    with torch.no_grad(), capture(model, full_maps={i: [length - 1] for i in layers}, layers=layers,
-                                  gates=False, abstractor=False) as rec:
+    with (
+        torch.no_grad(),
+        capture(
+            model, full_maps={i: [length - 1] for i in layers}, layers=layers, gates=False, abstractor=False
+        ) as rec,
+    ):
         model(**{k: v for k, v in processor_batch.items() if k != "labels"})
     maps = _last_query_maps(rec, ("self", "joint"), layers)
     att = torch.zeros(length)
@@ -215,16 +259,24 @@ def attention_vs_token_attribution(model, processor_batch, attribution: Attribut
             if g >= 0:
                 group_mass[fm.groups[g]] = group_mass.get(fm.groups[g], 0.0) + m / len(maps)
     positions = attribution.token_positions
-    group_of = {int(pos): fm.groups[g] for fm in maps
-                for pos, g in zip(fm.key_position[0].tolist(), fm.key_group[0].tolist(), strict=True) if pos >= 0}
+    group_of = {
+        int(pos): fm.groups[g]
+        for fm in maps
+        for pos, g in zip(fm.key_position[0].tolist(), fm.key_group[0].tolist(), strict=True)
+        if pos >= 0
+    }
     scores = attribution.token_scores.abs() if absolute else attribution.token_scores
     base = attribution.extra["baseline_ids"][0]
-    table = pd.DataFrame({
-        "position": positions.tolist(), "token": attribution.tokens,
-        "group": [group_of.get(int(seq[p]), "?") for p in positions.tolist()],
-        "attributed": (base[positions] != ids[positions]).tolist(),
-        "attention": att[seq[positions]].tolist(), "attribution": scores.tolist(),
-    })
+    table = pd.DataFrame(
+        {
+            "position": positions.tolist(),
+            "token": attribution.tokens,
+            "group": [group_of.get(int(seq[p]), "?") for p in positions.tolist()],
+            "attributed": (base[positions] != ids[positions]).tolist(),
+            "attention": att[seq[positions]].tolist(),
+            "attribution": scores.tolist(),
+        }
+    )
     used = table[table["attributed"]]
     rho = spearman(used["attention"], used["attribution"])
 
@@ -232,12 +284,20 @@ def attention_vs_token_attribution(model, processor_batch, attribution: Attribut
     for n in range(attribution.patch_maps.shape[0]):
         attr_mass[f"image:{n}"] = float(attribution.patch_maps[n].abs().sum())
     names = list(dict.fromkeys([*group_mass, *attr_mass]))
-    groups = pd.DataFrame({"attention": [group_mass.get(g, np.nan) for g in names],
-                           "attribution": [attr_mass.get(g, 0.0) for g in names]}, index=pd.Index(names, name="group"))
+    groups = pd.DataFrame(
+        {
+            "attention": [group_mass.get(g, np.nan) for g in names],
+            "attribution": [attr_mass.get(g, 0.0) for g in names],
+        },
+        index=pd.Index(names, name="group"),
+    )
     groups = groups / groups.sum(skipna=True)  # gated Owl3: no image keys in `self` → image attention NaN
     kinds = sorted({key[-1] for key in rec.full_maps if key[-1] in ("self", "joint")})
-    source = (f"{spec.name}: attention of the last position over sequence keys ({'/'.join(kinds)}), mean over heads "
-              f"and layers {layers}; Spearman over the {len(used)} attributed tokens")
+    source = (
+        f"{spec.name}: attention of the last position over sequence keys ({'/'.join(kinds)}), "
+        "mean over heads "
+        f"and layers {layers}; Spearman over the {len(used)} attributed tokens"
+    )
     return TokenComparison(table=table, spearman=rho, groups=groups, source=source, result=attribution)
 
 
@@ -258,9 +318,17 @@ def compare_examples(model, processor, examples, **attribute_kwargs) -> pd.DataF
         patches = attention_vs_attribution(model, batch, a).spearman if len(ex.images) else float("nan")
         images = tok.groups.index.str.startswith("image")
         change = a.value - a.baseline_value
-        rows.append({"example": i, "expected": ex.answer, "target": a.target,
-                     "first_token_correct": a.target.lstrip("▁Ġ") == str(ex.answer).split()[0],
-                     "patch_spearman": patches, "token_spearman": tok.spearman, "image_share_ig": a.image_share,
-                     "image_share_attention": float(tok.groups.loc[images, "attention"].sum(min_count=1)),
-                     "gap": abs(a.delta) / abs(change) if change else float("nan")})
+        rows.append(
+            {
+                "example": i,
+                "expected": ex.answer,
+                "target": a.target,
+                "first_token_correct": a.target.lstrip("▁Ġ") == str(ex.answer).split()[0],
+                "patch_spearman": patches,
+                "token_spearman": tok.spearman,
+                "image_share_ig": a.image_share,
+                "image_share_attention": float(tok.groups.loc[images, "attention"].sum(min_count=1)),
+                "gap": abs(a.delta) / abs(change) if change else float("nan"),
+            }
+        )
     return pd.DataFrame(rows)

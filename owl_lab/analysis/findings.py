@@ -20,6 +20,7 @@ The rule (``k = 2`` standard errors, ``MIN_N = 50`` examples):
 A verdict is also flagged (``caveats``) when it rests on one seed or on fewer than ``MIN_N``
 examples in some seed: such a verdict says what this draw shows, not what the design does.
 """
+
 from __future__ import annotations
 
 import json
@@ -92,8 +93,9 @@ def from_samples(values: Sequence[float], label: str = "", *, sign: int = 1) -> 
     return Effect(sign * float(x.mean()), se, int(x.size), label)
 
 
-def judge(effects: Sequence[Effect], *, expected: float | None = None, k: float = K,
-          min_n: int = MIN_N) -> tuple[str, list[str]]:
+def judge(
+    effects: Sequence[Effect], *, expected: float | None = None, k: float = K, min_n: int = MIN_N
+) -> tuple[str, list[str]]:
     """The verdict for a claim measured on several seeds (see the module docstring): (verdict, caveats).
 
     Args:
@@ -107,7 +109,9 @@ def judge(effects: Sequence[Effect], *, expected: float | None = None, k: float 
     if not effects:
         raise ValueError("judge needs at least one effect")
     if expected is not None and not expected > 0:
-        raise ValueError(f"expected is the claimed effect size, oriented like the effects: > 0; got {expected}")
+        raise ValueError(
+            f"expected is the claimed effect size, oriented like the effects: > 0; got {expected}"
+        )
     sides = [e.side(k) for e in effects]
     enough = all(e.n >= min_n for e in effects)
     if expected is not None:
@@ -154,9 +158,18 @@ class Finding:
         return f"{n_for} of {len(self.effects)} for"
 
 
-def finding(claim: str, source: str, effects: Sequence[Effect], interpretation: str | Mapping[str, str], *,
-            expected: float | None = None, digits: int = 1, units: str = "", k: float = K,
-            min_n: int = MIN_N) -> Finding:
+def finding(
+    claim: str,
+    source: str,
+    effects: Sequence[Effect],
+    interpretation: str | Mapping[str, str],
+    *,
+    expected: float | None = None,
+    digits: int = 1,
+    units: str = "",
+    k: float = K,
+    min_n: int = MIN_N,
+) -> Finding:
     """Judge one claim and attach its interpretation.
 
     Args:
@@ -174,13 +187,17 @@ def finding(claim: str, source: str, effects: Sequence[Effect], interpretation: 
         unknown = set(interpretation) - set(VERDICTS)
         if unknown:
             raise ValueError(f"interpretation keys must be verdicts {VERDICTS}; got {sorted(unknown)}")
-        text = interpretation.get(verdict, f"(no sentence written for the verdict '{verdict}': read the numbers)")
+        text = interpretation.get(
+            verdict, f"(no sentence written for the verdict '{verdict}': read the numbers)"
+        )
     else:
         text = str(interpretation)
     return Finding(claim, source, list(effects), verdict, caveats, text, digits, units)
 
 
-def findings_table(rows: Sequence[Finding], *, title: str = "What we found", show: bool = True) -> pd.DataFrame:
+def findings_table(
+    rows: Sequence[Finding], *, title: str = "What we found", show: bool = True
+) -> pd.DataFrame:
     """The closing table of a reproduction notebook; prints a compact, rounded text form.
 
     Returns:
@@ -190,10 +207,21 @@ def findings_table(rows: Sequence[Finding], *, title: str = "What we found", sho
     rows = list(rows)
     if not rows:
         raise ValueError("findings_table needs at least one finding")
-    table = pd.DataFrame([{
-        "claim": r.claim, "source": r.source, "ours": r.ours(), "n": "/".join(str(e.n) for e in r.effects),
-        "seeds": r.seeds(), "verdict": r.verdict, "caveats": ", ".join(r.caveats),
-        "interpretation": r.interpretation} for r in rows])
+    table = pd.DataFrame(
+        [
+            {
+                "claim": r.claim,
+                "source": r.source,
+                "ours": r.ours(),
+                "n": "/".join(str(e.n) for e in r.effects),
+                "seeds": r.seeds(),
+                "verdict": r.verdict,
+                "caveats": ", ".join(r.caveats),
+                "interpretation": r.interpretation,
+            }
+            for r in rows
+        ]
+    )
     if show:
         print(format_findings(table, title=title))
     return table
@@ -212,8 +240,10 @@ def format_findings(table: pd.DataFrame, *, title: str = "What we found") -> str
 
 _CLAIM = re.compile(r"^(\d+)\. (.*) \[([^\[\]]*(?:\([^()]*\))?[^\[\]]*)\]$")
 _OURS = re.compile(r"^   ours: (.*) \(n = ([\d/]+)\)$")
-_VERDICT = re.compile(r"^   verdict: (reproduced|not reproduced|opposite|inconclusive) \((\d+ of \d+ for)\)"
-                      r"(?:; caveat: (.*))?$")
+_VERDICT = re.compile(
+    r"^   verdict: (reproduced|not reproduced|opposite|inconclusive) \((\d+ of \d+ for)\)"
+    r"(?:; caveat: (.*))?$"
+)
 
 
 def parse_findings(text: str) -> list[dict]:
@@ -229,9 +259,18 @@ def parse_findings(text: str) -> list[dict]:
         ours, verdict = _OURS.match(lines[i + 1]), _VERDICT.match(lines[i + 2])
         if not (ours and verdict):
             continue
-        out.append({"claim": m.group(2), "source": m.group(3), "ours": ours.group(1), "n": ours.group(2),
-                    "verdict": verdict.group(1), "seeds": verdict.group(2), "caveats": verdict.group(3) or "",
-                    "interpretation": lines[i + 3].strip()})
+        out.append(
+            {
+                "claim": m.group(2),
+                "source": m.group(3),
+                "ours": ours.group(1),
+                "n": ours.group(2),
+                "verdict": verdict.group(1),
+                "seeds": verdict.group(2),
+                "caveats": verdict.group(3) or "",
+                "interpretation": lines[i + 3].strip(),
+            }
+        )
     return out
 
 
@@ -260,5 +299,19 @@ def claims_markdown(notebooks) -> str:
     return "\n".join(rows)
 
 
-__all__ = ["Effect", "Finding", "K", "MIN_N", "VERDICTS", "claims_markdown", "findings_table", "finding",
-           "format_findings", "from_paired", "from_samples", "judge", "notebook_findings", "parse_findings"]
+__all__ = [
+    "Effect",
+    "Finding",
+    "K",
+    "MIN_N",
+    "VERDICTS",
+    "claims_markdown",
+    "findings_table",
+    "finding",
+    "format_findings",
+    "from_paired",
+    "from_samples",
+    "judge",
+    "notebook_findings",
+    "parse_findings",
+]

@@ -6,6 +6,7 @@ and every **generated token** fed back afterwards. :func:`answer_rows` picks exa
 ``rec.attention_mass`` of one ``generate`` call; :func:`answer_mass` runs one capture per example
 (so decode-step numbering restarts for each prompt) and averages the per-layer tables.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -29,8 +30,16 @@ def answer_rows(df: pd.DataFrame) -> pd.DataFrame:
 
 
 @torch.no_grad()
-def answer_mass(model, processor, examples: Sequence, *, max_new_tokens: int = 3, level: str = "modality",
-                groups: list[str] | None = None, per_example: bool = False):
+def answer_mass(
+    model,
+    processor,
+    examples: Sequence,
+    *,
+    max_new_tokens: int = 3,
+    level: str = "modality",
+    groups: list[str] | None = None,
+    per_example: bool = False,
+):
     """Mean [layer × group] attention mass of the answer-producing queries over ``examples``.
 
     Each example is generated greedily on its own (batch 1, ``max_new_tokens``) inside its own capture;

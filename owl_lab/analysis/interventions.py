@@ -3,6 +3,7 @@
 Observation (``hooks``) never changes the numbers; an intervention changes them on purpose, inside a
 ``with`` block, and puts every weight back bit for bit on exit (also when the block raises).
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -54,6 +55,11 @@ def branch_divergence(model) -> list[dict]:
         a, b = m.multiway[0].weight.detach(), m.multiway[1].weight.detach()
         parts = name.split(".")
         layer = int(parts[parts.index("layers") + 1])
-        rows.append({"layer": layer, "module": parts[-1],
-                     "relative_distance": float((b - a).norm() / a.norm().clamp_min(1e-12))})
+        rows.append(
+            {
+                "layer": layer,
+                "module": parts[-1],
+                "relative_distance": float((b - a).norm() / a.norm().clamp_min(1e-12)),
+            }
+        )
     return rows

@@ -181,7 +181,8 @@ def direct_logit_attribution(
 
 
 def _split_kind(model: nn.Module) -> str:
-    """How the attention term splits by modality: ``owl2`` (image rows), ``gated`` (Owl3 gate), or ``none``."""
+    """How the attention term splits by modality: ``owl2`` (image rows), ``gated`` (Owl3 gate), or
+    ``none``."""
     spec = family_spec(model)
     if spec.images_in_sequence:  # image rows are decoder positions: split their attention by key
         return "owl2"

@@ -4,6 +4,7 @@ level, group, mass).
 Head aggregation is a *choice* the papers never state (Owl2 Fig. 4/5): every function here averages
 over heads unless told otherwise, and says so in its output's name.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -11,8 +12,9 @@ from collections.abc import Iterable
 import pandas as pd
 
 
-def _select(df: pd.DataFrame, *, kind=None, level=None, steps=None, queries=None, batch=None, layers=None,
-            call=None):
+def _select(
+    df: pd.DataFrame, *, kind=None, level=None, steps=None, queries=None, batch=None, layers=None, call=None
+):
     mask = pd.Series(True, index=df.index)
     if kind is not None:
         mask &= df["kind"].isin([kind] if isinstance(kind, str) else kind)
@@ -20,8 +22,13 @@ def _select(df: pd.DataFrame, *, kind=None, level=None, steps=None, queries=None
         mask &= df["level"] == level
     if call is not None and "call" not in df:
         raise ValueError("call= needs a table with a 'call' column (rec.attention_mass from hooks.capture)")
-    for column, wanted in (("step", steps), ("query", queries), ("batch", batch), ("layer", layers),
-                           ("call", call)):
+    for column, wanted in (
+        ("step", steps),
+        ("query", queries),
+        ("batch", batch),
+        ("layer", layers),
+        ("call", call),
+    ):
         if wanted is None:
             continue
         if callable(wanted):
@@ -88,8 +95,9 @@ def modality_share(df: pd.DataFrame, *, kind="self", steps=None, queries=None, b
     return table.get("visual", pd.Series(0.0, index=table.index)).rename("visual_share")
 
 
-def depth_rise(df: pd.DataFrame, *, group: str = "visual", kind="self", level: str = "modality", steps=None,
-               queries=None) -> pd.Series:
+def depth_rise(
+    df: pd.DataFrame, *, group: str = "visual", kind="self", level: str = "modality", steps=None, queries=None
+) -> pd.Series:
     """Per capture call: how much ``group``'s share grows from the first third of the layers to the last.
 
     ``late - early``, where ``early`` / ``late`` are the mean share of ``group`` over the first /
@@ -103,7 +111,9 @@ def depth_rise(df: pd.DataFrame, *, group: str = "visual", kind="self", level: s
         Series indexed by ``call`` (``rise``, in share units: -1..1).
     """
     if "call" not in df:
-        raise ValueError("depth_rise needs a table with a 'call' column (rec.attention_mass from hooks.capture)")
+        raise ValueError(
+            "depth_rise needs a table with a 'call' column (rec.attention_mass from hooks.capture)"
+        )
     rows = _select(df, kind=kind, level=level, steps=steps, queries=queries)
     layers = sorted(rows["layer"].unique())
     third = len(layers) // 3
@@ -117,23 +127,27 @@ def depth_rise(df: pd.DataFrame, *, group: str = "visual", kind="self", level: s
     return (late - early).rename("rise")
 
 
-def call_share(df: pd.DataFrame, *, group: str = "visual", kind="self", level: str = "modality", steps=None,
-               queries=None) -> pd.DataFrame:
+def call_share(
+    df: pd.DataFrame, *, group: str = "visual", kind="self", level: str = "modality", steps=None, queries=None
+) -> pd.DataFrame:
     """``group``'s share per capture call and layer: [calls × layers] (mean over heads, steps, queries).
 
     One row per call (e.g. one ``generate`` per image), so ``table.sem()`` is the standard error over
     images of each layer's mean share, the error bar of :func:`layer_mass`'s line.
     """
     if "call" not in df:
-        raise ValueError("call_share needs a table with a 'call' column (rec.attention_mass from hooks.capture)")
+        raise ValueError(
+            "call_share needs a table with a 'call' column (rec.attention_mass from hooks.capture)"
+        )
     per_softmax = _per_softmax(_select(df, kind=kind, level=level, steps=steps, queries=queries))
     if group not in per_softmax:
         raise ValueError(f"no group {group!r} at level {level!r}; available {sorted(per_softmax.columns)}")
     return per_softmax[group].groupby(level=["call", "layer"]).mean().unstack("layer")
 
 
-def query_mass(df: pd.DataFrame, *, layer: int, kind="self", level="modality", batch: int = 0, steps=None,
-               call=None):
+def query_mass(
+    df: pd.DataFrame, *, layer: int, kind="self", level="modality", batch: int = 0, steps=None, call=None
+):
     """Mass per (step, query) and group for one layer, averaged over heads: a tidy table to plot.
 
     ``call`` keeps one capture call (an int, a list, or a predicate). With None and a table that holds

@@ -12,6 +12,7 @@ Shapes: features ``[n_patches, width]`` (object patches only, every scene's patc
 targets ``[n_patches, 4]`` with the classes of :data:`owl_lab.synth.shapes.CELL_ATTRIBUTES`
 (0 = empty cell, k + 1 = the k-th value).
 """
+
 from __future__ import annotations
 
 import random
@@ -27,8 +28,16 @@ ATTRIBUTES = tuple(name for name, _ in CELL_ATTRIBUTES)
 
 
 @torch.no_grad()
-def cell_features(model, processor, n_scenes: int, seed: int | str = 0, *, render_size: int = 112,
-                  n_objects: tuple[int, int] = (1, 8), batch_size: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+def cell_features(
+    model,
+    processor,
+    n_scenes: int,
+    seed: int | str = 0,
+    *,
+    render_size: int = 112,
+    n_objects: tuple[int, int] = (1, 8),
+    batch_size: int = 50,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Patch features of ``n_scenes`` seeded scenes and the attributes of the cell under each patch.
 
     Returns ``features`` [n_scenes * G², W] (Owl2: ViT output without CLS; Owl3: SigLIP through the
@@ -39,9 +48,13 @@ def cell_features(model, processor, n_scenes: int, seed: int | str = 0, *, rende
         raise ValueError(f"n_scenes must be >= 1; got {n_scenes}")
     features, targets = [], []
     for start in range(0, n_scenes, batch_size):
-        scenes = [sample_scene(random.Random(f"probe/{seed}/{i}"), *n_objects)
-                  for i in range(start, min(start + batch_size, n_scenes))]
-        batch = processor(text=[IMAGE_PLACEHOLDER] * len(scenes), images=[[render(s, render_size)] for s in scenes])
+        scenes = [
+            sample_scene(random.Random(f"probe/{seed}/{i}"), *n_objects)
+            for i in range(start, min(start + batch_size, n_scenes))
+        ]
+        batch = processor(
+            text=[IMAGE_PLACEHOLDER] * len(scenes), images=[[render(s, render_size)] for s in scenes]
+        )
         pixels = batch["pixel_values"].to(next(model.parameters()).dtype)
         feats = patch_features(model, pixels)  # [B, G², W]
         cells = patch_cells(int(round(feats.shape[1] ** 0.5)), pixels.shape[-1])  # [G²] board cell per patch
@@ -51,8 +64,16 @@ def cell_features(model, processor, n_scenes: int, seed: int | str = 0, *, rende
     return torch.cat(features), torch.cat(targets)
 
 
-def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                 *, steps: int = 300, lr: float = 1e-2, seed: int = 0) -> float:
+def linear_probe(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    *,
+    steps: int = 300,
+    lr: float = 1e-2,
+    seed: int = 0,
+) -> float:
     """Fit a softmax-linear classifier on standardised ``train_x`` [N, W] → ``train_y`` [N] (class ids);
     return its accuracy (%) on ``test_x`` [M, W] / ``test_y`` [M]. Full-batch Adam, seeded."""
     if len(train_x) == 0 or len(test_x) == 0:
@@ -76,8 +97,16 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     return 100.0 * (predicted == test_y).float().mean().item()
 
 
-def probe_cell_attributes(model, processor, *, n_train: int = 1000, n_test: int = 400, seed: int = 0,
-                          render_size: int = 112, steps: int = 300) -> dict[str, float]:
+def probe_cell_attributes(
+    model,
+    processor,
+    *,
+    n_train: int = 1000,
+    n_test: int = 400,
+    seed: int = 0,
+    render_size: int = 112,
+    steps: int = 300,
+) -> dict[str, float]:
     """Linear-probe accuracy (%) of each cell attribute on object patches (empty cells left out).
 
     Probes are fitted on ``n_train`` scenes and scored on ``n_test`` other scenes (1–8 objects).
@@ -87,6 +116,14 @@ def probe_cell_attributes(model, processor, *, n_train: int = 1000, n_test: int 
     train_x, train_y = cell_features(model, processor, n_train, f"{seed}/train", render_size=render_size)
     test_x, test_y = cell_features(model, processor, n_test, f"{seed}/test", render_size=render_size)
     train_obj, test_obj = train_y[:, 0] > 0, test_y[:, 0] > 0  # patches over an object
-    return {name: linear_probe(train_x[train_obj], train_y[train_obj, a] - 1, test_x[test_obj],
-                               test_y[test_obj, a] - 1, steps=steps, seed=seed)
-            for a, name in enumerate(ATTRIBUTES)}
+    return {
+        name: linear_probe(
+            train_x[train_obj],
+            train_y[train_obj, a] - 1,
+            test_x[test_obj],
+            test_y[test_obj, a] - 1,
+            steps=steps,
+            seed=seed,
+        )
+        for a, name in enumerate(ATTRIBUTES)
+    }

@@ -12,6 +12,7 @@ points can be chance. Two tools:
 
 Everything is in percentage points (0–100), like :mod:`owl_lab.evaluate`.
 """
+
 from __future__ import annotations
 
 import math
@@ -71,8 +72,13 @@ def paired_difference(a: Sequence, b: Sequence, k: float = 2.0) -> dict:
     else:
         z = 0.0 if diff == 0 else math.copysign(math.inf, diff)
     return {
-        "a": 100.0 * sum(fa) / n, "b": 100.0 * sum(fb) / n, "diff": diff, "se": se,
-        "se_unpaired": 100.0 * math.hypot(_se(fa), _se(fb)), "z": z, "n": n,
+        "a": 100.0 * sum(fa) / n,
+        "b": 100.0 * sum(fb) / n,
+        "diff": diff,
+        "se": se,
+        "se_unpaired": 100.0 * math.hypot(_se(fa), _se(fb)),
+        "z": z,
+        "n": n,
         "beyond_noise": abs(diff) > k * se,
     }
 

@@ -11,6 +11,7 @@ drops it after (its matrices are views into one seeded random pool, so this cost
 every pass sees the same values); the peak is the embeddings, one block and the activations (a few
 GB) while every shape, kernel and hook is the real one. Materialising is timed apart and subtracted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,22 +27,46 @@ from owl_lab.models.owl3 import Owl3Config
 from owl_lab.models.owl3.loading_owl3 import _rebuild_buffers
 
 OWL3_7B_240728 = dict(  # data/reference/owl3/SPEC.md §2 (config of 7B-240728)
-    hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-    num_key_value_heads=4, vocab_size=151851, rope_theta=1e6, max_position_embeddings=32768,
-    rms_norm_eps=1e-6, tie_word_embeddings=False, hyper_layers=[1, 9, 17, 25], hyper_attention="gated",
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    vocab_size=151851,
+    rope_theta=1e6,
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    hyper_layers=[1, 9, 17, 25],
+    hyper_attention="gated",
     projector="linear",
-    vision_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
-                       image_size=384, patch_size=14),
+    vision_config=dict(
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_hidden_layers=27,
+        num_attention_heads=16,
+        image_size=384,
+        patch_size=14,
+    ),
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("family", choices=["owl2", "owl3"])
-    parser.add_argument("--text", type=int, default=64, help="prompt text tokens around the image (default 64)")
-    parser.add_argument("--layers", type=int, default=None,
-                        help="keep only this many decoder layers (a scaled-down smoke test; default: all)")
-    parser.add_argument("--resident", action="store_true",
-                        help="materialise all weights at once (~16 GB) instead of streaming block by block")
+    parser.add_argument(
+        "--text", type=int, default=64, help="prompt text tokens around the image (default 64)"
+    )
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="keep only this many decoder layers (a scaled-down smoke test; default: all)",
+    )
+    parser.add_argument(
+        "--resident",
+        action="store_true",
+        help="materialise all weights at once (~16 GB) instead of streaming block by block",
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
 
 
@@ -89,7 +114,7 @@ def _fill(module: nn.Module, seed: int, dtype: torch.dtype, pool_size: int | Non
         elif pool_size is not None and n <= pool_size:
             pool = _random_pool(pool_size, dtype)
             offset = (seed * 7919 + hash(name)) % (pool.numel() - n + 1)
-            value = pool[offset:offset + n].view(param.shape)
+            value = pool[offset : offset + n].view(param.shape)
         else:
             value = (torch.randn(param.shape, generator=g, dtype=torch.float32) * 0.02).to(dtype)
         setattr(owner, attr, nn.Parameter(value, requires_grad=False))
@@ -99,8 +124,11 @@ def _drop(module: nn.Module) -> None:
     for name, param in list(module.named_parameters()):
         owner_name, _, attr = name.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module
-        setattr(owner, attr, nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
-                                          requires_grad=False))
+        setattr(
+            owner,
+            attr,
+            nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"), requires_grad=False),
+        )
 
 
 class Materialiser:
@@ -171,9 +199,12 @@ def run(args) -> int:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     model, batch, mat, weight_bytes = build(args.family, args.layers, args.resident, args.text)
-    print(f"owl-lab bench --full-size {args.family}: {weight_bytes / 1e9:.1f} GB of bf16 weights "
-          f"({'resident' if args.resident else 'streamed block by block'}), built in "
-          f"{time.perf_counter() - t0:.1f} s; {args.threads} thread(s)", flush=True)
+    print(
+        f"owl-lab bench --full-size {args.family}: {weight_bytes / 1e9:.1f} GB of bf16 weights "
+        f"({'resident' if args.resident else 'streamed block by block'}), built in "
+        f"{time.perf_counter() - t0:.1f} s; {args.threads} thread(s)",
+        flush=True,
+    )
     results = {}
     for mode in ("plain", "capture", "capture_mean_last"):
         mat.fill_seconds = 0.0
@@ -188,12 +219,17 @@ def run(args) -> int:
                 rows = len(rec.attention_mass)
         wall = time.perf_counter() - t - mat.fill_seconds
         results[mode] = (wall, rows, logits.float())
-        print(f"  {mode:18s} forward {wall:7.1f} s (+{mat.fill_seconds:.1f} s making weights)  "
-              f"mass rows {rows:>9,d}  peak RSS {_peak_rss_gb():.1f} GB", flush=True)
+        print(
+            f"  {mode:18s} forward {wall:7.1f} s (+{mat.fill_seconds:.1f} s making weights)  "
+            f"mass rows {rows:>9,d}  peak RSS {_peak_rss_gb():.1f} GB",
+            flush=True,
+        )
     same = torch.equal(results["plain"][2], results["capture"][2])
-    print(f"capture overhead {results['capture'][0] / results['plain'][0]:.2f}x (mean/last: "
-          f"{results['capture_mean_last'][0] / results['plain'][0]:.2f}x); logits equal: {same}; "
-          f"peak RSS {_peak_rss_gb():.1f} GB vs weights {weight_bytes / 2**30:.1f} GiB")
+    print(
+        f"capture overhead {results['capture'][0] / results['plain'][0]:.2f}x (mean/last: "
+        f"{results['capture_mean_last'][0] / results['plain'][0]:.2f}x); logits equal: {same}; "
+        f"peak RSS {_peak_rss_gb():.1f} GB vs weights {weight_bytes / 2**30:.1f} GiB"
+    )
     return 0 if same else 1
 
 

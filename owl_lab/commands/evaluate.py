@@ -1,4 +1,5 @@
 """``owl-lab eval NAME``: recompute a checkpoint's held-out metrics and compare them to metrics.json."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,9 @@ from owl_lab.evaluate import compare, evaluate
 
 def add_arguments(parser):
     parser.add_argument("name", help="shipped checkpoint name or checkpoint directory")
-    parser.add_argument("--tolerance", type=float, default=1.0, help="allowed difference in points (default 1)")
+    parser.add_argument(
+        "--tolerance", type=float, default=1.0, help="allowed difference in points (default 1)"
+    )
     parser.add_argument("--write", action="store_true", help="overwrite metrics.json's evaluation fields")
 
 
@@ -39,6 +42,9 @@ def run(args) -> int:
     problems = compare(shipped, fresh, args.tolerance)
     for p in problems:
         print("MISMATCH", p)
-    print("metrics reproduced" if not problems else f"{len(problems)} metric(s) differ by more than "
-          f"{args.tolerance} point(s)")
+    print(
+        "metrics reproduced"
+        if not problems
+        else f"{len(problems)} metric(s) differ by more than {args.tolerance} point(s)"
+    )
     return 1 if problems else 0

@@ -1,17 +1,29 @@
 """``owl-lab info [PATH] [--markdown]``: shipped checkpoints with their held-out metrics, or the
 family and key count of one checkpoint directory."""
+
 from __future__ import annotations
 
 import json
 
 from owl_lab import zoo
 
-COLUMNS = ("checkpoint", "family", "params", "train min", "image QA %", "caption %", "text %", "distractor N=1…32 %")
+COLUMNS = (
+    "checkpoint",
+    "family",
+    "params",
+    "train min",
+    "image QA %",
+    "caption %",
+    "text %",
+    "distractor N=1…32 %",
+)
 
 
 def add_arguments(parser):
     parser.add_argument("checkpoint", nargs="?", help="a shipped name or a checkpoint directory")
-    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown (for the README)")
+    parser.add_argument(
+        "--markdown", action="store_true", help="print the table as Markdown (for the README)"
+    )
 
 
 def summary_row(name: str) -> dict:
@@ -54,5 +66,7 @@ def run(args) -> int:
             print("  (none)")
         return 0
     directory = zoo.resolve_checkpoint(args.checkpoint)
-    print(f"{directory}: family {zoo.detect_family(directory)}, {len(zoo.checkpoint_keys(directory))} tensors")
+    print(
+        f"{directory}: family {zoo.detect_family(directory)}, {len(zoo.checkpoint_keys(directory))} tensors"
+    )
     return 0

@@ -1,4 +1,5 @@
 """``owl-lab notebooks``: execute every notebook in ``notebooks/`` headless, in order."""
+
 from __future__ import annotations
 
 import time

@@ -1,4 +1,5 @@
 """``owl-lab reproduce``: retrain every shipped checkpoint from its recipe (one after another)."""
+
 from __future__ import annotations
 
 import time
@@ -10,12 +11,22 @@ from owl_lab.train import train
 
 
 def add_arguments(parser):
-    parser.add_argument("names", nargs="*", help="recipes to retrain (default: every recipe with \"ship\": true)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="write checkpoints under this folder instead of data/checkpoints")
+    parser.add_argument(
+        "names", nargs="*", help='recipes to retrain (default: every recipe with "ship": true)'
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="write checkpoints under this folder instead of data/checkpoints",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: OMP_NUM_THREADS, else every core; use 1 per job when running two)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: OMP_NUM_THREADS, else every core; use 1 per job when running two)",
+    )
 
 
 def run(args) -> int:

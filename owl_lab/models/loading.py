@@ -110,7 +110,9 @@ def _as_dtype(value) -> torch.dtype:
         return value
     if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
         return getattr(torch, value)
-    raise ValueError(f"dtype must be None, 'auto', a torch.dtype or its name (e.g. 'bfloat16'); got {value!r}.")
+    raise ValueError(
+        f"dtype must be None, 'auto', a torch.dtype or its name (e.g. 'bfloat16'); got {value!r}."
+    )
 
 
 def stored_dtype(state: dict[str, torch.Tensor]) -> torch.dtype | None:
@@ -132,7 +134,9 @@ def resolve_dtype(dtype=None, torch_dtype=None, *, state=None, config_dtype=None
         config_dtype: ``config.json``'s ``dtype`` (for ``"auto"`` when ``state`` has no floating tensor).
     """
     if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
-        raise ValueError(f"Give dtype or its alias torch_dtype, not both (got {dtype!r} and {torch_dtype!r}).")
+        raise ValueError(
+            f"Give dtype or its alias torch_dtype, not both (got {dtype!r} and {torch_dtype!r})."
+        )
     choice = dtype if dtype is not None else torch_dtype
     if choice is None:
         return torch.float32
@@ -147,8 +151,10 @@ def resolve_dtype(dtype=None, torch_dtype=None, *, state=None, config_dtype=None
 def resolve_device(device_map=None) -> torch.device:
     """The one device a ``device_map`` names (see the module docstring)."""
     if isinstance(device_map, dict):
-        devices = {str(torch.device(d) if not isinstance(d, int) else torch.device("cuda", d))
-                   for d in device_map.values()}
+        devices = {
+            str(torch.device(d) if not isinstance(d, int) else torch.device("cuda", d))
+            for d in device_map.values()
+        }
         if len(devices) != 1:
             raise ValueError(
                 f"device_map must place the whole model on one device; got {device_map} ({sorted(devices)}). "
@@ -163,7 +169,9 @@ def resolve_device(device_map=None) -> torch.device:
         return torch.device("cuda", device_map)
     if isinstance(device_map, (str, torch.device)):
         return torch.device(device_map)
-    raise ValueError(f"device_map must be None, 'auto', a device or a dict of one device; got {device_map!r}.")
+    raise ValueError(
+        f"device_map must be None, 'auto', a device or a dict of one device; got {device_map!r}."
+    )
 
 
 def check_attn_implementation(value: str | None) -> str | None:
@@ -228,7 +236,9 @@ def load_weights_into(
     expected = {k: v.shape for k, v in model.state_dict().items()}
     problems = key_report(expected, state, may_be_missing=may_be_missing, may_be_extra=may_be_extra)
     if problems:
-        raise ValueError(f"{what} does not match the model built from its config.json: " + "; ".join(problems) + ".")
+        raise ValueError(
+            f"{what} does not match the model built from its config.json: " + "; ".join(problems) + "."
+        )
     tensors = {
         k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device))
         for k, v in state.items()

@@ -9,6 +9,7 @@ question + answer, identical for every N so the curve compares like with like) i
 *instances* that differ in where the true image sits and which random distractor scenes surround it;
 the question counts as solved only if every instance is answered exactly.
 """
+
 from __future__ import annotations
 
 import random
@@ -50,8 +51,9 @@ def task_multi(rng: random.Random, render_size: int = NATIVE_SIZE, multi_max_ima
     return _instance(rng, n, scene, question, answer, kind, render_size, {})
 
 
-def distractor_eval(seed: int, n_images: int, n_questions: int = 40, n_instances: int = 3,
-                    render_size: int = NATIVE_SIZE) -> list[list[Example]]:
+def distractor_eval(
+    seed: int, n_images: int, n_questions: int = 40, n_instances: int = 3, render_size: int = NATIVE_SIZE
+) -> list[list[Example]]:
     """Groups of instances, one group per question; with one image there is a single instance.
 
     The question set depends only on ``seed`` (not on ``n_images``), so accuracy across N is a
@@ -65,7 +67,10 @@ def distractor_eval(seed: int, n_images: int, n_questions: int = 40, n_instances
         instances = []
         for v in range(1 if n_images == 1 else n_instances):
             vrng = random.Random(f"{seed}/distractor/q{q}/n{n_images}/v{v}")
-            instances.append(_instance(vrng, n_images, scene, question, answer, kind, render_size,
-                                       {"question": q, "instance": v}))
+            instances.append(
+                _instance(
+                    vrng, n_images, scene, question, answer, kind, render_size, {"question": q, "instance": v}
+                )
+            )
         groups.append(instances)
     return groups

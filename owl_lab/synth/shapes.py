@@ -10,6 +10,7 @@ and ``c − d``, in 2-pixel bands (native pixels). Their *mean* colour equals th
 colour ``c``, so once an image is downsampled enough (28 px from 112) the three patterns become
 indistinguishable while colour, shape and position survive.
 """
+
 from __future__ import annotations
 
 import random
@@ -167,6 +168,7 @@ def cell_targets(scene: Scene) -> list[list[int]]:
     for r in range(GRID):
         for c in range(GRID):
             o = scene.at(r, c)
-            rows.append([0 if o is None else values.index(getattr(o, name)) + 1
-                         for name, values in CELL_ATTRIBUTES])
+            rows.append(
+                [0 if o is None else values.index(getattr(o, name)) + 1 for name, values in CELL_ATTRIBUTES]
+            )
     return rows

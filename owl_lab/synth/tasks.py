@@ -14,6 +14,7 @@ Task families (names are the keys of :data:`TASKS`):
 * text-only — ``add sub compare greater next parity`` (the "text benchmark");
 * multi-image — ``multi`` (see :mod:`owl_lab.synth.multi`).
 """
+
 from __future__ import annotations
 
 import random
@@ -44,6 +45,7 @@ class Example:
 
 
 # --- scene questions (return (question, answer) for a scene, or None if not askable) ------------
+
 
 def _pick_unique(rng, scene: Scene, key):
     """A random object that ``key`` singles out (one ``rng.choice``), or None if none is unique."""
@@ -143,8 +145,9 @@ SCENE_QUESTIONS = {
 }
 
 
-def scene_question(rng: random.Random, kind: str, n_objects=None,
-                   balanced_counts: bool = False) -> tuple[Scene, str, str]:
+def scene_question(
+    rng: random.Random, kind: str, n_objects=None, balanced_counts: bool = False
+) -> tuple[Scene, str, str]:
     """Sample a scene on which question ``kind`` is askable; return (scene, question, answer).
 
     ``balanced_counts`` (a world option) gives per-colour ``count`` questions the answers 0, 1 and 2
@@ -162,8 +165,9 @@ def scene_question(rng: random.Random, kind: str, n_objects=None,
 
 
 def make_image_task(kind: str):
-    def generate(rng: random.Random, render_size: int = NATIVE_SIZE, n_objects=None,
-                 balanced_counts: bool = False, **_) -> Example:
+    def generate(
+        rng: random.Random, render_size: int = NATIVE_SIZE, n_objects=None, balanced_counts: bool = False, **_
+    ) -> Example:
         scene, question, answer = scene_question(rng, kind, n_objects, balanced_counts)
         return Example(kind, f"{IMAGE_PLACEHOLDER}{question}", answer, [render(scene, render_size)], [scene])
 
@@ -172,6 +176,7 @@ def make_image_task(kind: str):
 
 
 # --- text-only tasks -----------------------------------------------------------------------------
+
 
 def t_add(rng):
     a, b = rng.randint(0, 9), rng.randint(0, 9)
@@ -211,8 +216,14 @@ def t_parity(rng):
     return f"Is {n} even or odd?", ("even" if n % 2 == 0 else "odd")
 
 
-TEXT_QUESTIONS = {"add": t_add, "sub": t_sub, "compare": t_compare, "greater": t_greater,
-                  "next": t_next, "parity": t_parity}
+TEXT_QUESTIONS = {
+    "add": t_add,
+    "sub": t_sub,
+    "compare": t_compare,
+    "greater": t_greater,
+    "next": t_next,
+    "parity": t_parity,
+}
 
 
 def make_text_task(kind: str):

@@ -16,6 +16,7 @@ produce no token.
 
 Ids are deterministic: specials first, then ``<|image|>``, then the words in vocab order.
 """
+
 from __future__ import annotations
 
 import copy

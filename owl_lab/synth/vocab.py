@@ -3,6 +3,7 @@
 Every word a generator in :mod:`owl_lab.synth` can emit, plus the prompt-template words of both
 families, is listed here. ``tests/owl_lab/synth`` checks that generated examples never hit ``<unk>``.
 """
+
 from __future__ import annotations
 
 # --- the shapes world -------------------------------------------------------------------------
@@ -35,13 +36,51 @@ NUMBERS = tuple(str(i) for i in range(65))
 TEMPLATE_WORDS = ("user", "assistant", "system")
 PUNCTUATION = (":", "?", ",", ".")
 QUESTION_WORDS = (
-    "what", "which", "where", "how", "many", "is", "are", "there", "the", "a", "an", "of",
-    "at", "in", "and", "or", "objects", "object", "color", "shape", "size", "pattern", "image",
-    "describe", "this", "it", "yes", "no", "nothing", "empty",
+    "what",
+    "which",
+    "where",
+    "how",
+    "many",
+    "is",
+    "are",
+    "there",
+    "the",
+    "a",
+    "an",
+    "of",
+    "at",
+    "in",
+    "and",
+    "or",
+    "objects",
+    "object",
+    "color",
+    "shape",
+    "size",
+    "pattern",
+    "image",
+    "describe",
+    "this",
+    "it",
+    "yes",
+    "no",
+    "nothing",
+    "empty",
 )
 TEXT_TASK_WORDS = (
-    "plus", "minus", "larger", "smaller", "greater", "less", "than", "comes", "after", "before",
-    "even", "odd", "number",
+    "plus",
+    "minus",
+    "larger",
+    "smaller",
+    "greater",
+    "less",
+    "than",
+    "comes",
+    "after",
+    "before",
+    "even",
+    "odd",
+    "number",
 )
 
 WORDS: tuple[str, ...] = tuple(

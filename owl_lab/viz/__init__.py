@@ -1,4 +1,5 @@
 """Plotly figures for the lab. Every function returns a ``plotly.graph_objects.Figure``."""
+
 from owl_lab.viz.figures import (
     abstractor_map_figure,
     bar_compare_figure,

@@ -9,6 +9,7 @@ renders its figure as display data (no FigureWidget, no frontend needed to build
     picker = abstractor_picker(rec.abstractor_maps, images=pil_images, summary=rec.abstractor_summary)
     display(picker.widget)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,7 +36,9 @@ class AbstractorView:
     @property
     def text(self) -> str:
         who = "all queries" if self.query is None else f"query {self.query}"
-        nums = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in self.numbers.items())
+        nums = ", ".join(
+            f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in self.numbers.items()
+        )
         return f"abstractor layer {self.layer}, image {self.image}, {who}: {nums}"
 
 
@@ -45,8 +48,9 @@ def _index(value: int, size: int, name: str) -> int:
     return int(value) % size
 
 
-def abstractor_view(maps, *, layer: int = -1, query: int | None = None, image: int = 0, images=None,
-                    summary=None, scenes=None) -> AbstractorView:
+def abstractor_view(
+    maps, *, layer: int = -1, query: int | None = None, image: int = 0, images=None, summary=None, scenes=None
+) -> AbstractorView:
     """Figure + numbers for one abstractor layer and image: all queries, or one query and its heads.
 
     Args:
@@ -63,12 +67,15 @@ def abstractor_view(maps, *, layer: int = -1, query: int | None = None, image: i
     A, N, H, Q = maps.shape[:4]
     layer, image = _index(layer, A, "layer"), _index(image, N, "image")
     q = None if query is None else _index(query, Q, "query")
-    one = maps[layer:layer + 1, image:image + 1]  # [1, 1, H, Q, gh, gw]
+    one = maps[layer : layer + 1, image : image + 1]  # [1, 1, H, Q, gh, gw]
     sc = None if scenes is None else [scenes[image]]
     stats = query_map_stats(one, sc)
     rows = stats if q is None else stats[stats["query"] == q]
-    numbers = {"patch_share": float(rows["patch_share"].mean()), "entropy": float(rows["entropy"].mean()),
-               "peak_lift": float(rows["peak_lift"].mean())}
+    numbers = {
+        "patch_share": float(rows["patch_share"].mean()),
+        "entropy": float(rows["entropy"].mean()),
+        "peak_lift": float(rows["peak_lift"].mean()),
+    }
     if summary is not None:
         s = summary[(summary["abstractor_layer"] == layer) & (summary["image"] == image)]
         if q is not None:
@@ -76,13 +83,20 @@ def abstractor_view(maps, *, layer: int = -1, query: int | None = None, image: i
         numbers |= {"cls": float(s["cls"].mean()), "queries": float(s["queries"].mean())}
     pil = None if images is None else images[image]
     if q is None:
-        fig = abstractor_map_figure(maps, image=pil, layer=layer, batch=image,
-                                    title=f"abstractor layer {layer}, image {image}: every query (mean over heads)")
+        fig = abstractor_map_figure(
+            maps,
+            image=pil,
+            layer=layer,
+            batch=image,
+            title=f"abstractor layer {layer}, image {image}: every query (mean over heads)",
+        )
         return AbstractorView(layer, None, image, numbers, fig)
 
     r = rows.iloc[0]
-    numbers |= {"peak_cell": (int(r["peak_row"]), int(r["peak_col"])),
-                "com": (round(float(r["com_row"]), 3), round(float(r["com_col"]), 3))}
+    numbers |= {
+        "peak_cell": (int(r["peak_row"]), int(r["peak_col"])),
+        "com": (round(float(r["com_row"]), 3), round(float(r["com_col"]), 3)),
+    }
     if sc is not None:
         numbers["peak_has_object"] = bool(r["occupied"])
     per_head = np.asarray(one[0, 0, :, q].float())  # [H, gh, gw]
@@ -94,11 +108,14 @@ def abstractor_view(maps, *, layer: int = -1, query: int | None = None, image: i
         col = 2
     vmax = float(per_head.max()) or 1.0
     for k, z in enumerate([per_head.mean(0), *per_head]):
-        fig.add_trace(go.Heatmap(z=z, zmin=0, zmax=vmax, colorscale="Oranges", showscale=k == 0), row=1, col=col + k)
+        fig.add_trace(
+            go.Heatmap(z=z, zmin=0, zmax=vmax, colorscale="Oranges", showscale=k == 0), row=1, col=col + k
+        )
     fig.update_yaxes(autorange="reversed", showticklabels=False)
     fig.update_xaxes(showticklabels=False)
-    fig.update_layout(title=f"abstractor layer {layer}, image {image}, query {q}", template="plotly_white",
-                      height=260)
+    fig.update_layout(
+        title=f"abstractor layer {layer}, image {image}, query {q}", template="plotly_white", height=260
+    )
     return AbstractorView(layer, q, image, numbers, fig)
 
 
@@ -111,10 +128,12 @@ class AbstractorPicker:
 
         self.maps, self.images, self.summary, self.scenes = maps, images, summary, scenes
         A, N, _, Q = maps.shape[:4]
-        self.layer = w.IntSlider(value=_index(layer, A, "layer"), min=0, max=A - 1, description="layer",
-                                 continuous_update=False)
-        self.query = w.Dropdown(options=[("all", None)] + [(str(q), q) for q in range(Q)], value=None,
-                                description="query")
+        self.layer = w.IntSlider(
+            value=_index(layer, A, "layer"), min=0, max=A - 1, description="layer", continuous_update=False
+        )
+        self.query = w.Dropdown(
+            options=[("all", None)] + [(str(q), q) for q in range(Q)], value=None, description="query"
+        )
         self.image = w.IntSlider(value=0, min=0, max=N - 1, description="image", continuous_update=False)
         self.text = w.HTML()
         self.output = w.Output()
@@ -124,9 +143,15 @@ class AbstractorPicker:
         self.widget = w.VBox([w.HBox([self.layer, self.query, self.image]), self.text, self.output])
 
     def update(self) -> AbstractorView:
-        self.view = abstractor_view(self.maps, layer=self.layer.value, query=self.query.value,
-                                    image=self.image.value, images=self.images, summary=self.summary,
-                                    scenes=self.scenes)
+        self.view = abstractor_view(
+            self.maps,
+            layer=self.layer.value,
+            query=self.query.value,
+            image=self.image.value,
+            images=self.images,
+            summary=self.summary,
+            scenes=self.scenes,
+        )
         self.text.value = f"<code>{self.view.text}</code>"
         self.output.outputs = (figure_output(self.view.figure),)
         return self.view

@@ -1,4 +1,5 @@
 """Figures for notebook 11: patch maps laid over the image, and per-token attention next to attribution."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,9 +32,24 @@ def patch_attribution_figure(image, maps: dict, *, opacity: float = 0.6, title: 
         z = z / z.max() if z.max() > 0 else z
         gh, gw = z.shape
         fig.add_trace(go.Image(z=rgb), row=1, col=col)
-        fig.add_trace(go.Heatmap(z=z, x0=w / gw / 2, dx=w / gw, y0=h / gh / 2, dy=h / gh, zmin=0, zmax=1,
-                                 colorscale="Inferno", opacity=opacity, showscale=col == 2,
-                                 colorbar_title="share of max", name=name), row=1, col=col)
+        fig.add_trace(
+            go.Heatmap(
+                z=z,
+                x0=w / gw / 2,
+                dx=w / gw,
+                y0=h / gh / 2,
+                dy=h / gh,
+                zmin=0,
+                zmax=1,
+                colorscale="Inferno",
+                opacity=opacity,
+                showscale=col == 2,
+                colorbar_title="share of max",
+                name=name,
+            ),
+            row=1,
+            col=col,
+        )
     fig.update_xaxes(showticklabels=False)
     fig.update_yaxes(showticklabels=False, autorange="reversed")
     fig.update_layout(title=title, template="plotly_white", height=320, width=260 * (1 + len(maps)))
@@ -51,8 +67,14 @@ def token_attribution_figure(table: pd.DataFrame, *, title: str = "") -> go.Figu
     for column, color in (("attention", VISUAL), ("attribution", TEXT)):
         v = table[column].abs().to_numpy(dtype=np.float64)
         fig.add_trace(go.Bar(x=labels, y=v / v.sum() if v.sum() > 0 else v, name=column, marker_color=color))
-    fig.update_layout(barmode="group", title=title, template="plotly_white", height=340,
-                      yaxis_title="share (normalised per series)", xaxis_tickangle=-45)
+    fig.update_layout(
+        barmode="group",
+        title=title,
+        template="plotly_white",
+        height=340,
+        yaxis_title="share (normalised per series)",
+        xaxis_tickangle=-45,
+    )
     return fig
 
 

@@ -10,6 +10,7 @@ The notebook is copied into a temporary directory and JupyterLab runs there toke
 loopback port, with fresh settings/workspace directories and a fresh browser profile, so nothing in
 the repository is saved or changed.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,14 +29,24 @@ import pytest
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = PROJECT_ROOT / "notebooks" / "12_explorer.ipynb"
 CHROMIUM = Path(os.environ.get("OWL_LAB_CHROMIUM", "/usr/bin/chromium"))
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def _why_not() -> str | None:
     if not CHROMIUM.exists():
-        return (f"SKIPPED browser test: no Chromium at {CHROMIUM} (Debian: `apt-get install -y chromium`; "
-                ".ci/run installs it)")
+        return (
+            f"SKIPPED browser test: no Chromium at {CHROMIUM} (Debian: `apt-get install -y chromium`; "
+            ".ci/run installs it)"
+        )
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:
@@ -62,15 +73,32 @@ def lab(tmp_path):
     root.mkdir()
     shutil.copy(NOTEBOOK, root / NOTEBOOK.name)
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")]),
-           "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"), "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")]),
+        "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+        "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
+        "OMP_NUM_THREADS": "1",
+    }
     log = tmp_path / "jupyterlab.log"
-    cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--allow-root", f"--port={port}", "--ip=127.0.0.1",
-           f"--ServerApp.root_dir={root}", "--IdentityProvider.token=", "--ServerApp.password=",
-           "--ServerApp.disable_check_xsrf=True", "--LabApp.expose_app_in_browser=True",
-           f"--LabApp.user_settings_dir={tmp_path / 'settings'}", f"--LabApp.workspaces_dir={tmp_path / 'ws'}",
-           "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jupyter",
+        "lab",
+        "--no-browser",
+        "--allow-root",
+        f"--port={port}",
+        "--ip=127.0.0.1",
+        f"--ServerApp.root_dir={root}",
+        "--IdentityProvider.token=",
+        "--ServerApp.password=",
+        "--ServerApp.disable_check_xsrf=True",
+        "--LabApp.expose_app_in_browser=True",
+        f"--LabApp.user_settings_dir={tmp_path / 'settings'}",
+        f"--LabApp.workspaces_dir={tmp_path / 'ws'}",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+    ]
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -130,16 +158,30 @@ def test_explorer_runs_and_the_layer_slider_redraws_the_plots(lab, tmp_path):
     shot = artifacts / "explorer_browser_failure.png"
     with sync_playwright() as pw:
         browser = pw.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=str(CHROMIUM), headless=True,
-            args=CHROMIUM_ARGS, viewport={"width": 1400, "height": 1000})
+            str(tmp_path / "chromium-profile"),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1400, "height": 1000},
+        )
         page = browser.new_page()
         try:
             page.goto(f"{base}/lab/tree/{name}", wait_until="domcontentloaded", timeout=120_000)
-            _wait(page, lambda: (page.evaluate(_NOTEBOOK_STATE) or {}).get("status") == "idle", 120,
-                  "the notebook to open with an idle kernel")
+            _wait(
+                page,
+                lambda: (page.evaluate(_NOTEBOOK_STATE) or {}).get("status") == "idle",
+                120,
+                "the notebook to open with an idle kernel",
+            )
             page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
-            state = _wait(page, lambda: (lambda s: s if s and s["status"] == "idle" and all(s["counts"])
-                                         else None)(page.evaluate(_NOTEBOOK_STATE)), 300, "all cells to run")
+            state = _wait(
+                page,
+                lambda: (lambda s: s if s and s["status"] == "idle" and all(s["counts"]) else None)(
+                    page.evaluate(_NOTEBOOK_STATE)
+                ),
+                300,
+                "all cells to run",
+            )
             assert not state["errors"], f"cells raised: {state['errors']}"
 
             app = page.locator(".jp-OutputArea .widget-vbox").first  # the first displayed explorer
@@ -160,8 +202,12 @@ def test_explorer_runs_and_the_layer_slider_redraws_the_plots(lab, tmp_path):
             handle.focus()
             handle.press("ArrowRight")  # what a person's keyboard does; the slider commits on release
             _wait(page, lambda: int(readout.inner_text()) == start + 1, 30, "the slider to move")
-            after = _wait(page, lambda: (lambda f: f if f != before and len(f) >= 3 else None)(
-                page.evaluate(_FIGURES)), 120, "the figures to redraw after the layer changed")
+            after = _wait(
+                page,
+                lambda: (lambda f: f if f != before and len(f) >= 3 else None)(page.evaluate(_FIGURES)),
+                120,
+                "the figures to redraw after the layer changed",
+            )
             changed = sum(a != b for a, b in zip(before, after, strict=False))
             assert changed >= 1, "no figure changed after moving the layer slider"
         except BaseException:

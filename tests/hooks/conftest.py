@@ -4,6 +4,7 @@
 decode steps, SDPA attention, and an abstractor-style event. It lets the capture machinery be
 tested in isolation; the real models are tested against the goldens in test_owl2.py/test_owl3.py.
 """
+
 from __future__ import annotations
 
 import types
@@ -52,11 +53,19 @@ class ToyAttention(nn.Module):
             q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=allowed(0, L)[:, None]
         )
         if self.hook_attn.active:
-            self.hook_attn(AttentionEvent(
-                layer=self.layer, kind="self", query=q, key=k, scale=self.d ** -0.5, query_index=qidx,
-                key_position=torch.arange(Lk)[None].expand(B, Lk), key_image=torch.full((B, Lk), -1),
-                allowed=allowed,
-            ))
+            self.hook_attn(
+                AttentionEvent(
+                    layer=self.layer,
+                    kind="self",
+                    query=q,
+                    key=k,
+                    scale=self.d**-0.5,
+                    query_index=qidx,
+                    key_position=torch.arange(Lk)[None].expand(B, Lk),
+                    key_image=torch.full((B, Lk), -1),
+                    allowed=allowed,
+                )
+            )
         return self.o(out.transpose(1, 2).reshape(B, L, -1))
 
 
@@ -76,13 +85,21 @@ class ToyAbstractorAttention(nn.Module):
         q = self.w(keys_in[:, : self.queries]).view(N, self.queries, self.heads, d).transpose(1, 2)
         k = self.w(keys_in).view(N, -1, self.heads, d).transpose(1, 2)
         Lk = k.shape[2]
-        kimg = torch.cat([torch.full((self.queries,), -1), torch.tensor([-2]), torch.arange(self.grid ** 2)])
+        kimg = torch.cat([torch.full((self.queries,), -1), torch.tensor([-2]), torch.arange(self.grid**2)])
         if self.hook_attn.active:
-            self.hook_attn(AttentionEvent(
-                layer=self.layer, kind="abstractor", query=q, key=k, scale=d ** -0.5,
-                query_index=torch.arange(self.queries), key_position=torch.full((N, Lk), -1),
-                key_image=kimg[None].expand(N, Lk), allowed=lambda a, b: torch.ones(N, b - a, Lk, dtype=torch.bool),
-            ))
+            self.hook_attn(
+                AttentionEvent(
+                    layer=self.layer,
+                    kind="abstractor",
+                    query=q,
+                    key=k,
+                    scale=d**-0.5,
+                    query_index=torch.arange(self.queries),
+                    key_position=torch.full((N, Lk), -1),
+                    key_image=kimg[None].expand(N, Lk),
+                    allowed=lambda a, b: torch.ones(N, b - a, Lk, dtype=torch.bool),
+                )
+            )
         return q
 
 
@@ -127,10 +144,15 @@ class ToyOwl(nn.Module):
         for layer in self.model.visual_abstractor.encoder.layers[: 2 if n_abstractor_images else 0]:
             layer.crossattention.attention(torch.randn(n_abstractor_images, 5, 8))
         if self.hook_layout.active:
-            self.hook_layout(SequenceLayout(
-                past_length=past, token_kind=kind, image_index=image, attention_mask=full_mask,
-                images_per_sample=[len(s) for s in (images_at or [[]] * B)],
-            ))
+            self.hook_layout(
+                SequenceLayout(
+                    past_length=past,
+                    token_kind=kind,
+                    image_index=image,
+                    attention_mask=full_mask,
+                    images_per_sample=[len(s) for s in (images_at or [[]] * B)],
+                )
+            )
         x = self.embed(ids)
         for block in self.model.layers:
             x = x + block.self_attn(x, cache, full_mask.bool(), past)

@@ -1,4 +1,5 @@
 """Exactness of the query-chunked group mass against a materialised float64 softmax."""
+
 from __future__ import annotations
 
 import pytest
@@ -97,8 +98,17 @@ def test_probs_path_and_full_maps(case):
     p = reference_probs(q, k, scale, allow)
     Lq = q.shape[2]
     select = torch.arange(0, Lq, 2)
-    from_probs = grouped_mass(q, None, scale, lambda a, b: allow[:, a:b], group, G, probs=p.float(),
-                              chunk_bytes=chunk, reduce=reduce)
+    from_probs = grouped_mass(
+        q,
+        None,
+        scale,
+        lambda a, b: allow[:, a:b],
+        group,
+        G,
+        probs=p.float(),
+        chunk_bytes=chunk,
+        reduce=reduce,
+    )
     torch.testing.assert_close(from_probs.mass.double(), p @ onehot(group, G)[:, None], rtol=0, atol=1e-5)
     res = grouped_mass(q, k, scale, lambda a, b: allow[:, a:b], group, G, select=select, chunk_bytes=chunk)
     torch.testing.assert_close(res.maps.double(), p[:, :, select], rtol=0, atol=1e-5)
@@ -108,20 +118,29 @@ def test_row_mask_rows_get_zero_mass():
     q, k = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
     allow = torch.ones(2, 3, 3, dtype=torch.bool).tril()
     row_mask = torch.tensor([[True, True, True], [True, True, False]])  # last query of sample 1 is a pad
-    res = grouped_mass(q, k, 0.5, lambda a, b: allow[:, a:b], torch.zeros(2, 3, dtype=torch.long), 1, row_mask=row_mask)
+    res = grouped_mass(
+        q, k, 0.5, lambda a, b: allow[:, a:b], torch.zeros(2, 3, dtype=torch.long), 1, row_mask=row_mask
+    )
     assert res.mass[1, :, 2].abs().sum() == 0 and torch.allclose(res.mass[0, :, 2], torch.ones(2))
 
 
 def test_seen_counts_only_masked_rows():
     allow = torch.tensor([[[True, False, False], [False, True, False]]])  # [1, 2, 3]
     q, k = torch.randn(1, 2, 2, 4), torch.randn(1, 1, 3, 4)
-    res = grouped_mass(q, k, 0.5, lambda a, b: allow[:, a:b], torch.arange(3)[None], 3,
-                       row_mask=torch.tensor([[True, False]]))
+    res = grouped_mass(
+        q,
+        k,
+        0.5,
+        lambda a, b: allow[:, a:b],
+        torch.arange(3)[None],
+        3,
+        row_mask=torch.tensor([[True, False]]),
+    )
     assert res.seen.tolist() == [[True, False, False]]
 
 
 def test_group_runs():
-    (starts, ends, groups), = group_runs(torch.tensor([[0, 1, 1, -1, 2, 2, 1]]))
+    ((starts, ends, groups),) = group_runs(torch.tensor([[0, 1, 1, -1, 2, 2, 1]]))
     assert (starts.tolist(), ends.tolist(), groups.tolist()) == ([0, 1, 4, 6], [1, 3, 6, 7], [0, 1, 2, 1])
 
 
@@ -133,10 +152,18 @@ def test_chunk_rows_respects_budget():
 def test_bad_allowed_shape_is_a_clear_error():
     q, k = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4)
     with pytest.raises(ValueError, match="allowed"):
-        grouped_mass(q, k, 1.0, lambda a, b: torch.ones(1, 5, dtype=torch.bool), torch.zeros(1, 5, dtype=torch.long), 1)
+        grouped_mass(
+            q, k, 1.0, lambda a, b: torch.ones(1, 5, dtype=torch.bool), torch.zeros(1, 5, dtype=torch.long), 1
+        )
     with pytest.raises(ValueError, match="key must be"):
-        grouped_mass(q, torch.randn(1, 3, 5, 4), 1.0, lambda a, b: torch.ones(1, b - a, 5, dtype=torch.bool),
-                     torch.zeros(1, 5, dtype=torch.long), 1)
+        grouped_mass(
+            q,
+            torch.randn(1, 3, 5, 4),
+            1.0,
+            lambda a, b: torch.ones(1, b - a, 5, dtype=torch.bool),
+            torch.zeros(1, 5, dtype=torch.long),
+            1,
+        )
 
 
 def test_low_precision_inputs_are_upcast():

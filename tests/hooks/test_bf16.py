@@ -1,5 +1,6 @@
 """capture() reduces in fp32 whatever the model dtype: a bf16 model's masses are fp32 sums of an fp32
 softmax of its own (bf16) q and k, and stay close to the fp32 model's masses."""
+
 from __future__ import annotations
 
 import copy
@@ -17,9 +18,14 @@ def owl3_pair():
     from owl_lab import load_owl
 
     model, processor = load_owl("owl3-tiny")
-    batch = processor(text="<|image|>what color is the circle ?", images=[Image.new("RGB", (64, 64), (200, 30, 30))])
+    batch = processor(
+        text="<|image|>what color is the circle ?", images=[Image.new("RGB", (64, 64), (200, 30, 30))]
+    )
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
-    batch16 = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+    batch16 = {
+        k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+        for k, v in batch.items()
+    }
     return model, batch, bf16, batch16
 
 

@@ -1,4 +1,5 @@
 """capture() machinery on a toy model that follows the observation contract (fast, model-independent)."""
+
 from __future__ import annotations
 
 import gc
@@ -27,7 +28,18 @@ def test_masses_levels_sum_to_one_and_pads_dropped(toy):
     with torch.no_grad(), capture(toy) as rec:
         toy(ids, images, mask)
     df = rec.attention_mass
-    assert list(df.columns) == ["batch", "step", "layer", "head", "query", "kind", "level", "group", "mass", "call"]
+    assert list(df.columns) == [
+        "batch",
+        "step",
+        "layer",
+        "head",
+        "query",
+        "kind",
+        "level",
+        "group",
+        "mass",
+        "call",
+    ]
     sums = df.groupby(["batch", "step", "layer", "head", "query", "kind", "level"], observed=True).mass.sum()
     assert (sums - 1).abs().max() < 1e-5
     assert set(df[df.batch == 1]["query"]) == {0, 1, 2, 3}  # pad queries dropped
@@ -37,7 +49,9 @@ def test_masses_levels_sum_to_one_and_pads_dropped(toy):
     assert set(q0[q0.mass > 0].group) == {"bos"}
     # image rows of sample 0 are positions 1, 2: visual mass of query 5 equals the image:0 mass
     r = df[(df.batch == 0) & (df["query"] == 5) & (df.layer == 1)].set_index(["head", "group"]).mass
-    torch.testing.assert_close(torch.tensor(r.xs("visual", level=1).values), torch.tensor(r.xs("image:0", level=1).values))
+    torch.testing.assert_close(
+        torch.tensor(r.xs("visual", level=1).values), torch.tensor(r.xs("image:0", level=1).values)
+    )
 
 
 def test_capture_never_changes_logits_and_matches_materialised_softmax(toy):
@@ -79,7 +93,7 @@ def test_each_prefill_starts_a_new_call_with_step_zero(toy):
     with torch.no_grad(), capture(toy, full_maps={1: None}) as rec:
         for sample in range(2):
             cache = {}
-            out = toy(ids[sample:sample + 1], images[sample:sample + 1], cache=cache)
+            out = toy(ids[sample : sample + 1], images[sample : sample + 1], cache=cache)
             for _ in range(2):
                 out = toy(out[:, -1:].argmax(-1), cache=cache)
     with torch.no_grad(), capture(toy) as alone:
@@ -116,7 +130,9 @@ def test_abstractor_maps(toy):
     assert len(s) == 2 * 3 * 2 * 3
     total = s.patches + s.cls + s.queries
     assert (total - 1).abs().max() < 1e-5
-    torch.testing.assert_close(maps.sum((-1, -2)).flatten(), torch.tensor(s.patches.values, dtype=torch.float32))
+    torch.testing.assert_close(
+        maps.sum((-1, -2)).flatten(), torch.tensor(s.patches.values, dtype=torch.float32)
+    )
 
 
 def test_errors_for_missing_components(toy):

@@ -1,4 +1,5 @@
 """Key → group assignment from SequenceLayout histories (both levels partition the keys)."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,7 +17,9 @@ from owl_lab.models.observe import SequenceLayout
 def layout(kind, image, past=0, mask=None, images=(1,)):
     kind, image = torch.tensor(kind), torch.tensor(image)
     return SequenceLayout(
-        past_length=past, token_kind=kind, image_index=image,
+        past_length=past,
+        token_kind=kind,
+        image_index=image,
         attention_mask=None if mask is None else torch.tensor(mask),
         images_per_sample=list(images),
     )
@@ -36,8 +39,14 @@ def names_of(group, n_images, level):
 def test_owl2_like_prefill_and_decode():
     h = SequenceHistory()
     # sample 0: bos, text, 2 image rows (image 0), text ; sample 1: bos, 2 image rows, text, pad
-    h.update(layout([[TXT, TXT, IMG, IMG, TXT], [TXT, IMG, IMG, TXT, PAD]],
-                    [[-1, -1, 0, 0, -1], [-1, 0, 0, -1, -1]], mask=[[1] * 5, [1, 1, 1, 1, 0]], images=(1, 1)))
+    h.update(
+        layout(
+            [[TXT, TXT, IMG, IMG, TXT], [TXT, IMG, IMG, TXT, PAD]],
+            [[-1, -1, 0, 0, -1], [-1, 0, 0, -1, -1]],
+            mask=[[1] * 5, [1, 1, 1, 1, 0]],
+            images=(1, 1),
+        )
+    )
     h.update(layout([[GEN], [GEN]], [[-1], [-1]], past=5, mask=[[1] * 6, [1, 1, 1, 1, 0, 1]], images=(1, 1)))
     assert h.kind.shape == (2, 6)
     kp = torch.arange(6).expand(2, 6)
@@ -64,7 +73,9 @@ def test_owl3_like_image_keys_and_placeholders():
     assert names_of(member, 2, "modality") == [["visual"] * 4 + [None]]
     seq = key_groups(h, torch.arange(6)[None], torch.full((1, 6), -1), n_images=2)
     assert names_of(seq, 2, "modality") == [["text"] * 6]
-    assert names_of(seq, 2, "token") == [["bos", "question", "placeholder", "question", "placeholder", "question"]]
+    assert names_of(seq, 2, "token") == [
+        ["bos", "question", "placeholder", "question", "placeholder", "question"]
+    ]
 
 
 def test_left_padding_bos_is_first_real_token():

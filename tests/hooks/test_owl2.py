@@ -1,4 +1,5 @@
 """hooks.capture on the real Owl2 implementation, checked against the official goldens (owl2-tiny-a)."""
+
 from __future__ import annotations
 
 import gc
@@ -15,12 +16,20 @@ from owl_lab.models.observe import HookPoint
 @pytest.fixture(scope="module")
 def golden(owl2_golden_dir):
     model, _ = owl2.load_checkpoint(owl2_golden_dir)
-    return model, load_file(owl2_golden_dir / "inputs.safetensors"), load_file(owl2_golden_dir / "outputs.safetensors")
+    return (
+        model,
+        load_file(owl2_golden_dir / "inputs.safetensors"),
+        load_file(owl2_golden_dir / "outputs.safetensors"),
+    )
 
 
 def mm_batch(inputs):
-    return dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                pixel_values=inputs["pixel_values"], use_cache=False)
+    return dict(
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        pixel_values=inputs["pixel_values"],
+        use_cache=False,
+    )
 
 
 def test_masses_equal_golden_probability_sums(golden):
@@ -38,9 +47,13 @@ def test_masses_equal_golden_probability_sums(golden):
         vis = (probs * (modality == 1)[:, None, None]).sum(-1)  # [B, H, L]
         bos = probs[..., 0]
         txt = (probs * ((modality == 0) & mask)[:, None, None]).sum(-1)
-        for name, level, expected in (("visual", "modality", vis), ("text", "modality", txt),
-                                      ("image:0", "token", vis), ("bos", "token", bos),
-                                      ("question", "token", txt - bos)):
+        for name, level, expected in (
+            ("visual", "modality", vis),
+            ("text", "modality", txt),
+            ("image:0", "token", vis),
+            ("bos", "token", bos),
+            ("question", "token", txt - bos),
+        ):
             got = r.mass[..., r.group_index(name, level)].double()
             keep = mask[:, None, :].expand_as(got)
             diff = (got - expected)[keep].abs().max().item()
@@ -64,7 +77,9 @@ def test_abstractor_maps_equal_golden(golden):
         torch.testing.assert_close(maps[k], p[..., 9:].reshape(2, 2, 8, 4, 4), rtol=0, atol=1e-6)
         s = summary.loc[k]
         torch.testing.assert_close(torch.tensor(s.cls.values), p[..., 8].flatten(), rtol=0, atol=1e-6)
-        torch.testing.assert_close(torch.tensor(s.queries.values), p[..., :8].sum(-1).flatten(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            torch.tensor(s.queries.values), p[..., :8].sum(-1).flatten(), rtol=0, atol=1e-6
+        )
 
 
 def test_capture_does_not_change_logits(golden):
@@ -105,7 +120,10 @@ def test_generate_steps_match_a_no_cache_forward(golden):
         for layer in range(2):
             a, b = rec.mass(layer, step=step), full.mass(layer)
             for name in ("visual", "text"):
-                ga, gb = a.mass[..., a.group_index(name, "modality")], b.mass[..., b.group_index(name, "modality")]
+                ga, gb = (
+                    a.mass[..., a.group_index(name, "modality")],
+                    b.mass[..., b.group_index(name, "modality")],
+                )
                 torch.testing.assert_close(ga[:, :, 0], gb[:, :, 14 + step], rtol=0, atol=1e-5)
 
 

@@ -1,4 +1,5 @@
 """hooks.capture on the real Owl3 implementation, checked against the official goldens (owl3-tiny-a)."""
+
 from __future__ import annotations
 
 import copy
@@ -16,12 +17,19 @@ HYPER = (0, 2)
 @pytest.fixture(scope="module")
 def golden(owl3_golden_dir):
     model, _ = owl3.load_checkpoint(owl3_golden_dir)
-    return model, load_file(owl3_golden_dir / "inputs.safetensors"), load_file(owl3_golden_dir / "outputs.safetensors")
+    return (
+        model,
+        load_file(owl3_golden_dir / "inputs.safetensors"),
+        load_file(owl3_golden_dir / "outputs.safetensors"),
+    )
 
 
 def mm_batch(inputs, prefix=""):
-    return dict(input_ids=inputs[prefix + "input_ids"], pixel_values=inputs[prefix + "pixel_values"],
-                media_offset=inputs[prefix + "media_offset"])
+    return dict(
+        input_ids=inputs[prefix + "input_ids"],
+        pixel_values=inputs[prefix + "pixel_values"],
+        media_offset=inputs[prefix + "media_offset"],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +62,12 @@ def test_self_masses_equal_golden(golden, mm):
                 worst = max(worst, (r.mass[b, ..., r.group_index(name)].double() - e).abs().max().item())
         # self-attention has no image keys: no visual/image group, modality text carries everything
         assert "visual" not in r.groups and not any(g.startswith("image:") for g in r.groups)
-        torch.testing.assert_close(r.mass[..., r.group_index("text", "modality")][r.valid[:, None].expand(-1, 4, -1)],
-                                   torch.ones(int(r.valid.sum()) * 4), rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            r.mass[..., r.group_index("text", "modality")][r.valid[:, None].expand(-1, 4, -1)],
+            torch.ones(int(r.valid.sum()) * 4),
+            rtol=0,
+            atol=1e-6,
+        )
     assert worst < 1e-5
     print(f"owl3 self max |captured - golden| = {worst:.2e}")
 
@@ -95,7 +107,9 @@ def test_gates_equal_golden(golden, mm):
         sub = g[g.layer == layer].sort_values(["batch", "query", "head"])
         torch.testing.assert_close(torch.tensor(sub.gate.values), gold.mean(-1).flatten(), rtol=0, atol=1e-6)
         # exact text/vision split: the two parts add up to the layer's attention output
-        torch.testing.assert_close(r.text_out + r.vision_out, out[f"mm.layers.{layer}.attn_out"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            r.text_out + r.vision_out, out[f"mm.layers.{layer}.attn_out"], rtol=0, atol=1e-5
+        )
         assert r.applied[0].tolist() == out[f"mm.layers.{layer}.sample0.cross_rows_valid"].tolist()
     assert worst < 1e-6
     split = rec.gate_split
@@ -112,7 +126,10 @@ def test_mixed_batch_text_only_row(golden):
     assert r.valid[1].tolist() == rows.tolist()
     torch.testing.assert_close(
         torch.tensor(rec.gates[(rec.gates.layer == 0)].sort_values(["batch", "query", "head"]).gate.values),
-        out["mixed.layers.0.gate"].mean(-1).flatten(), rtol=0, atol=1e-6)
+        out["mixed.layers.0.gate"].mean(-1).flatten(),
+        rtol=0,
+        atol=1e-6,
+    )
 
 
 def test_generate_decode_steps_see_all_images(golden):
@@ -139,8 +156,14 @@ def fused(golden):
 
 
 def fused_batch(inputs):
-    return dict(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"],
-                media_offset=[inputs["image_placeholder_positions.sample0"], inputs["image_placeholder_positions.sample1"]])
+    return dict(
+        input_ids=inputs["input_ids"],
+        pixel_values=inputs["pixel_values"],
+        media_offset=[
+            inputs["image_placeholder_positions.sample0"],
+            inputs["image_placeholder_positions.sample1"],
+        ],
+    )
 
 
 def test_fused_joint_masses_and_gate_error(golden, fused):
@@ -161,9 +184,16 @@ def test_fused_joint_masses_and_gate_error(golden, fused):
     assert rec.gates.empty
     r = rec.mass(0, "joint")
     # eager probabilities: text part in attentions, image part in cross_attentions
-    txt, img = eager.attentions[0].double(), eager.cross_attentions[0].double()  # [B, H, L, L], [B, H, L, N*T]
-    torch.testing.assert_close(r.mass[..., r.group_index("text", "modality")].double(), txt.sum(-1), rtol=0, atol=1e-5)
-    torch.testing.assert_close(r.mass[..., r.group_index("image:1")].double()[0], img[0, ..., 16:32].sum(-1), rtol=0, atol=1e-5)
+    txt, img = (
+        eager.attentions[0].double(),
+        eager.cross_attentions[0].double(),
+    )  # [B, H, L, L], [B, H, L, N*T]
+    torch.testing.assert_close(
+        r.mass[..., r.group_index("text", "modality")].double(), txt.sum(-1), rtol=0, atol=1e-5
+    )
+    torch.testing.assert_close(
+        r.mass[..., r.group_index("image:1")].double()[0], img[0, ..., 16:32].sum(-1), rtol=0, atol=1e-5
+    )
     df = rec.attention_mass
     sums = df.groupby(["batch", "step", "layer", "head", "query", "kind", "level"], observed=True).mass.sum()
     assert (sums - 1).abs().max() < 1e-5

@@ -1,4 +1,5 @@
 """In-hook reductions of capture(): heads="mean" | list, queries="last" | positions | slice | callable."""
+
 from __future__ import annotations
 
 import pandas as pd
@@ -43,7 +44,9 @@ def assert_same_rows(reduced: pd.DataFrame, full: pd.DataFrame) -> None:
     full = full.merge(reduced[rows].drop_duplicates(), on=rows)  # the same (query, head) rows only
     got, want = _indexed(reduced), _indexed(full)
     assert got.index.isin(want.index).all()
-    torch.testing.assert_close(torch.tensor(got.values), torch.tensor(want.loc[got.index].values), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(got.values), torch.tensor(want.loc[got.index].values), rtol=0, atol=1e-6
+    )
     assert (want.drop(got.index) == 0).all()
 
 
@@ -58,8 +61,9 @@ def test_mean_over_heads_equals_the_mean_of_the_unreduced_table(toy, full):
     assert set(df["head"]) == {-1} and len(df) * 4 == len(full[1])  # the toy has 4 heads
     expected = full[1].groupby(KEY, observed=True).mass.mean()
     got = df.set_index(KEY).mass
-    torch.testing.assert_close(torch.tensor(got.sort_index().values),
-                               torch.tensor(expected.sort_index().values), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(got.sort_index().values), torch.tensor(expected.sort_index().values), rtol=0, atol=1e-6
+    )
     sums = df.groupby([*KEY[:-1]], observed=True).mass.sum()
     assert (sums - 1).abs().max() < 1e-5  # a mean of distributions is a distribution
     assert torch.equal(logits, full[0])
@@ -95,8 +99,13 @@ def test_last_follows_decode_steps(toy):
 
 
 def test_slices_positions_and_negative_bounds(toy, full):
-    for queries, kept in [(slice(2, 5), {2, 3, 4}), (slice(0, None, 2), {0, 2, 4}), (slice(-2, None), {4, 5}),
-                          (3, {3}), ([0, -1], {0, 5})]:
+    for queries, kept in [
+        (slice(2, 5), {2, 3, 4}),
+        (slice(0, None, 2), {0, 2, 4}),
+        (slice(-2, None), {4, 5}),
+        (3, {3}),
+        ([0, -1], {0, 5}),
+    ]:
         _, rec = run(toy, queries=queries)
         df = rec.attention_mass
         assert set(df["query"]) == kept, queries
@@ -112,7 +121,9 @@ def test_callable_chooses_rows_per_sample(toy, full):
     assert df.groupby("batch")["query"].unique().map(sorted).to_dict() == {0: [1, 2], 1: [2]}
     assert_same_rows(df, full[1])
     _, rec = run(toy, queries=lambda qi, kind: qi >= 4)
-    assert set(rec.attention_mass["query"]) == {4, 5} and set(rec.attention_mass.batch) == {0}  # 4, 5 pad in 1
+    assert set(rec.attention_mass["query"]) == {4, 5} and set(rec.attention_mass.batch) == {
+        0
+    }  # 4, 5 pad in 1
 
 
 def test_reductions_combine_with_full_maps(toy, full):
@@ -122,15 +133,18 @@ def test_reductions_combine_with_full_maps(toy, full):
     assert set(rec.attention_mass["query"]) == {3, 5}
 
 
-@pytest.mark.parametrize("kw, match", [
-    ({"heads": "max"}, "heads must be"),
-    ({"heads": [0, 0]}, "twice"),
-    ({"heads": [9]}, "out of range"),
-    ({"heads": []}, "non-empty"),
-    ({"queries": "first"}, "queries must be"),
-    ({"queries": slice(0, 4, -1)}, "step must be positive"),
-    ({"queries": [1.5]}, "must be ints"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"heads": "max"}, "heads must be"),
+        ({"heads": [0, 0]}, "twice"),
+        ({"heads": [9]}, "out of range"),
+        ({"heads": []}, "non-empty"),
+        ({"queries": "first"}, "queries must be"),
+        ({"queries": slice(0, 4, -1)}, "step must be positive"),
+        ({"queries": [1.5]}, "must be ints"),
+    ],
+)
 def test_bad_values_raise_clearly(toy, kw, match):
     with pytest.raises(ValueError, match=match):
         if kw.get("heads") == [9]:
@@ -172,6 +186,7 @@ def test_real_models_mean_and_last_match_the_full_table(name):
     last = full.groupby("batch")["query"].transform("max")  # the full table holds real queries only
     expected = full[full["query"] == last].groupby(KEY, observed=True).mass.mean()
     got = df.set_index(KEY).mass.sort_index()
-    torch.testing.assert_close(torch.tensor(got.values), torch.tensor(expected.loc[got.index].values), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(got.values), torch.tensor(expected.loc[got.index].values), rtol=0, atol=1e-6
+    )
     assert set(df["query"]) <= set(last)
-

@@ -1,5 +1,6 @@
 """owl-lab bench --full-size: the configs are the released ones (key manifests), and the streamed
 random-weight model runs with capture on, logits unchanged (2 decoder layers of a scaled Owl3)."""
+
 from __future__ import annotations
 
 import csv
@@ -10,8 +11,10 @@ import torch
 from owl_lab.commands import bench_full_size as full
 
 
-@pytest.mark.parametrize("family, manifest", [("owl2", "owl2/keys-mplug-owl2-llama2-7b.tsv"),
-                                              ("owl3", "owl3/keys-mplug-owl3-7b-240728.tsv")])
+@pytest.mark.parametrize(
+    "family, manifest",
+    [("owl2", "owl2/keys-mplug-owl2-llama2-7b.tsv"), ("owl3", "owl3/keys-mplug-owl3-7b-240728.tsv")],
+)
 def test_full_size_configs_have_the_released_shapes(family, manifest, reference_dir):
     config = full.full_size_config(family)
     with torch.device("meta"):

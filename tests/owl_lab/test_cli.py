@@ -1,4 +1,5 @@
 """`owl-lab --help` lists every subcommand, and each one parses."""
+
 from __future__ import annotations
 
 from owl_lab import cli
@@ -21,6 +22,7 @@ def test_info_lists_shipped_checkpoints_with_their_metrics(capsys):
     import json
 
     from owl_lab import zoo
+
     assert cli.main(["info", "--markdown"]) == 0
     out = capsys.readouterr().out.splitlines()
     names = zoo.list_checkpoints()

@@ -20,10 +20,23 @@ from owl_lab.zoo import load_owl
 @pytest.fixture(scope="module")
 def goldens(owl2_golden_dir, owl3_golden_dir):
     # llava: a random tiny stock LlavaForConditionalGeneration, prepared by the registry entry
-    llava, _ = build_for_training({"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
-                                   "num_attention_heads": 2, "vision_config": {
-                                       "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                                       "num_attention_heads": 2, "image_size": 14, "patch_size": 7}}, build_tokenizer("llava"))
+    llava, _ = build_for_training(
+        {
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "vision_config": {
+                "hidden_size": 16,
+                "intermediate_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "image_size": 14,
+                "patch_size": 7,
+            },
+        },
+        build_tokenizer("llava"),
+    )
     return {"owl2": load_owl(owl2_golden_dir)[0], "owl3": load_owl(owl3_golden_dir)[0], "llava": llava}
 
 

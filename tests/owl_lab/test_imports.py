@@ -58,7 +58,9 @@ def _import_nodes(tree: ast.AST):
                 continue  # annotations only: never executed
             if isinstance(child, (ast.Import, ast.ImportFrom)):
                 yield child, in_function
-            todo.append((child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))))
+            todo.append(
+                (child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+            )
 
 
 def _imports(modules: dict[str, Path]) -> tuple[dict[str, set[str]], list[tuple[str, str, int]]]:
@@ -86,7 +88,7 @@ def _find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (found := dfs(nxt)):
                 return found
         stack.pop()
@@ -115,7 +117,9 @@ def test_module_level_imports_form_no_cycle():
 
 def test_no_function_level_imports_of_project_modules():
     _, nested = _imports(_modules())
-    unexplained = [f"{m}:{line} imports {t}" for m, t, line in nested if (m, t) not in ALLOWED_FUNCTION_IMPORTS]
+    unexplained = [
+        f"{m}:{line} imports {t}" for m, t, line in nested if (m, t) not in ALLOWED_FUNCTION_IMPORTS
+    ]
     assert not unexplained, "move these to the top of the module (or justify them): " + "; ".join(unexplained)
 
 
@@ -138,5 +142,7 @@ def test_every_module_imports_on_its_own():
         "print('\\n'.join(failed))\n"
         "sys.exit(1 if failed else 0)\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stdout + done.stderr

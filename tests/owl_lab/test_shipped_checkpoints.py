@@ -1,4 +1,5 @@
 """Every shipped checkpoint loads through load_owl, matches its recipe, and reproduces its metrics."""
+
 from __future__ import annotations
 
 import json
@@ -42,6 +43,9 @@ def test_shipped_checkpoint_reproduces_its_metrics(name):
     shipped = _accuracies(json.loads((directory / "metrics.json").read_text()))
     recomputed = _accuracies(fresh)
     assert shipped, "metrics.json has no accuracies"
-    off = {k: (v, recomputed.get(k)) for k, v in shipped.items()
-           if recomputed.get(k) is None or abs(recomputed[k] - v) > 1.0}
+    off = {
+        k: (v, recomputed.get(k))
+        for k, v in shipped.items()
+        if recomputed.get(k) is None or abs(recomputed[k] - v) > 1.0
+    }
     assert not off, f"metrics not reproduced within ±1 point (shipped, recomputed): {off}"

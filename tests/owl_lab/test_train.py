@@ -1,4 +1,5 @@
 """Training smoke test, reproducibility, the evaluation metric, recipes and the shipped checkpoints."""
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,10 @@ def test_smoke_recipe_learns_within_budget(smoke):
     metrics, _, seconds = smoke
     losses = metrics["_history"]["loss"]
     assert seconds < SMOKE_BUDGET_S, f"smoke training took {seconds:.0f} s"
-    assert len(metrics["stage_seconds"]) == 1 and 0 < metrics["stage_seconds"][0] <= metrics["train_seconds"] + 0.1
+    assert (
+        len(metrics["stage_seconds"]) == 1
+        and 0 < metrics["stage_seconds"][0] <= metrics["train_seconds"] + 0.1
+    )
     assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:20]) / 20  # the loss falls
     # chance: 1 of 7 colours; parity is yes-or-no-like (2 answers)
     assert metrics["accuracy"]["color"] > 100 / 7 + 15, metrics["accuracy"]
@@ -43,7 +47,9 @@ def test_same_seed_gives_identical_first_losses(name):
     recipe = load_recipe(name)
     a = train(recipe, None, progress=False, evaluate_after=False, steps_override=3)["_history"]["loss"]
     b = train(recipe, None, progress=False, evaluate_after=False, steps_override=3)["_history"]["loss"]
-    c = train(dict(recipe, seed=1), None, progress=False, evaluate_after=False, steps_override=3)["_history"]["loss"]
+    c = train(dict(recipe, seed=1), None, progress=False, evaluate_after=False, steps_override=3)["_history"][
+        "loss"
+    ]
     assert a == b
     assert a != c
 
@@ -66,19 +72,28 @@ def test_thread_count_follows_the_environment_then_the_machine(monkeypatch):
     assert default_threads() == 1
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert default_threads() == (os.cpu_count() or 1)
-    metrics = train(load_recipe("smoke-owl3"), None, progress=False, evaluate_after=False, steps_override=1,
-                    threads=1)
+    metrics = train(
+        load_recipe("smoke-owl3"), None, progress=False, evaluate_after=False, steps_override=1, threads=1
+    )
     assert metrics["threads"] == 1
 
 
 def test_checkpoint_round_trip_reproduces_metrics(smoke):
     metrics, out, _ = smoke
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "recipe.json", "metrics.json",
-                 "loss_curve.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "recipe.json",
+        "metrics.json",
+        "loss_curve.json",
+    ):
         assert (out / name).is_file(), name
     shipped = json.loads((out / "metrics.json").read_text())
     steps = load_recipe("smoke-owl2")["stages"][0]["steps"]
-    assert shipped["steps"] == steps and len(json.loads((out / "loss_curve.json").read_text())["loss"]) == steps
+    assert (
+        shipped["steps"] == steps and len(json.loads((out / "loss_curve.json").read_text())["loss"]) == steps
+    )
     model, processor = load_owl(out)
     fresh = evaluate(model, processor, json.loads((out / "recipe.json").read_text()))
     assert compare(shipped, fresh, tolerance=0.0) == []
@@ -88,29 +103,41 @@ def test_checkpoint_round_trip_reproduces_metrics(smoke):
 def test_teacher_forced_exact_match_equals_greedy_decoding(smoke):
     metrics, _, _ = smoke
     model, processor = metrics["_model"], metrics["_processor"]
-    examples = eval_set("color", 12, seed=5, render_size=112, n_objects=[1, 1]) + eval_set("parity", 12, seed=5)
+    examples = eval_set("color", 12, seed=5, render_size=112, n_objects=[1, 1]) + eval_set(
+        "parity", 12, seed=5
+    )
     flags = exact_match(model, processor, examples, batch_size=8)
     for ex, flag in zip(examples, flags, strict=True):
         batch = collate(processor, [ex], with_answers=False)
         with torch.no_grad():
             out = model.generate(**batch, max_new_tokens=4, do_sample=False)
-        new = out[0, batch["input_ids"].shape[1]:].tolist()
-        answer = processor.tokenizer(ex.answer, add_special_tokens=False).input_ids + [processor.tokenizer.eos_token_id]
-        assert (new[:len(answer)] == answer) == flag, (ex.text, ex.answer, processor.decode(new))
+        new = out[0, batch["input_ids"].shape[1] :].tolist()
+        answer = processor.tokenizer(ex.answer, add_special_tokens=False).input_ids + [
+            processor.tokenizer.eos_token_id
+        ]
+        assert (new[: len(answer)] == answer) == flag, (ex.text, ex.answer, processor.decode(new))
     assert any(flags)  # the comparison above covered at least one correct answer
 
 
 def test_owl2_labels_expanded_like_the_model_loss(smoke):
     metrics, _, _ = smoke
     model, processor = metrics["_model"], metrics["_processor"]
-    examples = eval_set("color", 3, seed=2, render_size=112) + eval_set("add", 3, seed=2)  # text rows: 0 images
+    examples = eval_set("color", 3, seed=2, render_size=112) + eval_set(
+        "add", 3, seed=2
+    )  # text rows: 0 images
     batch = collate(processor, examples)
     with torch.no_grad():
         out = model(**batch)
-    labels = expand_labels(batch["labels"], batch["input_ids"], model.config.tokens_per_image, out.logits.shape[1],
-                           batch["attention_mask"])
-    loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
-                                             ignore_index=IGNORE_INDEX)
+    labels = expand_labels(
+        batch["labels"],
+        batch["input_ids"],
+        model.config.tokens_per_image,
+        out.logits.shape[1],
+        batch["attention_mask"],
+    )
+    loss = torch.nn.functional.cross_entropy(
+        out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+    )
     torch.testing.assert_close(loss, out.loss)
 
 
@@ -154,14 +181,21 @@ def test_compare_flags_differences_beyond_tolerance():
 
 def test_vision_branch_can_start_as_a_copy_of_the_text_branch():
     from owl_lab.train import build
+
     recipe = load_recipe("smoke-owl2")
     plain, _ = build(dict(recipe, vision_branch_from_text=False))
     copied, _ = build(dict(recipe, vision_branch_from_text=True))
-    pairs = [(n, n.replace(".multiway.1.", ".multiway.0.")) for n, _ in copied.named_parameters() if ".multiway.1." in n]
+    pairs = [
+        (n, n.replace(".multiway.1.", ".multiway.0."))
+        for n, _ in copied.named_parameters()
+        if ".multiway.1." in n
+    ]
     assert pairs
     p_plain, p_copy = dict(plain.named_parameters()), dict(copied.named_parameters())
     assert all(torch.equal(p_copy[v], p_copy[t]) for v, t in pairs)
-    assert not all(torch.equal(p_plain[v], p_plain[t]) for v, t in pairs if "norm" not in v)  # k/v differ at init
+    assert not all(
+        torch.equal(p_plain[v], p_plain[t]) for v, t in pairs if "norm" not in v
+    )  # k/v differ at init
     nomam = _merge_config(recipe, modality_adaptive=False)
     with pytest.raises(ValueError, match="modality-adaptive"):
         build(dict(nomam, vision_branch_from_text=True))
@@ -175,13 +209,18 @@ def _merge_config(recipe, **config):
 def test_vision_stage_trains_only_the_visual_path(name):
     from owl_lab.pretrain_vision import run_vision_stage
     from owl_lab.train import build
+
     recipe = load_recipe(name)
     model, processor = build(recipe)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     history = {"step": [], "loss": [], "lr": [], "stage": []}
     stage = {"steps": 4, "batch_size": 4, "lr": 1e-3, "warmup": 1, "objectives": ["patches", "board"]}
-    assert run_vision_stage(model, processor, recipe["family"], stage, "t", recipe.get("world", {}),
-                            history, 10, 0, False) == 14
+    assert (
+        run_vision_stage(
+            model, processor, recipe["family"], stage, "t", recipe.get("world", {}), history, 10, 0, False
+        )
+        == 14
+    )
     assert len(history["loss"]) == 4 and all(math.isfinite(v) for v in history["loss"])
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     visual = ("vision_model", "visual_abstractor", "vision2text")
@@ -189,15 +228,29 @@ def test_vision_stage_trains_only_the_visual_path(name):
     if recipe["family"] == "owl2":  # the board read-out reaches through the abstractor
         assert any("visual_abstractor" in n for n in changed)
     with pytest.raises(ValueError, match="objectives"):
-        run_vision_stage(model, processor, recipe["family"], dict(stage, objectives=["nope"]), "t", {},
-                         history, 0, 0, False)
+        run_vision_stage(
+            model,
+            processor,
+            recipe["family"],
+            dict(stage, objectives=["nope"]),
+            "t",
+            {},
+            history,
+            0,
+            0,
+            False,
+        )
 
 
 def test_multi_image_questions_are_scored_on_their_own():
     from owl_lab.train import build
+
     recipe = load_recipe("smoke-owl3")
-    recipe = dict(recipe, stages=[dict(recipe["stages"][0], tasks={"color": 1, "multi": 1, "parity": 1})],
-                  eval={"seed": 3, "n_per_task": 4, "batch_size": 4})
+    recipe = dict(
+        recipe,
+        stages=[dict(recipe["stages"][0], tasks={"color": 1, "multi": 1, "parity": 1})],
+        eval={"seed": 3, "n_per_task": 4, "batch_size": 4},
+    )
     model, processor = build(recipe)
     metrics = evaluate(model, processor, recipe)
     assert set(metrics["accuracy"]) == {"color", "multi", "parity"}

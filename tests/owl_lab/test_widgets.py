@@ -1,4 +1,5 @@
 """owl_lab.widgets: the explorer's pure function on tiny saved checkpoints, and the app without a frontend."""
+
 from __future__ import annotations
 
 import ipywidgets as w
@@ -51,8 +52,11 @@ def test_explore_owl2_directory(data_root, cache):
     assert 0 < view.numbers["token_visual_mass"] < 1 and 0 <= view.numbers["visual_share_layer"] <= 1
     # the per-query table agrees with the key view: visual mass of the last query (mean over heads)
     last = len(view.labels) - 1
-    visual = sum(float(t.y[list(t.x).index(last)]) for t in view.figures["token_mass"].data
-                 if t.name.startswith("image") and last in list(t.x))
+    visual = sum(
+        float(t.y[list(t.x).index(last)])
+        for t in view.figures["token_mass"].data
+        if t.name.startswith("image") and last in list(t.x)
+    )
     assert visual == pytest.approx(view.numbers["token_visual_mass"], abs=1e-5)
     # a chosen head and token give that head's row
     head = explore(ExplorerState(model=path, task="color", scene=2, layer=1, head=2, token=3), cache)
@@ -63,7 +67,9 @@ def test_explore_owl2_directory(data_root, cache):
 
 def test_explore_owl3_by_name_with_gates(data_root, cache, monkeypatch):
     monkeypatch.setenv("OWL_LAB_DATA", str(data_root))
-    view = explore(ExplorerState(model="owl3-mini", task="color", layer=0), cache)  # layer 0 is the hyper layer
+    view = explore(
+        ExplorerState(model="owl3-mini", task="color", layer=0), cache
+    )  # layer 0 is the hyper layer
     assert view.family == "owl3" and "gates" in view.figures and "abstractor" not in view.figures
     assert "(cross)" in view.figures["token_mass"].layout.title.text  # the kind that sees the image
     assert 0 <= view.numbers["gate_vision_share"] <= 1
@@ -76,8 +82,12 @@ def test_explore_owl3_by_name_with_gates(data_root, cache, monkeypatch):
 
 def test_explore_clear_errors(data_root, cache):
     path = str(data_root / "checkpoints" / "owl2-mini")
-    for bad, match in [(dict(layer=7), "layer must be"), (dict(head=9), "head must be"),
-                       (dict(token=10_000), "token must be"), (dict(kind="cross"), "kinds")]:
+    for bad, match in [
+        (dict(layer=7), "layer must be"),
+        (dict(head=9), "head must be"),
+        (dict(token=10_000), "token must be"),
+        (dict(kind="cross"), "kinds"),
+    ]:
         with pytest.raises(ValueError, match=match):
             explore(ExplorerState(model=path, **bad), cache)
     with pytest.raises(FileNotFoundError, match="no-such-model"):
@@ -101,7 +111,9 @@ def test_app_builds_and_updates_without_frontend(data_root, cache, monkeypatch):
     assert app.view.state.seed == 7 and not (np.asarray(app.view.images[0]) == first).all()
     assert "application/vnd.plotly.v1+json" in app.outputs["image"].outputs[0]["data"]
     app.model.value = "owl3-mini"
-    assert app.view.family == "owl3" and app.outputs["gates"].outputs and not app.outputs["abstractor"].outputs
+    assert (
+        app.view.family == "owl3" and app.outputs["gates"].outputs and not app.outputs["abstractor"].outputs
+    )
     app.model.value = "nope"  # errors are shown in the app, not raised into the frontend
     assert "error" in app.text.value and all(o.outputs == () for o in app.outputs.values())
 
@@ -110,7 +122,13 @@ def test_app_model_picker_and_head_choice(data_root, cache, monkeypatch, tmp_pat
     monkeypatch.setenv("OWL_LAB_DATA", str(data_root))
     app = explorer_app(cache=cache, run=False)  # the controls are filled on load, before any render
     assert app.view is None
-    assert app.head.label == "mean" and [label for label, _ in app.head.options] == ["mean", "0", "1", "2", "3"]
+    assert app.head.label == "mean" and [label for label, _ in app.head.options] == [
+        "mean",
+        "0",
+        "1",
+        "2",
+        "3",
+    ]
     assert app.model.choice.options == ("owl2-mini", "owl3-mini", "checkpoint directory…")
     assert app.model.path.layout.display == "none"  # the path entry shows only when chosen
     app.head.value = 2

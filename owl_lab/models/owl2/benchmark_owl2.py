@@ -6,6 +6,7 @@ Both models get the same LLaMA weights (our ``multiway.0`` branches = LLaMA's K/
 script also checks that the text path computes LLaMA exactly. Runs are interleaved and the median
 is reported, which keeps the ratio meaningful on a busy machine. Target: ratio ≥ 0.9.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,17 +20,36 @@ from .configuration_owl2 import Owl2Config
 from .modeling_owl2 import Owl2ForCausalLM
 
 SMALL_VISION = {
-    "visual_model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                     "image_size": 28, "patch_size": 14},
-    "visual_abstractor": {"hidden_size": 32, "encoder_hidden_size": 32, "num_hidden_layers": 1,
-                          "num_attention_heads": 2, "intermediate_size": 64, "num_learnable_queries": 4},
+    "visual_model": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": 28,
+        "patch_size": 14,
+    },
+    "visual_abstractor": {
+        "hidden_size": 32,
+        "encoder_hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "num_learnable_queries": 4,
+    },
 }
 
 
 def build_pair(hidden=512, layers=8, heads=8, vocab=32000, seed=0):
-    llm = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 64 * 64,
-               num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-               max_position_embeddings=4096, rms_norm_eps=1e-6)
+    llm = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 8 / 3) // 64 * 64,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+    )
     torch.manual_seed(seed)
     stock = LlamaForCausalLM(LlamaConfig(**llm, attn_implementation="sdpa")).eval()
     ours = Owl2ForCausalLM(Owl2Config(**llm, visual_config=SMALL_VISION, attn_implementation="sdpa")).eval()
@@ -43,7 +63,9 @@ def build_pair(hidden=512, layers=8, heads=8, vocab=32000, seed=0):
         else:
             mapped[k] = v
     missing, unexpected = ours.load_state_dict(mapped, strict=False)
-    assert not unexpected and all(k.startswith(("model.vision_model", "model.visual_abstractor")) for k in missing)
+    assert not unexpected and all(
+        k.startswith(("model.vision_model", "model.visual_abstractor")) for k in missing
+    )
     return stock, ours
 
 
@@ -79,8 +101,10 @@ def main(argv=None):
     a = p.parse_args(argv)
     r = run(a.hidden, a.layers, a.length, a.repeats)
     print(f"hidden {a.hidden}, {a.layers} layers, L={a.length}, threads {torch.get_num_threads()}")
-    print(f"stock LlamaForCausalLM: {r['stock_s'] * 1e3:.1f} ms   Owl2 decoder: {r['ours_s'] * 1e3:.1f} ms   "
-          f"speed ratio (stock/ours): {r['ratio']:.3f}   max |Δ logits| {r['max_abs_diff']:.2e}")
+    print(
+        f"stock LlamaForCausalLM: {r['stock_s'] * 1e3:.1f} ms   Owl2 decoder: {r['ours_s'] * 1e3:.1f} ms   "
+        f"speed ratio (stock/ours): {r['ratio']:.3f}   max |Δ logits| {r['max_abs_diff']:.2e}"
+    )
     return r
 
 

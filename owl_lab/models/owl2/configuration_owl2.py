@@ -11,6 +11,7 @@ One field is ours: ``modality_adaptive`` (default True, absent from official con
 the paper's "w/o MAM" ablation: one shared ``k_proj``/``v_proj``/``input_layernorm``/
 ``post_attention_layernorm`` per layer, with the stock LLaMA key names.
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,8 +27,8 @@ IMAGE_TOKEN_INDEX = -200  # the id `<|image|>` becomes in input_ids (not a vocab
 IGNORE_INDEX = -100  # label value ignored by the loss
 DEFAULT_IMAGE_TOKEN = "<|image|>"
 
-# Released 7B values (data/reference/owl2/SPEC.md §1.2 / §1.3). Only meaningful fields; the official file nests the full
-# PretrainedConfig.to_dict() of each sub-config, which we keep verbatim when we read one.
+# Released 7B values (data/reference/owl2/SPEC.md §1.2 / §1.3). Only meaningful fields; the official file
+# nests the full PretrainedConfig.to_dict() of each sub-config, which we keep verbatim when we read one.
 DEFAULT_VISUAL_MODEL: dict[str, Any] = {
     "model_type": "mplug_owl_vision_model",
     "hidden_size": 1024,
@@ -105,7 +106,8 @@ class Owl2AbstractorSettings:
     num_hidden_layers: int
     num_attention_heads: int
     intermediate_size: int
-    layer_norm_eps: float  # only the FFN-internal ``ffn_ln``; norm1/normk/norm2 use 1e-5 (data/reference/owl2/SPEC.md §3.3)
+    # only the FFN-internal ``ffn_ln``; norm1/normk/norm2 use 1e-5 (data/reference/owl2/SPEC.md §3.3)
+    layer_norm_eps: float
     encoder_hidden_size: int
     grid_size: int
     use_cls_token: bool
@@ -146,20 +148,42 @@ class Owl2Config(LlamaConfig):
     def vision_settings(self) -> Owl2VisionSettings:
         v, d = self.visual_config["visual_model"], DEFAULT_VISUAL_MODEL
         return Owl2VisionSettings(
-            **{k: _get(v, k, d[k]) for k in (
-                "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_channels", "image_size", "patch_size", "hidden_act", "layer_norm_eps",
-                "use_cls_token", "use_post_layernorm")}
+            **{
+                k: _get(v, k, d[k])
+                for k in (
+                    "hidden_size",
+                    "intermediate_size",
+                    "num_hidden_layers",
+                    "num_attention_heads",
+                    "num_channels",
+                    "image_size",
+                    "patch_size",
+                    "hidden_act",
+                    "layer_norm_eps",
+                    "use_cls_token",
+                    "use_post_layernorm",
+                )
+            }
         )
 
     @property
     def abstractor_settings(self) -> Owl2AbstractorSettings:
         a, d = self.visual_config["visual_abstractor"], DEFAULT_VISUAL_ABSTRACTOR
         vision = self.vision_settings
-        values = {k: _get(a, k, d[k]) for k in (
-            "num_learnable_queries", "hidden_size", "num_hidden_layers", "num_attention_heads",
-            "intermediate_size", "layer_norm_eps", "encoder_hidden_size", "use_cls_token",
-            "add_v2t_pos_emb")}
+        values = {
+            k: _get(a, k, d[k])
+            for k in (
+                "num_learnable_queries",
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "intermediate_size",
+                "layer_norm_eps",
+                "encoder_hidden_size",
+                "use_cls_token",
+                "add_v2t_pos_emb",
+            )
+        }
         values["grid_size"] = _get(a, "grid_size", vision.grid)
         return Owl2AbstractorSettings(**values)
 
@@ -192,7 +216,8 @@ class Owl2Config(LlamaConfig):
 
 
 def load_config(directory: str | Path) -> Owl2Config:
-    """``config.json`` of a checkpoint directory → :class:`Owl2Config` (legacy ``torch_dtype`` read as ``dtype``)."""
+    """``config.json`` of a checkpoint directory → :class:`Owl2Config` (legacy ``torch_dtype`` read as
+    ``dtype``)."""
     return Owl2Config.from_dict(read_config_json(directory))
 
 

@@ -126,7 +126,8 @@ class Owl2Attention(nn.Module):
 
 
 class Owl2DecoderLayer(nn.Module):
-    """Pre-norm block with the writable sites ``hook_resid_pre/mid/post``, ``hook_attn_out``, ``hook_mlp_out``."""
+    """Pre-norm block with the writable sites ``hook_resid_pre/mid/post``, ``hook_attn_out``,
+    ``hook_mlp_out``."""
 
     def __init__(self, config: Owl2Config, layer_idx: int):
         super().__init__()

@@ -1,4 +1,5 @@
-"""mPLUG-Owl2 processor: official inference preprocessing, prompt template and tokenization (data/reference/owl2/SPEC.md §3.1, §6).
+"""mPLUG-Owl2 processor: official inference preprocessing, prompt template and tokenization
+(data/reference/owl2/SPEC.md §3.1, §6).
 
 * Images: RGB → squash-resize to max_edge × max_edge (bicubic, as the README / evaluation scripts)
   → CLIP: shortest edge to ``image_size`` (bicubic) → center crop → ×1/255 → CLIP mean/std.
@@ -10,6 +11,7 @@
 * Batches are right-padded; with ``answers`` the answer tokens + eos are appended and ``labels``
   are -100 everywhere except on them.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +37,9 @@ PROCESSOR_CONFIG = "processor_config.json"
 IMAGE_PROCESSOR_CONFIG = "preprocessor_config.json"
 
 
-def preprocess_image(image: Image.Image, image_size: int, mean=CLIP_MEAN, std=CLIP_STD,
-                     squash: bool = True) -> torch.Tensor:
+def preprocess_image(
+    image: Image.Image, image_size: int, mean=CLIP_MEAN, std=CLIP_STD, squash: bool = True
+) -> torch.Tensor:
     """One PIL image → float32 [3, image_size, image_size]."""
     if not isinstance(image, Image.Image):
         image = Image.fromarray(np.asarray(image))
@@ -61,8 +64,9 @@ def preprocess_image(image: Image.Image, image_size: int, mean=CLIP_MEAN, std=CL
 class Owl2Processor:
     """Text + images → ``input_ids`` (with -200), ``attention_mask``, ``pixel_values``, ``labels``."""
 
-    def __init__(self, tokenizer, image_size: int = 448, image_mean=CLIP_MEAN, image_std=CLIP_STD,
-                 squash: bool = True):
+    def __init__(
+        self, tokenizer, image_size: int = 448, image_mean=CLIP_MEAN, image_std=CLIP_STD, squash: bool = True
+    ):
         self.tokenizer = tokenizer
         self.image_size = int(image_size)
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
@@ -90,12 +94,22 @@ class Owl2Processor:
 
     def preprocess_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """list of PIL images → [N, 3, S, S]."""
-        return torch.stack([preprocess_image(im, self.image_size, self.image_mean, self.image_std,
-                                             self.squash) for im in images])
+        return torch.stack(
+            [
+                preprocess_image(im, self.image_size, self.image_mean, self.image_std, self.squash)
+                for im in images
+            ]
+        )
 
     # ---- call ---------------------------------------------------------------------------------
-    def __call__(self, text: str | list[str], images=None, answers=None, apply_template: bool = True,
-                 return_tensors: str | None = "pt") -> BatchFeature:
+    def __call__(
+        self,
+        text: str | list[str],
+        images=None,
+        answers=None,
+        apply_template: bool = True,
+        return_tensors: str | None = "pt",
+    ) -> BatchFeature:
         """Batch of prompts → BatchFeature.
 
         Args:
@@ -141,7 +155,10 @@ class Owl2Processor:
             return BatchFeature(data)
         if return_tensors != "pt":
             raise ValueError(f"Only return_tensors='pt' is supported, got {return_tensors!r}.")
-        data = {k: (v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.long)) for k, v in data.items()}
+        data = {
+            k: (v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.long))
+            for k, v in data.items()
+        }
         return BatchFeature(data)
 
     @staticmethod
@@ -158,12 +175,15 @@ class Owl2Processor:
             for i, (imgs, n) in enumerate(zip(images, counts, strict=True)):
                 if len(imgs) != n:
                     raise ValueError(
-                        f"Prompt {i} has {n} {DEFAULT_IMAGE_TOKEN} placeholder(s) but {len(imgs)} image(s) were given.")
+                        f"Prompt {i} has {n} {DEFAULT_IMAGE_TOKEN} placeholder(s) "
+                        f"but {len(imgs)} image(s) were given."
+                    )
             return [im for imgs in images for im in imgs]
         if len(images) != sum(counts):
             raise ValueError(
                 f"The prompts have {sum(counts)} {DEFAULT_IMAGE_TOKEN} placeholder(s) in total "
-                f"({counts} per prompt) but {len(images)} image(s) were given.")
+                f"({counts} per prompt) but {len(images)} image(s) were given."
+            )
         return images
 
     # ---- decoding -----------------------------------------------------------------------------
@@ -185,14 +205,27 @@ class Owl2Processor:
         directory.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(str(directory))
         S = self.image_size
-        (directory / IMAGE_PROCESSOR_CONFIG).write_text(json.dumps({
-            "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": S},
-            "resample": 3, "do_center_crop": True, "crop_size": {"height": S, "width": S},
-            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-            "image_mean": list(self.image_mean), "image_std": list(self.image_std),
-        }, indent=2))
-        (directory / PROCESSOR_CONFIG).write_text(json.dumps(
-            {"processor_class": "Owl2Processor", "image_size": S, "squash": self.squash}, indent=2))
+        (directory / IMAGE_PROCESSOR_CONFIG).write_text(
+            json.dumps(
+                {
+                    "image_processor_type": "CLIPImageProcessor",
+                    "do_resize": True,
+                    "size": {"shortest_edge": S},
+                    "resample": 3,
+                    "do_center_crop": True,
+                    "crop_size": {"height": S, "width": S},
+                    "do_rescale": True,
+                    "rescale_factor": 1 / 255,
+                    "do_normalize": True,
+                    "image_mean": list(self.image_mean),
+                    "image_std": list(self.image_std),
+                },
+                indent=2,
+            )
+        )
+        (directory / PROCESSOR_CONFIG).write_text(
+            json.dumps({"processor_class": "Owl2Processor", "image_size": S, "squash": self.squash}, indent=2)
+        )
 
     @classmethod
     def from_config(cls, config, tokenizer, **kwargs) -> Owl2Processor:

@@ -19,7 +19,8 @@ from owl_lab.models.owl3 import Owl3Config, Owl3ForCausalLM
 
 
 def mid_config(kind: str) -> Owl3Config:
-    """hidden 512, 8 layers (hyper: 0 and 4), 8 heads / 2 kv; SigLIP hidden 256, 4 layers, 224 px (256 tokens)."""
+    """hidden 512, 8 layers (hyper: 0 and 4), 8 heads / 2 kv; SigLIP hidden 256, 4 layers, 224 px
+    (256 tokens)."""
     return Owl3Config(
         vocab_size=1000,
         hidden_size=512,

@@ -16,6 +16,7 @@ loader then detects them from the state-dict key names (:func:`detect_variant`):
 * ``projector``: ``"linear"`` (``vision2text_model.weight``) or ``"mlp"`` (Linear-GELU-Linear,
   ``vision2text_model.{0,2}.*``).
 """
+
 from __future__ import annotations
 
 import copy
@@ -74,7 +75,8 @@ class Owl3Config(Qwen2Config):
             self.patch_size = self.vision_config.patch_size
         if self.hyper_attention is not None and self.hyper_attention not in HYPER_ATTENTION_KINDS:
             raise ValueError(
-                f"hyper_attention must be one of {HYPER_ATTENTION_KINDS} (or None); got {self.hyper_attention!r}."
+                f"hyper_attention must be one of {HYPER_ATTENTION_KINDS} (or None); "
+                f"got {self.hyper_attention!r}."
             )
         if self.projector is not None and self.projector not in PROJECTOR_KINDS:
             raise ValueError(f"projector must be one of {PROJECTOR_KINDS} (or None); got {self.projector!r}.")
@@ -111,8 +113,9 @@ class Owl3Config(Qwen2Config):
 def detect_variant(keys: Iterable[str]) -> dict:
     """Infer ``hyper_attention``, ``projector`` and the hyper layers from state-dict key names.
 
-    Rules (data/reference/owl3/SPEC.md §2.4): any ``self_attn.gate_proj.0.weight`` ⇒ ``"gated"``; any ``self_attn.gate`` ⇒
-    ``"static_gate"``; ``v_kv_proj`` without gate keys ⇒ ``"fused"``; ``vision2text_model.0.weight``
+    Rules (data/reference/owl3/SPEC.md §2.4): any ``self_attn.gate_proj.0.weight`` ⇒ ``"gated"``; any
+    ``self_attn.gate`` ⇒ ``"static_gate"``; ``v_kv_proj`` without gate keys ⇒ ``"fused"``;
+    ``vision2text_model.0.weight``
     ⇒ ``"mlp"`` projector, ``vision2text_model.weight`` ⇒ ``"linear"``.
 
     Returns:
@@ -127,7 +130,7 @@ def detect_variant(keys: Iterable[str]) -> dict:
     for k in keys:
         if not k.startswith(prefix):
             continue
-        layer, _, rest = k[len(prefix):].partition(".")
+        layer, _, rest = k[len(prefix) :].partition(".")
         if rest.startswith("self_attn.v_kv_proj."):
             kv_layers.add(int(layer))
         elif rest.startswith("self_attn.gate_proj.0."):
@@ -138,10 +141,14 @@ def detect_variant(keys: Iterable[str]) -> dict:
     if not kv_layers:
         problems.append("no `language_model.model.layers.{i}.self_attn.v_kv_proj.*` key (no hyper layer)")
     if gated and static:
-        problems.append(f"both gate_proj.0 (layers {sorted(gated)}) and static `gate` (layers {sorted(static)})")
+        problems.append(
+            f"both gate_proj.0 (layers {sorted(gated)}) and static `gate` (layers {sorted(static)})"
+        )
     for name, layers in (("gate_proj.0", gated), ("gate", static)):
         if layers and layers != kv_layers:
-            problems.append(f"`self_attn.{name}` in layers {sorted(layers)} but v_kv_proj in {sorted(kv_layers)}")
+            problems.append(
+                f"`self_attn.{name}` in layers {sorted(layers)} but v_kv_proj in {sorted(kv_layers)}"
+            )
     if "vision2text_model.0.weight" in keys:
         projector = "mlp"
     elif "vision2text_model.weight" in keys:
@@ -171,7 +178,8 @@ def complete_config(config: Owl3Config, directory: str | Path) -> Owl3Config:
         found = detect_variant(checkpoint_keys(directory))
         if found["hyper_layers_0based"] != config.hyper_layer_indices:
             raise ValueError(
-                f"config.json hyper_layers {config.hyper_layers} (0-based {config.hyper_layer_indices}) disagree "
+                f"config.json hyper_layers {config.hyper_layers} "
+                f"(0-based {config.hyper_layer_indices}) disagree "
                 f"with the layers that own v_kv_proj weights: {found['hyper_layers_0based']}."
             )
         config = copy.deepcopy(config)

@@ -90,7 +90,8 @@ def starts_from_dense(
     if bases[0] != 0 or any(b2 <= b1 for b1, b2 in zip(bases, bases[1:], strict=False)):
         raise ValueError(
             "media_offset column 0 must be the batch-global index of each sample's first image in "
-            f"pixel_values (0 for the first imaged sample, strictly increasing); got bases {bases} for samples "
+            "pixel_values (0 for the first imaged sample, strictly increasing); "
+            f"got bases {bases} for samples "
             f"{[b for b, _ in imaged]}. Per-sample offsets with base 0 cannot be concatenated into a batch: "
             "shift each sample's rows by the number of images before it (the processor does this)."
         )
@@ -105,7 +106,8 @@ def starts_from_dense(
             )
         if n_images - n_seen > 1:
             raise ValueError(
-                f"media_offset sample {b}: {n_images - n_seen} of its {n_images} images are visible to no token; "
+                f"media_offset sample {b}: {n_images - n_seen} of its {n_images} images "
+                "are visible to no token; "
                 "at most one (a placeholder starting at the last token) can be located."
             )
         s = [int(torch.nonzero(c > n)[0]) - 1 for n in range(n_seen)]

@@ -257,8 +257,10 @@ class Owl3ForCausalLM(Owl3PreTrainedModel, GenerationMixin):
         missing = [f for f in ("hyper_attention", "projector") if getattr(config, f) is None]
         if missing:
             raise ValueError(
-                f"Owl3Config.{' and '.join(missing)} is unset (official configs do not say which hyper-attention "
-                "variant / projector they use). Load official checkpoints with owl_lab.models.owl3.load_checkpoint "
+                f"Owl3Config.{' and '.join(missing)} is unset "
+                "(official configs do not say which hyper-attention "
+                "variant / projector they use). "
+                "Load official checkpoints with owl_lab.models.owl3.load_checkpoint "
                 "or Owl3ForCausalLM.from_pretrained, which detect them from the weight names, or set them."
             )
         self.language_model = Owl3LanguageModel(config)
@@ -411,7 +413,8 @@ class Owl3ForCausalLM(Owl3PreTrainedModel, GenerationMixin):
             attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, total)
         ):
             raise ValueError(
-                f"attention_mask must be 2-D [batch, past + new] = [{batch}, {total}]; got {tuple(attention_mask.shape)}."
+                f"attention_mask must be 2-D [batch, past + new] = [{batch}, {total}]; "
+                f"got {tuple(attention_mask.shape)}."
             )
 
     def _layout(self, batch, length, past, attention_mask, image_starts, input_ids) -> SequenceLayout:

@@ -1,7 +1,8 @@
 """Owl3 processor: chat template, chunk-wise tokenization around ``<|image|>``, images, media_offset.
 
-Follows the official processor (data/reference/owl3/SPEC.md §3.1–3.5) and adds what it lacks: batches (right padding +
-attention_mask), ``answers=`` → labels, and correct per-image cutting for several images.
+Follows the official processor (data/reference/owl3/SPEC.md §3.1–3.5) and adds what it lacks: batches
+(right padding + attention_mask), ``answers=`` → labels, and correct per-image cutting for several
+images.
 
 * Prompt: ``<|im_start|>system\\n<|im_end|>`` + ``\\n<|im_start|>user\\n{text}<|im_end|>`` +
   ``\\n<|im_start|>assistant\\n``; each piece between ``<|image|>`` placeholders is tokenized on its
@@ -13,6 +14,7 @@ attention_mask), ``answers=`` → labels, and correct per-image cutting for seve
 * media_offset: dense [B, L, 2] with batch-global bases (gated/static/sum) or a list of per-sample
   start tensors (fused), as the model expects.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +39,10 @@ CONFIG_NAME = "processor_config.json"
 
 def cut_prompt(rows: int, cols: int, template: str) -> str:
     """Text replacing one ``<|image|>`` of a cut image (rows*cols tiles + global view)."""
-    lines = "\n".join(" ".join((f"subimg({i},{j})" if template == "v2" else "") + IMAGE_TOKEN
-                               for j in range(cols)) for i in range(rows))
+    lines = "\n".join(
+        " ".join((f"subimg({i},{j})" if template == "v2" else "") + IMAGE_TOKEN for j in range(cols))
+        for i in range(rows)
+    )
     if template == "v2":
         return f"Cut to {rows} rows {cols} columns with a global view\n{lines}\nglobal_view{IMAGE_TOKEN}"
     return f"<|start_cut|>{rows}*{cols}\n{lines}\n{IMAGE_TOKEN}<|end_cut|>"
@@ -50,7 +54,9 @@ def select_anchor(width: int, height: int, size: int, anchors=GRID_SQU_6) -> tup
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
 
     def iou(other: torch.Tensor) -> torch.Tensor:
-        wh = (torch.minimum(boxes[:, 2:], other[:, 2:]) - torch.maximum(boxes[:, :2], other[:, :2])).clamp(min=0)
+        wh = (torch.minimum(boxes[:, 2:], other[:, 2:]) - torch.maximum(boxes[:, :2], other[:, :2])).clamp(
+            min=0
+        )
         inter = wh[:, 0] * wh[:, 1]
         other_area = (other[:, 2] - other[:, 0]) * (other[:, 3] - other[:, 1])
         return inter / (area + other_area - inter + 1e-5)
@@ -64,13 +70,22 @@ def select_anchor(width: int, height: int, size: int, anchors=GRID_SQU_6) -> tup
 class Owl3Processor:
     """Turns chat text with ``<|image|>`` placeholders and PIL images into an Owl3 batch."""
 
-    def __init__(self, tokenizer, image_size: int = 384, template: str = "v2", media_offset_format: str = "dense",
-                 cut_enable: bool = False, padding_side: str = "right"):
+    def __init__(
+        self,
+        tokenizer,
+        image_size: int = 384,
+        template: str = "v2",
+        media_offset_format: str = "dense",
+        cut_enable: bool = False,
+        padding_side: str = "right",
+    ):
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left'; got {padding_side!r}.")
         if template not in ("v2", "v3") or media_offset_format not in ("dense", "list"):
-            raise ValueError(f"template must be v2/v3 and media_offset_format dense/list; got {template}, "
-                             f"{media_offset_format}.")
+            raise ValueError(
+                f"template must be v2/v3 and media_offset_format dense/list; got {template}, "
+                f"{media_offset_format}."
+            )
         self.tokenizer = tokenizer
         self.image_size = int(image_size)
         self.template = template
@@ -81,8 +96,11 @@ class Owl3Processor:
     @classmethod
     def from_config(cls, config, tokenizer, **kwargs) -> Owl3Processor:
         fused = config.hyper_attention == "fused"
-        defaults = {"image_size": config.vision_config.image_size, "template": "v3" if fused else "v2",
-                    "media_offset_format": "list" if fused else "dense"}
+        defaults = {
+            "image_size": config.vision_config.image_size,
+            "template": "v3" if fused else "v2",
+            "media_offset_format": "list" if fused else "dense",
+        }
         return cls(tokenizer, **{**defaults, **kwargs})
 
     # ---- images -----------------------------------------------------------------------------------
@@ -97,13 +115,17 @@ class Owl3Processor:
         if isinstance(image, np.ndarray):
             image = Image.fromarray(image)
         if not isinstance(image, Image.Image):
-            raise ValueError(f"images must be PIL images (or HxWx3 uint8 arrays); got {type(image).__name__}.")
+            raise ValueError(
+                f"images must be PIL images (or HxWx3 uint8 arrays); got {type(image).__name__}."
+            )
         image, s = image.convert("RGB"), self.image_size
         if not cut:
             return [self._to_tensor(image, s, s)], IMAGE_TOKEN
         rows, cols = select_anchor(image.width, image.height, s)
         big = self._to_tensor(image, cols * s, rows * s)  # [3, rows*S, cols*S]
-        tiles = big.view(3, rows, s, cols, s).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, s, s)  # row-major
+        tiles = (
+            big.view(3, rows, s, cols, s).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, s, s)
+        )  # row-major
         return [*tiles, self._to_tensor(image, s, s)], cut_prompt(rows, cols, self.template)
 
     # ---- text -------------------------------------------------------------------------------------
@@ -135,20 +157,30 @@ class Owl3Processor:
                 raise ValueError(f"images has {len(per)} per-sample lists for {len(texts)} texts.")
         else:
             if sum(counts) != len(images):
-                raise ValueError(f"The text has {sum(counts)} {IMAGE_TOKEN} placeholders but {len(images)} images "
-                                 "were given.")
+                raise ValueError(
+                    f"The text has {sum(counts)} {IMAGE_TOKEN} placeholders but {len(images)} images "
+                    "were given."
+                )
             per, i = [], 0
             for c in counts:
-                per.append(list(images[i:i + c]))
+                per.append(list(images[i : i + c]))
                 i += c
         for b, (c, imgs) in enumerate(zip(counts, per, strict=True)):
             if c != len(imgs):
                 raise ValueError(f"Sample {b} has {c} {IMAGE_TOKEN} placeholders but {len(imgs)} images.")
         return per
 
-    def __call__(self, text, images=None, answers=None, apply_template: bool = True, return_tensors="pt",
-                 cut_enable: bool | None = None) -> BatchFeature:
-        """See the module docstring; returns input_ids, attention_mask, pixel_values, media_offset(, labels)."""
+    def __call__(
+        self,
+        text,
+        images=None,
+        answers=None,
+        apply_template: bool = True,
+        return_tensors="pt",
+        cut_enable: bool | None = None,
+    ) -> BatchFeature:
+        """See the module docstring; returns input_ids, attention_mask, pixel_values,
+        media_offset(, labels)."""
         if return_tensors not in ("pt", None):
             raise ValueError(f"Only return_tensors='pt' is supported; got {return_tensors!r}.")
         texts = [text] if isinstance(text, str) else list(text)
@@ -185,23 +217,26 @@ class Owl3Processor:
         for b, (ids, starts, lab) in enumerate(rows):
             n = len(ids)
             o = length - n if self.padding_side == "left" else 0  # first real position
-            input_ids[b, o:o + n] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[b, o:o + n] = 1
-            labels[b, o:o + n] = torch.tensor(lab, dtype=torch.long)
+            input_ids[b, o : o + n] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[b, o : o + n] = 1
+            labels[b, o : o + n] = torch.tensor(lab, dtype=torch.long)
             s = torch.tensor(starts, dtype=torch.long) + o
             starts_list.append(s)
             if len(starts):
                 t = torch.arange(o, o + n)
                 counts = (s[None, :] < t[:, None]).sum(1)  # c_t = #{n : s_n < t}
                 dense[b, :, 0] = base
-                dense[b, o:o + n, 1] = base + counts
-                dense[b, o + n:] = dense[b, o + n - 1]  # right padding repeats the last row
+                dense[b, o : o + n, 1] = base + counts
+                dense[b, o + n :] = dense[b, o + n - 1]  # right padding repeats the last row
                 dense[b, :o, 1] = base  # left padding sees nothing
                 base += len(starts)
             else:
                 dense[b, :, 1] = NO_IMAGE_MARKER
-        data = {"input_ids": input_ids, "attention_mask": attention_mask,
-                "media_offset": dense if self.media_offset_format == "dense" else starts_list}
+        data = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "media_offset": dense if self.media_offset_format == "dense" else starts_list,
+        }
         if pixels:
             data["pixel_values"] = torch.stack(pixels)
         if with_labels:
@@ -216,9 +251,14 @@ class Owl3Processor:
         return self.tokenizer.batch_decode(*args, **kwargs)
 
     def to_dict(self) -> dict:
-        return {"processor_class": type(self).__name__, "image_size": self.image_size, "template": self.template,
-                "media_offset_format": self.media_offset_format, "cut_enable": self.cut_enable,
-                "padding_side": self.padding_side}
+        return {
+            "processor_class": type(self).__name__,
+            "image_size": self.image_size,
+            "template": self.template,
+            "media_offset_format": self.media_offset_format,
+            "cut_enable": self.cut_enable,
+            "padding_side": self.padding_side,
+        }
 
     def save_pretrained(self, directory) -> None:
         directory = Path(directory)

@@ -1,6 +1,7 @@
 """Tiny random Owl2 / Owl3 (gated, fused) models with O(1) weights, shared by the attribution and
 attention-vs-attribution tests (IG on a 0.02-init model is nearly linear and tests nothing); their
 configs are the ``tiny_configs`` fixture of tests/conftest.py."""
+
 from __future__ import annotations
 
 import math
@@ -10,8 +11,11 @@ import torch
 
 from owl_lab.synth import build_tokenizer, eval_set
 
-VARIANTS = {"owl2": ("owl2", {}), "owl3": ("owl3", {}),
-            "owl3-fused": ("owl3", dict(hyper_attention="fused", projector="mlp"))}
+VARIANTS = {
+    "owl2": ("owl2", {}),
+    "owl3": ("owl3", {}),
+    "owl3-fused": ("owl3", dict(hyper_attention="fused", projector="mlp")),
+}
 
 
 @torch.no_grad()
@@ -38,12 +42,20 @@ def build(variant: str, configs: dict[str, dict]):
 
     Config, Model, Processor = family_classes(family)
     tok = build_tokenizer(family)
-    config = Config(**{**configs[family], **overrides}, vocab_size=len(tok), eos_token_id=tok.eos_token_id,
-                    pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
+    config = Config(
+        **{**configs[family], **overrides},
+        vocab_size=len(tok),
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
     torch.manual_seed(0)
     model = randomize(Model(config))
-    processor = (Processor.from_config(config, tok) if hasattr(Processor, "from_config")
-                 else Processor(tok, image_size=28))
+    processor = (
+        Processor.from_config(config, tok)
+        if hasattr(Processor, "from_config")
+        else Processor(tok, image_size=28)
+    )
     return model, processor
 
 
@@ -62,8 +74,13 @@ def tiny_owl(request, build_tiny_owl):
 
 def hook_count(model) -> int:
     """Forward/backward hooks registered anywhere in the model (must be 0 after every call)."""
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-               + len(getattr(m, "_backward_pre_hooks", {})) for m in model.modules())
+    return sum(
+        len(m._forward_hooks)
+        + len(m._forward_pre_hooks)
+        + len(m._backward_hooks)
+        + len(getattr(m, "_backward_pre_hooks", {}))
+        for m in model.modules()
+    )
 
 
 @pytest.fixture
@@ -82,13 +99,33 @@ def _small_owl2_config(**overrides):
     vit_eos = 4 visual rows); keyword ``overrides`` (vocab_size, ...) are passed to ``Owl2Config``."""
     from owl_lab.models.owl2 import Owl2Config
 
-    visual = {"visual_model": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                   num_attention_heads=2, image_size=28, patch_size=7),
-              "visual_abstractor": dict(num_learnable_queries=3, hidden_size=16, encoder_hidden_size=16,
-                                        num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
-                                        grid_size=4)}
-    values = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=2, visual_config=visual)
+    visual = {
+        "visual_model": dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=7,
+        ),
+        "visual_abstractor": dict(
+            num_learnable_queries=3,
+            hidden_size=16,
+            encoder_hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=24,
+            grid_size=4,
+        ),
+    }
+    values = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        visual_config=visual,
+    )
     return Owl2Config(**{**values, **overrides})
 
 

@@ -1,4 +1,5 @@
 """owl_lab.analysis.ablation: checkpoint descriptions, pooled/paired tables, shipped-metrics cross-check."""
+
 from __future__ import annotations
 
 import json
@@ -44,13 +45,21 @@ def test_describe_reads_the_config_not_the_name(tmp_path, tiny_configs):
     vit = {"kind": "vision"}
     lang = {"tasks": {"color": 1}}
     frozen = dict(lang, freeze=[r"model\.vision_model\."])
-    for stages, expected in (([vit, lang, lang], "trainable"), ([vit, frozen, frozen], "frozen"),
-                             ([vit, frozen, lang], "partly frozen")):
+    for stages, expected in (
+        ([vit, lang, lang], "trainable"),
+        ([vit, frozen, frozen], "frozen"),
+        ([vit, frozen, lang], "partly frozen"),
+    ):
         (tmp_path / "recipe.json").write_text(json.dumps({"stages": stages}))
         assert describe(cfg, tmp_path)["vit"] == expected
     o3 = describe(_config("owl3", tiny_configs, hyper_layers=[1, 2], mi_rope=False, hyper_attention="sum"))
-    assert o3 == {"hyper_attention": "sum", "mi_rope": False, "hyper_layers": "1,2", "projector": "linear",
-                  "image_size": 28}
+    assert o3 == {
+        "hyper_attention": "sum",
+        "mi_rope": False,
+        "hyper_layers": "1,2",
+        "projector": "linear",
+        "image_size": 28,
+    }
     with pytest.raises(ValueError, match="Owl2"):
         describe(type("C", (), {"model_type": "llama"})())
 
@@ -69,8 +78,9 @@ def test_accuracy_table_pools_keys():
 def test_paired_table_is_variant_minus_baseline():
     t = paired_table(FLAGS, "base", COLUMNS)
     assert list(t.index) == [("var", c) for c in COLUMNS]
-    d = paired_difference(FLAGS["var"]["color"] + FLAGS["var"]["shape"],
-                          FLAGS["base"]["color"] + FLAGS["base"]["shape"])
+    d = paired_difference(
+        FLAGS["var"]["color"] + FLAGS["var"]["shape"], FLAGS["base"]["color"] + FLAGS["base"]["shape"]
+    )
     row = t.loc[("var", "QA")]
     assert row["diff"] == pytest.approx(d["diff"]) == 0.0 and row["se"] == pytest.approx(d["se"])
     assert row["baseline"] == 50.0 and row["n"] == 6 and not row["beyond"]
@@ -91,7 +101,9 @@ def test_pair_table_compares_any_two_labels():
 
 def test_replicate_verdict_needs_one_sign_and_more_than_the_seed_spread():
     rows = [("effect s0", 6.0), ("effect s1", 4.0), ("design s1-s0", -3.0), ("other s1-s0", 1.0)]
-    table = pd.DataFrame([{"comparison": c, "column": "QA", "diff": d} for c, d in rows]).set_index(["comparison", "column"])
+    table = pd.DataFrame([{"comparison": c, "column": "QA", "diff": d} for c, d in rows]).set_index(
+        ["comparison", "column"]
+    )
     line = replicate_verdict(table, ["effect s0", "effect s1"], ["design s1-s0", "other s1-s0"], "QA")
     assert "sign across seeds: True (+6.0, +4.0 points)" in line and "(3.0 points): True" in line
     table.loc[("effect s1", "QA"), "diff"] = -4.0
@@ -102,13 +114,23 @@ def test_replicate_verdict_needs_one_sign_and_more_than_the_seed_spread():
 
 
 def test_shipped_accuracy_and_crosscheck(tmp_path):
-    (tmp_path / "metrics.json").write_text(json.dumps({
-        "accuracy": {"color": 50.0, "shape": 20.0}, "eval": {"n_per_task": 100},
-        "distractor": {"n_images": [1, 4], "circular": [60.0, 30.0], "instance": [60.0, 40.0]}}))
+    (tmp_path / "metrics.json").write_text(
+        json.dumps(
+            {
+                "accuracy": {"color": 50.0, "shape": 20.0},
+                "eval": {"n_per_task": 100},
+                "distractor": {"n_images": [1, 4], "circular": [60.0, 30.0], "instance": [60.0, 40.0]},
+            }
+        )
+    )
     (tmp_path / "recipe.json").write_text(json.dumps({"eval": {"distractor": {"questions": 30}}}))
     shipped = shipped_accuracy(tmp_path)
-    assert shipped == {"color": (50.0, 100), "shape": (20.0, 100), "distractor:1": (60.0, 30),
-                       "distractor:4": (30.0, 30)}
+    assert shipped == {
+        "color": (50.0, 100),
+        "shape": (20.0, 100),
+        "distractor:1": (60.0, 30),
+        "distractor:4": (30.0, 30),
+    }
     assert shipped_accuracy(tmp_path / "missing") == {}
     check = crosscheck(FLAGS, {"base": shipped}, COLUMNS)
     qa = check.loc[("base", "QA")]
@@ -131,7 +153,9 @@ def test_crosscheck_uses_the_pooled_proportion_near_zero():
     assert math.hypot(binomial_se(25.0, 60), binomial_se(5.0, 40)) * 3 < 20.0  # the old rule flagged it
     assert row["se"] == pytest.approx(100 * math.sqrt(0.17 * 0.83 * (1 / 60 + 1 / 40)))
     assert not row["beyond"]
-    assert crosscheck(flags, {"m": {"distractor:8": (0.0, 400)}}, {"N=8": ["distractor:8"]}).loc[("m", "N=8"), "beyond"]
+    assert crosscheck(flags, {"m": {"distractor:8": (0.0, 400)}}, {"N=8": ["distractor:8"]}).loc[
+        ("m", "N=8"), "beyond"
+    ]
 
 
 def test_chance_check():
@@ -147,7 +171,10 @@ def test_chance_check():
 
 def test_difference_text_and_score_tasks(monkeypatch):
     d = paired_difference([1, 1, 0, 1], [0, 1, 0, 0])
-    assert difference_text(d) == f"25.0% -> 75.0%, Δ +50.0 ± {d['se']:.1f} (paired SE); beyond 2 SE: {d['beyond_noise']}"
+    assert (
+        difference_text(d)
+        == f"25.0% -> 75.0%, Δ +50.0 ± {d['se']:.1f} (paired SE); beyond 2 SE: {d['beyond_noise']}"
+    )
     sets = {"color": eval_set("color", 3, seed=0), "add": eval_set("add", 2, seed=0)}
     monkeypatch.setattr("owl_lab.evaluate.exact_match", lambda m, p, ex, bs: [len(ex) == 3] * len(ex))
     assert score_tasks(None, None, sets) == {"color": [True] * 3, "add": [False] * 2}
@@ -155,6 +182,7 @@ def test_difference_text_and_score_tasks(monkeypatch):
 
 def test_exists_finds_shipped_names_and_directories(tmp_path):
     from owl_lab import zoo
+
     name = zoo.list_checkpoints()[0]
     assert ablation.exists(name) and ablation.exists(zoo.checkpoints_dir() / name)
     assert not ablation.exists("owl2-tiny-not-trained") and not ablation.exists(tmp_path / "nothing")

@@ -1,4 +1,5 @@
 """owl_lab.analysis.abstractor: per-query spatial numbers of abstractor maps on the 3x3 board."""
+
 from __future__ import annotations
 
 import math
@@ -46,7 +47,9 @@ def test_point_map_peaks_on_its_cell_and_heads_are_averaged():
     assert r["peak_lift"] == pytest.approx(64 / 9)
     p = np.array([2 / 3, 1 / 3])
     assert r["entropy"] == pytest.approx(-(p * np.log(p)).sum() / math.log(64))
-    assert r["com_row"] == pytest.approx(7.5 / 8) and r["com_col"] == pytest.approx((0.5 * 2 / 3 + 1.5 / 3) / 8)
+    assert r["com_row"] == pytest.approx(7.5 / 8) and r["com_col"] == pytest.approx(
+        (0.5 * 2 / 3 + 1.5 / 3) / 8
+    )
 
 
 def test_centre_cell_wins_by_density_not_by_mass():
@@ -78,8 +81,10 @@ def test_specialisation_tells_fixed_places_from_interchangeable_queries():
 
 
 def test_object_hits_use_the_scenes():
-    scenes = [Scene((Obj("circle", "red", "small", "plain", 0, 0),)),
-              Scene((Obj("square", "blue", "small", "plain", 2, 2), Obj("circle", "red", "small", "plain", 1, 1)))]
+    scenes = [
+        Scene((Obj("circle", "red", "small", "plain", 0, 0),)),
+        Scene((Obj("square", "blue", "small", "plain", 2, 2), Obj("circle", "red", "small", "plain", 1, 1))),
+    ]
     stats = query_map_stats(_peaked([[0, 8], [4, 0]]), scenes)
     assert stats["occupied"].tolist() == [1.0, 0.0, 1.0, 0.0]
     spec = specialisation(stats, scenes, shuffles=5).iloc[0]
@@ -94,14 +99,20 @@ def test_object_hits_use_the_scenes():
 def test_per_image_specialisation_gives_each_images_numbers():
     from owl_lab.analysis.abstractor import per_image_specialisation
 
-    scenes = [Scene((Obj("circle", "red", "small", "plain", 0, 0),)),
-              Scene((Obj("square", "blue", "small", "plain", 2, 2), Obj("circle", "red", "small", "plain", 1, 1))),
-              Scene((Obj("circle", "red", "small", "plain", 0, 0),))]
-    stats = query_map_stats(_peaked([[0, 8], [4, 8], [0, 1]]), scenes)  # modes: query 0 -> cell 0, query 1 -> 8
+    scenes = [
+        Scene((Obj("circle", "red", "small", "plain", 0, 0),)),
+        Scene((Obj("square", "blue", "small", "plain", 2, 2), Obj("circle", "red", "small", "plain", 1, 1))),
+        Scene((Obj("circle", "red", "small", "plain", 0, 0),)),
+    ]
+    stats = query_map_stats(
+        _peaked([[0, 8], [4, 8], [0, 1]]), scenes
+    )  # modes: query 0 -> cell 0, query 1 -> 8
     per = per_image_specialisation(stats, scenes)
     assert per["own_cell"].tolist() == [1.0, 0.5, 0.5]
     assert per["object_hit"].tolist() == [0.5, 1.0, 0.5]
     assert per["object_chance"].tolist() == pytest.approx([1 / 9, 2 / 9, 1 / 9])
-    assert per["own_cell"].mean() == pytest.approx(specialisation(stats, scenes, shuffles=5).iloc[0]["consistency"])
+    assert per["own_cell"].mean() == pytest.approx(
+        specialisation(stats, scenes, shuffles=5).iloc[0]["consistency"]
+    )
     with pytest.raises(ValueError, match="scenes"):
         per_image_specialisation(stats, scenes[:2])

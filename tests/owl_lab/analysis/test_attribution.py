@@ -1,4 +1,5 @@
 """owl_lab.analysis.attribution: IG completeness, exact zeros, determinism, no hooks left."""
+
 from __future__ import annotations
 
 import time
@@ -19,7 +20,9 @@ def test_shapes_tokens_and_completeness(tiny_owl):
     assert a.patch_maps.shape == (1, 4, 4) and torch.isfinite(a.patch_maps).all()
     ids = batch["input_ids"][0]
     n_tok = int((ids != -200).sum())  # Owl2 markers are excluded, Owl3 placeholders are text tokens
-    assert a.token_scores.shape == (n_tok,) and len(a.tokens) == n_tok and torch.isfinite(a.token_scores).all()
+    assert (
+        a.token_scores.shape == (n_tok,) and len(a.tokens) == n_tok and torch.isfinite(a.token_scores).all()
+    )
     assert "<|image|>" in a.tokens if variant != "owl2" else "<|image|>" not in a.tokens
     assert a.target_id == int(model(**batch).logits[0, -1].argmax())  # default: the greedy next token
     assert a.extra["marker_attribution"] == 0.0  # unused embedding rows at -200 markers get nothing
@@ -91,7 +94,9 @@ def test_text_only_prompt_and_logprob_score(tiny_owl):
 def test_clear_errors(tiny_owl, hooks_left):
     _, model, processor, batch = tiny_owl
     with pytest.raises(ValueError, match="one sample"):
-        attribute(model, processor(text=["<|image|>a", "<|image|>b"], images=eval_set("color", 2)[0].images * 2))
+        attribute(
+            model, processor(text=["<|image|>a", "<|image|>b"], images=eval_set("color", 2)[0].images * 2)
+        )
     with pytest.raises(ValueError, match="outside the vocabulary"):
         attribute(model, batch, target=10**6)
     with pytest.raises(ValueError, match="method"):

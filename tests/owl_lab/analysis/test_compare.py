@@ -1,4 +1,5 @@
 """owl_lab.analysis.compare: attention next to IG for patches, prompt tokens and token groups."""
+
 from __future__ import annotations
 
 import math
@@ -59,8 +60,9 @@ def test_token_comparison_matches_eager_attention(tiny_owl, hooks_left):
             att = model(**batch, output_attentions=True).attentions  # n_layers × [1, H, L, L]
         last = torch.stack([x[0, :, -1].mean(0) for x in att]).mean(0)  # [L]
         marker = (batch["input_ids"][0] == -200).long()
-        seq = torch.arange(marker.numel()) + (marker.cumsum(0) - marker) * (model.config.tokens_per_image - 1
-                                                                             if variant == "owl2" else 0)
+        seq = torch.arange(marker.numel()) + (marker.cumsum(0) - marker) * (
+            model.config.tokens_per_image - 1 if variant == "owl2" else 0
+        )
         expected = last[seq[a.token_positions]]
         assert torch.allclose(torch.tensor(table["attention"].to_numpy()).float(), expected, atol=1e-5)
     # groups: each column is a distribution; text tokens + image keys make up the whole softmax
@@ -81,7 +83,9 @@ def test_token_comparison_matches_eager_attention(tiny_owl, hooks_left):
 def test_spearman_helper():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(np.corrcoef([1, 2.5, 2.5, 4], [1, 2, 3, 4])[0, 1])
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(
+        np.corrcoef([1, 2.5, 2.5, 4], [1, 2, 3, 4])[0, 1]
+    )
     assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
     with pytest.raises(ValueError):
         spearman([1, 2], [1, 2, 3])

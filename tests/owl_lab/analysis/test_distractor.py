@@ -1,4 +1,5 @@
 """owl_lab.analysis.distractor: CircularEval pooling and the true-image share of image attention."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,9 +21,12 @@ def test_circular_scores_pool_instances(owl3):
     groups = distractor_eval(seed=3, n_images=2, n_questions=4, n_instances=3, render_size=28)
     s = circular_scores(model, processor, groups, batch_size=5)
     hits = exact_match(model, processor, [e for g in groups for e in g])
-    assert s["flags"] == [all(hits[3 * q:3 * q + 3]) for q in range(4)]
+    assert s["flags"] == [all(hits[3 * q : 3 * q + 3]) for q in range(4)]
     assert s["circular"] == pytest.approx(100 * sum(s["flags"]) / 4)
-    assert s["instance"] == pytest.approx(100 * sum(hits) / 12) and (s["questions"], s["instances"]) == (4, 12)
+    assert s["instance"] == pytest.approx(100 * sum(hits) / 12) and (s["questions"], s["instances"]) == (
+        4,
+        12,
+    )
     with pytest.raises(ValueError, match="non-empty"):
         circular_scores(model, processor, [[]])
 
@@ -36,7 +40,8 @@ def test_circular_is_all_instances(monkeypatch, owl3):
 
 
 def _reference_share(model, processor, ex) -> dict[int, float]:
-    """Independent: full attention maps of the last position, mass on the true image's keys / all image keys."""
+    """Independent: full attention maps of the last position, mass on the true image's keys / all image
+    keys."""
     batch = processor(text=ex.text, images=list(ex.images))
     layers = list(model.config.hyper_layer_indices)
     last = batch["input_ids"].shape[1] - 1
@@ -55,20 +60,29 @@ def _reference_share(model, processor, ex) -> dict[int, float]:
 
 def test_target_share_matches_full_maps_and_batching(owl3):
     model, processor = owl3
-    examples = [g[0] for g in distractor_eval(seed=5, n_images=3, n_questions=3, n_instances=1, render_size=28)]
+    examples = [
+        g[0] for g in distractor_eval(seed=5, n_images=3, n_questions=3, n_instances=1, render_size=28)
+    ]
     one = target_share(model, processor, examples, batch_size=1)
     many = target_share(model, processor, examples, batch_size=3)  # right padding: per-row last position
     assert torch.allclose(torch.tensor(one.to_numpy(float)), torch.tensor(many.to_numpy(float)), atol=1e-5)
     refs = [_reference_share(model, processor, ex) for ex in examples]
     for layer in model.config.hyper_layer_indices:
         assert one.loc[layer, "share"] == pytest.approx(sum(r[layer] for r in refs) / 3, abs=1e-5)
-    per = target_share(model, processor, examples, batch_size=2, per_example=True)  # one row per (example, layer)
+    per = target_share(
+        model, processor, examples, batch_size=2, per_example=True
+    )  # one row per (example, layer)
     assert sorted(per["example"].unique()) == [0, 1, 2]
     for (example, layer), share in per.set_index(["example", "layer"])["share"].items():
         assert share == pytest.approx(refs[example][layer], abs=1e-5)
-    assert list(one["chance"]) == pytest.approx([1 / 3] * len(one)) and ((one["share"] > 0) & (one["share"] < 1)).all()
+    assert (
+        list(one["chance"]) == pytest.approx([1 / 3] * len(one))
+        and ((one["share"] > 0) & (one["share"] < 1)).all()
+    )
     single = [g[0] for g in distractor_eval(seed=5, n_images=1, n_questions=2, render_size=28)]
-    assert list(target_share(model, processor, single)["share"]) == pytest.approx([1.0] * len(one))  # all of it
+    assert list(target_share(model, processor, single)["share"]) == pytest.approx(
+        [1.0] * len(one)
+    )  # all of it
 
 
 def test_target_share_needs_hyper_layers(build_tiny_owl):

@@ -1,4 +1,5 @@
 """The one verdict rule of owl_lab.analysis.findings, case by case."""
+
 import pandas as pd
 import pytest
 
@@ -10,23 +11,26 @@ def E(value, se=1.0, n=200, label=""):
     return Effect(value, se, n, label)
 
 
-@pytest.mark.parametrize("effects, verdict", [
-    ([E(3.0), E(2.5)], "reproduced"),                 # both beyond 2 SE for the claim
-    ([E(-3.0), E(-2.5)], "opposite"),                 # both beyond 2 SE against
-    ([E(3.0), E(-3.0)], "inconclusive"),              # opposite signs across seeds (notebook 03's MAM shift)
-    ([E(3.0), E(1.0)], "inconclusive"),               # one seed for, one within noise
-    ([E(0.5), E(-1.0)], "not reproduced"),            # both within noise, enough data
-    ([E(-3.0), E(1.0)], "not reproduced"),            # against and noise: not all against, none for
-    ([E(2.0), E(2.0)], "not reproduced"),             # exactly 2 SE is not beyond 2 SE
-    ([E(0.5, n=20), E(-1.0)], "inconclusive"),        # a null on too few examples could have missed it
-])
+@pytest.mark.parametrize(
+    "effects, verdict",
+    [
+        ([E(3.0), E(2.5)], "reproduced"),  # both beyond 2 SE for the claim
+        ([E(-3.0), E(-2.5)], "opposite"),  # both beyond 2 SE against
+        ([E(3.0), E(-3.0)], "inconclusive"),  # opposite signs across seeds (notebook 03's MAM shift)
+        ([E(3.0), E(1.0)], "inconclusive"),  # one seed for, one within noise
+        ([E(0.5), E(-1.0)], "not reproduced"),  # both within noise, enough data
+        ([E(-3.0), E(1.0)], "not reproduced"),  # against and noise: not all against, none for
+        ([E(2.0), E(2.0)], "not reproduced"),  # exactly 2 SE is not beyond 2 SE
+        ([E(0.5, n=20), E(-1.0)], "inconclusive"),  # a null on too few examples could have missed it
+    ],
+)
 def test_the_rule(effects, verdict):
     assert judge(effects)[0] == verdict
 
 
 def test_a_null_counts_as_not_reproduced_only_if_it_excludes_the_claimed_size():
-    assert judge([E(0.5), E(0.0)], expected=5.0)[0] == "not reproduced"   # upper bounds 2.5, 2.0 < 5
-    assert judge([E(0.5), E(0.0)], expected=2.2)[0] == "inconclusive"     # 2.5 ≥ 2.2: could have been it
+    assert judge([E(0.5), E(0.0)], expected=5.0)[0] == "not reproduced"  # upper bounds 2.5, 2.0 < 5
+    assert judge([E(0.5), E(0.0)], expected=2.2)[0] == "inconclusive"  # 2.5 ≥ 2.2: could have been it
 
 
 def test_caveats_flag_one_seed_and_few_examples():
@@ -53,7 +57,7 @@ def test_effects_from_paired_flags_and_samples():
     e = from_paired(d, "seed 0", sign=-1)
     assert e.value == pytest.approx(-50.0) and e.se == pytest.approx(d["se"]) and e.n == 4
     s = from_samples([1.0, 2.0, 3.0])
-    assert s.value == pytest.approx(2.0) and s.se == pytest.approx(1 / 3 ** 0.5)
+    assert s.value == pytest.approx(2.0) and s.se == pytest.approx(1 / 3**0.5)
 
 
 def test_the_interpretation_follows_the_computed_verdict():
@@ -64,12 +68,27 @@ def test_the_interpretation_follows_the_computed_verdict():
 
 
 def test_findings_table_columns_and_printed_text(capsys):
-    rows = [finding("the MAM helps images", "Owl2 Table 5", [E(4.345, 0.61, 2000, "seed 0"), E(2.1, 0.6, 2000, "seed 1")],
-                    "the gain survives a retrain"),
-            finding("x rises", "exploration", [E(0.0971, 0.0142, 24, "seed 0")], "one draw", digits=3)]
+    rows = [
+        finding(
+            "the MAM helps images",
+            "Owl2 Table 5",
+            [E(4.345, 0.61, 2000, "seed 0"), E(2.1, 0.6, 2000, "seed 1")],
+            "the gain survives a retrain",
+        ),
+        finding("x rises", "exploration", [E(0.0971, 0.0142, 24, "seed 0")], "one draw", digits=3),
+    ]
     table = findings_table(rows)
     assert isinstance(table, pd.DataFrame)
-    assert list(table.columns) == ["claim", "source", "ours", "n", "seeds", "verdict", "caveats", "interpretation"]
+    assert list(table.columns) == [
+        "claim",
+        "source",
+        "ours",
+        "n",
+        "seeds",
+        "verdict",
+        "caveats",
+        "interpretation",
+    ]
     assert table.loc[0, "ours"] == "+4.3 ± 0.6 (seed 0); +2.1 ± 0.6 (seed 1)"
     assert table.loc[0, "verdict"] == "reproduced" and table.loc[0, "seeds"] == "2 of 2 for"
     assert table.loc[1, "ours"] == "+0.097 ± 0.014 (seed 0)" and table.loc[1, "caveats"] == "one seed, n < 50"
@@ -82,14 +101,26 @@ def test_findings_table_columns_and_printed_text(capsys):
 def test_printed_findings_parse_back(capsys):
     from owl_lab.analysis.findings import parse_findings
 
-    rows = [finding("a claim [with brackets]", "Owl3 Table 10 (GQA +2.4)", [E(3.0, 1.0, 40, "seed 0"), E(-3.0)],
-                    "seeds disagree"),
-            finding("b", "Owl2 Fig. 4", [E(5.0)], "holds")]
+    rows = [
+        finding(
+            "a claim [with brackets]",
+            "Owl3 Table 10 (GQA +2.4)",
+            [E(3.0, 1.0, 40, "seed 0"), E(-3.0)],
+            "seeds disagree",
+        ),
+        finding("b", "Owl2 Fig. 4", [E(5.0)], "holds"),
+    ]
     table = findings_table(rows)
     parsed = parse_findings(capsys.readouterr().out)
     assert [p["claim"] for p in parsed] == ["a claim [with brackets]", "b"]
     assert parsed[0]["source"] == "Owl3 Table 10 (GQA +2.4)"
     for p, (_, r) in zip(parsed, table.iterrows(), strict=True):
         assert (p["ours"], p["n"], p["verdict"], p["seeds"], p["caveats"], p["interpretation"]) == (
-            r["ours"], r["n"], r["verdict"], r["seeds"], r["caveats"], r["interpretation"])
+            r["ours"],
+            r["n"],
+            r["verdict"],
+            r["seeds"],
+            r["caveats"],
+            r["interpretation"],
+        )
     assert parsed[0]["verdict"] == "inconclusive" and parsed[0]["caveats"] == "n < 50"

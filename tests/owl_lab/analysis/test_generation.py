@@ -1,4 +1,5 @@
 """owl_lab.analysis.generation: the answer-producing rows of a generate capture."""
+
 from __future__ import annotations
 
 import pandas as pd
@@ -12,13 +13,25 @@ from owl_lab.synth import eval_set
 
 
 def test_answer_rows_keeps_last_prompt_query_per_batch_row_and_decode_steps():
-    rows = [dict(batch=b, step=0, layer=0, head=0, query=q, kind="self", level="modality", group="text", mass=1.0)
-            for b, n in ((0, 4), (1, 6)) for q in range(n)]
-    rows += [dict(batch=b, step=s, layer=0, head=0, query=q, kind="self", level="modality", group="text", mass=1.0)
-             for b in (0, 1) for s, q in ((1, 6), (2, 7))]
+    rows = [
+        dict(batch=b, step=0, layer=0, head=0, query=q, kind="self", level="modality", group="text", mass=1.0)
+        for b, n in ((0, 4), (1, 6))
+        for q in range(n)
+    ]
+    rows += [
+        dict(batch=b, step=s, layer=0, head=0, query=q, kind="self", level="modality", group="text", mass=1.0)
+        for b in (0, 1)
+        for s, q in ((1, 6), (2, 7))
+    ]
     out = answer_rows(pd.DataFrame(rows))
     assert sorted(zip(out["batch"], out["step"], out["query"], strict=True)) == [
-        (0, 0, 3), (0, 1, 6), (0, 2, 7), (1, 0, 5), (1, 1, 6), (1, 2, 7)]
+        (0, 0, 3),
+        (0, 1, 6),
+        (0, 2, 7),
+        (1, 0, 5),
+        (1, 1, 6),
+        (1, 2, 7),
+    ]
     with pytest.raises(ValueError, match="empty"):
         answer_rows(pd.DataFrame(columns=["batch", "step", "query"]))
 
@@ -27,14 +40,35 @@ def test_answer_rows_keeps_last_prompt_query_per_batch_row_and_decode_steps():
 def tiny_owl2():
     from owl_lab.train import build
 
-    vision = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, image_size=28, patch_size=7,
-                  num_hidden_layers=1)
-    config = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=4, max_position_embeddings=256, initializer_range=0.1,
-                  visual_config={"visual_model": vision,
-                                 "visual_abstractor": dict(hidden_size=16, encoder_hidden_size=16, num_hidden_layers=1,
-                                                           num_attention_heads=2, intermediate_size=32,
-                                                           num_learnable_queries=4, grid_size=4)})
+    vision = dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=7,
+        num_hidden_layers=1,
+    )
+    config = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        initializer_range=0.1,
+        visual_config={
+            "visual_model": vision,
+            "visual_abstractor": dict(
+                hidden_size=16,
+                encoder_hidden_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=32,
+                num_learnable_queries=4,
+                grid_size=4,
+            ),
+        },
+    )
     torch.set_num_threads(1)
     model, processor = build({"family": "owl2", "seed": 0, "config": config})
     model.generation_config.eos_token_id = None  # random weights: always generate max_new_tokens
@@ -48,7 +82,7 @@ def test_answer_mass_equals_full_forward_at_the_answer_positions(tiny_owl2):
     table = answer_mass(model, processor, [ex], max_new_tokens=3, groups=["visual", "text"])
     batch = processor(text=ex.text, images=ex.images)
     with torch.no_grad():
-        new = model.generate(**batch, max_new_tokens=3, do_sample=False)[:, batch["input_ids"].shape[1]:]
+        new = model.generate(**batch, max_new_tokens=3, do_sample=False)[:, batch["input_ids"].shape[1] :]
     ids = torch.cat([batch["input_ids"], new[:, :-1]], 1)  # the last new token is never fed back
     with capture(model, abstractor=False) as rec, torch.no_grad():
         model(input_ids=ids, pixel_values=batch["pixel_values"])

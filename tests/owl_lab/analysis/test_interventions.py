@@ -1,4 +1,5 @@
 """Interventions change outputs on purpose and restore every weight exactly."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """owl_lab.analysis.mass: per-layer tables are means of per-softmax group masses."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,18 +16,58 @@ def _frame(rng, layers=3, heads=2, queries=4, image_groups=("image:0",)):
             for q in range(queries):
                 v = rng.random()
                 rows += [
-                    dict(batch=0, step=0, layer=layer, head=head, query=q, kind="self", level="modality",
-                         group="visual", mass=v),
-                    dict(batch=0, step=0, layer=layer, head=head, query=q, kind="self", level="modality",
-                         group="text", mass=1 - v),
+                    dict(
+                        batch=0,
+                        step=0,
+                        layer=layer,
+                        head=head,
+                        query=q,
+                        kind="self",
+                        level="modality",
+                        group="visual",
+                        mass=v,
+                    ),
+                    dict(
+                        batch=0,
+                        step=0,
+                        layer=layer,
+                        head=head,
+                        query=q,
+                        kind="self",
+                        level="modality",
+                        group="text",
+                        mass=1 - v,
+                    ),
                 ]
                 # a token-level group that only exists for later queries (counts as 0 before)
                 gen = 0.5 if q >= 2 else 0.0
                 if q >= 2:
-                    rows.append(dict(batch=0, step=0, layer=layer, head=head, query=q, kind="self",
-                                     level="token", group="generated", mass=gen))
-                rows.append(dict(batch=0, step=0, layer=layer, head=head, query=q, kind="self",
-                                 level="token", group="question", mass=1 - gen))
+                    rows.append(
+                        dict(
+                            batch=0,
+                            step=0,
+                            layer=layer,
+                            head=head,
+                            query=q,
+                            kind="self",
+                            level="token",
+                            group="generated",
+                            mass=gen,
+                        )
+                    )
+                rows.append(
+                    dict(
+                        batch=0,
+                        step=0,
+                        layer=layer,
+                        head=head,
+                        query=q,
+                        kind="self",
+                        level="token",
+                        group="question",
+                        mass=1 - gen,
+                    )
+                )
     return pd.DataFrame(rows)
 
 

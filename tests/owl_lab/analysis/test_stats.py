@@ -1,4 +1,5 @@
 """owl_lab.analysis.stats: binomial and paired standard errors of accuracy differences."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Architecture tours report the shapes the model really produces."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,11 +16,25 @@ def _build(family, small_owl2_config):
     if family == "owl2":
         cfg = small_owl2_config(vocab_size=len(tokenizer))
         return Owl2ForCausalLM(cfg).eval(), Owl2Processor(tokenizer, image_size=28)
-    cfg = Owl3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, hyper_layers=[2],
-                     vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                        num_attention_heads=2, image_size=28, patch_size=7),
-                     hyper_attention="gated", projector="linear")
+    cfg = Owl3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        hyper_layers=[2],
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=7,
+        ),
+        hyper_attention="gated",
+        projector="linear",
+    )
     return Owl3ForCausalLM(cfg).eval(), Owl3Processor(tokenizer, image_size=28)
 
 

@@ -1,4 +1,5 @@
 """Word-level tokenizers: closed vocabulary, family BOS/EOS conventions, AutoTokenizer round trip."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,8 +9,10 @@ from owl_lab.synth import ALL_TASKS, Mixture, distractor_eval
 from owl_lab.synth.tokenizer import build_tokenizer, vocabulary
 
 OWL2_PROMPT = "USER: <|image|>What color is the circle? ASSISTANT: red</s>"
-OWL3_PROMPT = ("<|im_start|>system\n<|im_end|>\n<|im_start|>user\n<|image|>What color is the circle?<|im_end|>"
-               "\n<|im_start|>assistant\nred<|im_end|>")
+OWL3_PROMPT = (
+    "<|im_start|>system\n<|im_end|>\n<|im_start|>user\n<|image|>What color is the circle?<|im_end|>"
+    "\n<|im_start|>assistant\nred<|im_end|>"
+)
 
 
 @pytest.mark.parametrize("family", ["owl2", "owl3"])
@@ -28,8 +31,22 @@ def test_owl2_conventions():
     tok = build_tokenizer("owl2")
     assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 2, 0)
     ids = tok(OWL2_PROMPT).input_ids
-    assert tok.convert_ids_to_tokens(ids) == ["<s>", "user", ":", "<|image|>", "what", "color", "is", "the",
-                                              "circle", "?", "assistant", ":", "red", "</s>"]
+    assert tok.convert_ids_to_tokens(ids) == [
+        "<s>",
+        "user",
+        ":",
+        "<|image|>",
+        "what",
+        "color",
+        "is",
+        "the",
+        "circle",
+        "?",
+        "assistant",
+        ":",
+        "red",
+        "</s>",
+    ]
 
 
 def test_owl3_conventions():
@@ -60,5 +77,8 @@ def test_autotokenizer_round_trip(family, tmp_path):
     text = OWL2_PROMPT if family == "owl2" else OWL3_PROMPT
     assert again(text).input_ids == tok(text).input_ids
     assert (again.eos_token_id, again.pad_token_id, again.bos_token_id) == (
-        tok.eos_token_id, tok.pad_token_id, tok.bos_token_id)
+        tok.eos_token_id,
+        tok.pad_token_id,
+        tok.bos_token_id,
+    )
     assert again.decode(tok("What is 3 plus 4?", add_special_tokens=False).input_ids) == "what is 3 plus 4?"

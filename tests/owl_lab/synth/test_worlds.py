@@ -1,4 +1,5 @@
 """The lab worlds: determinism, answers that are true of the scene, fine detail that needs resolution."""
+
 from __future__ import annotations
 
 import hashlib
@@ -29,7 +30,8 @@ PLACEHOLDER = "<|image|>"
 
 def _same(a, b):
     return (a.task, a.text, a.answer) == (b.task, b.text, b.answer) and all(
-        np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a.images, b.images, strict=True))
+        np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a.images, b.images, strict=True)
+    )
 
 
 def test_mixture_is_deterministic_and_seed_dependent():
@@ -96,7 +98,7 @@ def test_image_answers_are_true_of_the_scene(task):
     for e in eval_set(task, 60, seed=3):
         assert e.text.count(PLACEHOLDER) == len(e.images) == len(e.scenes) == 1
         assert e.text.startswith(PLACEHOLDER)
-        _check(task, e.scenes[0], e.text[len(PLACEHOLDER):], e.answer)
+        _check(task, e.scenes[0], e.text[len(PLACEHOLDER) :], e.answer)
 
 
 def test_answers_are_not_degenerate():
@@ -134,16 +136,21 @@ def _scene_with(pattern):
 
 
 def test_patterns_keep_the_mean_colour_but_vanish_when_downsampled():
-    plain, striped, checkered = (np.asarray(render(_scene_with(p)), dtype=float)
-                                 for p in ("plain", "striped", "checkered"))
+    plain, striped, checkered = (
+        np.asarray(render(_scene_with(p)), dtype=float) for p in ("plain", "striped", "checkered")
+    )
     inside = (slice(45, 67), slice(45, 67))  # well inside the centre square
     for img in (striped, checkered):
         assert np.abs(img[inside] - plain[inside]).max() > 30  # visible at native resolution
         assert np.allclose(img[inside].mean(axis=(0, 1)), RGB["purple"], atol=2)
-    small = [np.asarray(render(_scene_with(p)).resize((28, 28), 3), dtype=float)
-             for p in ("plain", "striped", "checkered")]
-    mid = [np.asarray(render(_scene_with(p)).resize((56, 56), 3), dtype=float)
-           for p in ("plain", "striped", "checkered")]
+    small = [
+        np.asarray(render(_scene_with(p)).resize((28, 28), 3), dtype=float)
+        for p in ("plain", "striped", "checkered")
+    ]
+    mid = [
+        np.asarray(render(_scene_with(p)).resize((56, 56), 3), dtype=float)
+        for p in ("plain", "striped", "checkered")
+    ]
     core28, core56 = (slice(12, 16), slice(12, 16)), (slice(24, 32), slice(24, 32))
     assert max(np.abs(s[core28] - small[0][core28]).max() for s in small[1:]) < 6
     assert min(np.abs(s[core56] - mid[0][core56]).max() for s in mid[1:]) > 15
@@ -201,7 +208,8 @@ def test_position_names_cover_the_grid():
 
 def test_multi_prompt_format():
     assert multi_prompt(2, 2, "What color is the circle?") == (
-        "Image 1: <|image|> Image 2: <|image|> In image 2, what color is the circle?")
+        "Image 1: <|image|> Image 2: <|image|> In image 2, what color is the circle?"
+    )
     with pytest.raises(ValueError, match="1..2"):
         multi_prompt(2, 3, "x")
 
@@ -229,9 +237,10 @@ def test_balanced_counts_spread_per_colour_answers_and_leave_the_default_draw_al
     """World option ``balanced_counts``: per-colour answers 0/1/2 at about equal odds, still true."""
     legacy, balanced = eval_set("count", 600, seed=5), eval_set("count", 600, seed=5, balanced_counts=True)
     assert [(e.text, e.answer) for e in legacy] == [
-        (e.text, e.answer) for e in eval_set("count", 600, seed=5, balanced_counts=False)]
+        (e.text, e.answer) for e in eval_set("count", 600, seed=5, balanced_counts=False)
+    ]
     for e in balanced:
-        _check("count", e.scenes[0], e.text[len(PLACEHOLDER):], e.answer)
+        _check("count", e.scenes[0], e.text[len(PLACEHOLDER) :], e.answer)
 
     def per_colour_answers(examples):
         return [e.answer for e in examples if "How many objects" not in e.text]

@@ -1,4 +1,5 @@
 """owl_lab.viz.abstractor: the query/layer picker's callback and the widget without a frontend."""
+
 from __future__ import annotations
 
 import ipywidgets as w
@@ -19,8 +20,21 @@ def _maps():
 
 
 def _summary():
-    rows = [dict(abstractor_layer=a, image=n, head=h, query=q, patches=0.5, cls=0.1 * (q + 1), queries=0.5 - 0.1 * (q + 1))
-            for a in range(2) for n in range(3) for h in range(2) for q in range(4)]
+    rows = [
+        dict(
+            abstractor_layer=a,
+            image=n,
+            head=h,
+            query=q,
+            patches=0.5,
+            cls=0.1 * (q + 1),
+            queries=0.5 - 0.1 * (q + 1),
+        )
+        for a in range(2)
+        for n in range(3)
+        for h in range(2)
+        for q in range(4)
+    ]
     return pd.DataFrame(rows)
 
 

@@ -1,4 +1,5 @@
 """owl_lab.viz.attribution: patch maps over the image and token bars carry the given numbers."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,8 +26,14 @@ def test_patch_figure_scales_each_map_and_tiles_the_image():
 
 
 def test_token_figure_normalises_both_series():
-    table = pd.DataFrame({"position": [0, 1, 3], "token": ["<s>", "what", "color"],
-                          "attention": [0.2, 0.2, 0.6], "attribution": [0.0, -1.0, 3.0]})
+    table = pd.DataFrame(
+        {
+            "position": [0, 1, 3],
+            "token": ["<s>", "what", "color"],
+            "attention": [0.2, 0.2, 0.6],
+            "attribution": [0.0, -1.0, 3.0],
+        }
+    )
     fig = token_attribution_figure(table)
     assert list(fig.data[0].x) == ["0:<s>", "1:what", "3:color"]
     np.testing.assert_allclose(fig.data[0].y, [0.2, 0.2, 0.6])

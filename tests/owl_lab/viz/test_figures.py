@@ -1,4 +1,5 @@
 """owl_lab.viz builds figures whose data are the numbers given (no silent reshaping)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,8 +24,9 @@ def test_abstractor_map_figure_averages_heads():
 
 
 def test_gate_heatmap_pivots_head_by_query():
-    gates = pd.DataFrame(dict(batch=0, step=0, layer=2, query=[5, 6, 5, 6], head=[0, 0, 1, 1],
-                              gate=[0.1, 0.2, 0.3, 0.4]))
+    gates = pd.DataFrame(
+        dict(batch=0, step=0, layer=2, query=[5, 6, 5, 6], head=[0, 0, 1, 1], gate=[0.1, 0.2, 0.3, 0.4])
+    )
     fig = viz.gate_heatmap_figure(gates, layer=2)
     np.testing.assert_allclose(np.asarray(fig.data[0].z), [[0.1, 0.2], [0.3, 0.4]])
 

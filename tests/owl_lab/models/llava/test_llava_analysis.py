@@ -1,4 +1,5 @@
-"""The lab's analyses run on a stock LLaVA unchanged: layer mass, FastV-style pruning, knockout sweep, logit lens."""
+"""The lab's analyses run on a stock LLaVA unchanged: layer mass, FastV-style pruning, knockout sweep,
+logit lens."""
 
 from __future__ import annotations
 
