@@ -1,6 +1,6 @@
 # owl-lab: two commands.
 #   make lab   set-up, then JupyterLab on notebooks/ with the shipped tiny checkpoints
-#   make test  set-up, then the whole suite (pytest on tests/ + notebooks under nbval)
+#   make test  set-up, then the whole suite (ruff lint + format check, pytest on tests/, notebooks under nbval)
 #
 # Set-up creates .venv if missing. On a fresh CPU machine it installs the CPU build of torch
 # (2.13.0) first; a torch already present in .venv (for example a CUDA build you installed
@@ -16,7 +16,7 @@ STAMP  := $(VENV)/.owl-lab-installed
 CPU_TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: lab test setup test-fast notebooks clean-venv
+.PHONY: lab test lint setup test-fast notebooks clean-venv
 
 setup: $(STAMP)
 
@@ -31,11 +31,14 @@ $(STAMP): pyproject.toml constraints.txt
 lab: setup
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
 
-test: setup
+test: setup lint
 	$(PY) -m pytest tests $(PYTEST_ARGS)
-	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \
-	  $(PY) -m pytest --nbval --nbval-current-env notebooks --nbval-sanitize-with notebooks/sanitize.cfg $(PYTEST_ARGS); \
-	else echo "owl-lab: no notebooks yet"; fi
+	$(PY) -m pytest --nbval --nbval-current-env notebooks --nbval-sanitize-with notebooks/sanitize.cfg $(PYTEST_ARGS)
+
+# Lint and format check (ruff, configured in pyproject.toml): part of `make test`, so CI runs it.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # Helpers for development (not part of the two-command contract).
 test-fast: setup
