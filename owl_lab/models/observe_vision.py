@@ -1,9 +1,9 @@
 """The ``vision`` observation event: one vision-encoder self-attention softmax (both families).
 
-Each vision attention module owns a ``hook_attn`` :class:`~owl_lab.models.observe.HookPoint`. Owl2's
-ViT goes through the attention core (:func:`owl_lab.models.attention.attention`), which builds the
-event from :func:`vision_key_facts`; Owl3's SigLIP stays on transformers' own attention, and its
-wrapper builds the same event with :func:`vision_event`. ``hooks.vision`` reduces it.
+Each vision attention module owns a ``hook_attn`` :class:`~owl_lab.models.observe.HookPoint`. Both
+Owl2's ViT and Owl3's SigLIP go through the attention core (:func:`owl_lab.models.attention.attention`),
+which builds the event from :func:`vision_key_facts`; :func:`vision_event` builds the same event by hand
+(tests, and encoders observed outside the core). ``hooks.vision`` reduces it.
 
 Key layout, like the abstractor's: ``key_image`` is -2 for the CLS token (Owl2's ViT; SigLIP has
 none) and the row-major patch index for patches; ``key_position`` is the token index in the encoder's

@@ -28,7 +28,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm, Qwen2RotaryEmbedding
 from transformers.models.siglip.modeling_siglip import SiglipAttention
 
-from owl_lab.models.attention import check_attn_implementation
+from owl_lab.models.attention import Allowed, attention, check_attn_implementation
 from owl_lab.models.cache_compat import CACHE_FIELD
 from owl_lab.models.generation_utils import left_align, prepare_cache, restore_prompt
 from owl_lab.models.observe import (
@@ -39,17 +39,21 @@ from owl_lab.models.observe import (
     HookPoint,
     SequenceLayout,
 )
-from owl_lab.models.observe_vision import vision_event
+from owl_lab.models.observe_vision import vision_key_facts
 from owl_lab.models.owl3.configuration_owl3 import Owl3Config, complete_config, load_config
 from owl_lab.models.owl3.hyper_attention_owl3 import AttnContext, Owl3Attention, Owl3HyperAttention
 from owl_lab.models.owl3.media_owl3 import pad_per_sample, resolve_media
 
 
 class Owl3VisionAttention(SiglipAttention):
-    """transformers' SigLIP attention (same keys, same forward) plus a ``hook_attn`` point (kind ``vision``).
+    """transformers' SigLIP attention (same keys, same projections) run through the attention core.
 
-    Unobserved, ``forward`` is exactly transformers' one. Observed, q/k are recomputed with the same
-    projections to build the event (no CLS token: SigLIP has none).
+    q/k/v come from SigLIP's own projections; the softmax is the core's (:func:`attention`, kind
+    ``vision``): SDPA with no mask, or the eager kernel with an fp32 softmax, which are exactly the
+    two kernels transformers' SigLIP calls. So the numbers are unchanged, while the event carries the
+    q/k the kernel used (``hook_attn``) and a knockout can edit the encoder like any other attention.
+    SigLIP has no CLS token. An attention mask (the Owl3 tower never passes one) or attention dropout
+    in training falls back to transformers' own forward.
     """
 
     def __init__(self, config, layer_idx: int):
@@ -58,14 +62,22 @@ class Owl3VisionAttention(SiglipAttention):
         self.hook_attn = HookPoint()
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        out, probs = super().forward(hidden_states, attention_mask, **kwargs)
-        if self.hook_attn.active:
-            shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-            q = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # [N, h, T, hd]
-            k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-            grid = self.config.image_size // self.config.patch_size
-            self.hook_attn(vision_event(self.layer_idx, q, k, self.scale, (grid, grid), False, probs))
-        return out, probs
+        if attention_mask is not None or (self.training and self.dropout > 0):
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        n, t, _ = hidden_states.shape
+        shape = (n, t, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # [N, h, T, hd]
+        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        grid = self.config.image_size // self.config.patch_size
+        allowed = Allowed((n, t, t), fast="all", device=hidden_states.device)
+
+        def describe() -> dict:
+            return vision_key_facts(n, t, (grid, grid), False, hidden_states.device)
+
+        ctx, probs, _ = attention(self, q, k, v, allowed, self.scale, "vision", describe)
+        ctx = ctx.transpose(1, 2).reshape(n, t, -1)  # [N, T, h*hd]
+        return self.out_proj(ctx), probs
 
 
 @dataclass
