@@ -69,12 +69,14 @@ def patch_cells(grid: int, image_size: int) -> torch.Tensor:
     return (cell[:, None] * GRID + cell[None, :]).flatten()
 
 
-def vision_parameters(model, family: str, board: bool = False) -> list[nn.Parameter]:
-    """The encoder's parameters; with ``board`` also everything up to the decoder (Owl2 abstractor)."""
+def vision_parameters(model, family: str, board: bool = False, bridge: bool = True) -> list[nn.Parameter]:
+    """The encoder's parameters, plus the bridge to the decoder when ``bridge`` (Owl2: the abstractor,
+    only with ``board``; Owl3: the projector ``vision2text_model``). ``bridge=False`` trains the encoder
+    alone: the read-out heads then see the encoder through the bridge's initial weights."""
     if family == "owl2":
-        modules = [model.model.vision_model] + ([model.model.visual_abstractor] if board else [])
+        modules = [model.model.vision_model] + ([model.model.visual_abstractor] if board and bridge else [])
     else:
-        modules = [model.vision_model, model.vision2text_model]
+        modules = [model.vision_model] + ([model.vision2text_model] if bridge else [])
     return [p for m in modules for p in m.parameters()]
 
 
@@ -105,7 +107,7 @@ def run_vision_stage(model, processor, family: str, stage: dict, seed: str, worl
         heads["patches"] = nn.Linear(width, sum(sizes))
     if "board" in objectives:
         heads["board"] = BoardReadout(token_width, sizes[:-1])
-    params = vision_parameters(model, family, board="board" in objectives)
+    params = vision_parameters(model, family, board="board" in objectives, bridge=stage.get("train_bridge", True))
     opt = torch.optim.AdamW(params + list(heads.parameters()), lr=stage["lr"], betas=(0.9, 0.98),
                             weight_decay=stage.get("weight_decay", 0.0))
     bar = tqdm(range(steps), disable=not progress, desc=f"stage {si + 1} (vision pre-training)", mininterval=2.0)
