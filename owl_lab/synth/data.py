@@ -68,7 +68,7 @@ class Mixture:
         weight share) whose prompts all share one N (drawn per step), with ``binding_images_per_batch``
         / N prompts (at least 2, at most ``batch_size``), or an ordinary batch of the other tasks.
         """
-        from owl_lab.synth.distractor import sample_n_images, task_binding
+        from owl_lab.synth.distractor import sample_n_images, task_binding, task_find
 
         rng = random.Random(f"{self.seed}/{self.split}/step{step}")
         share = self.weights[self.names.index("binding")] / sum(self.weights)
@@ -76,8 +76,12 @@ class Mixture:
             n = sample_n_images(rng, self.world.get("binding_max_images", 50),
                                 self.world.get("binding_curve", "loguniform"))
             size = max(2, min(batch_size, self.world.get("binding_images_per_batch", 256) // n))
-            return [task_binding(random.Random(f"{self.seed}/{self.split}/bind/{step}/{j}"),
-                                 **dict(self.world, binding_n=n)) for j in range(size)]
+            find = self.world.get("binding_find_share", 0.0)  # share of reverse-lookup prompts (task_find)
+            out = []
+            for j in range(size):
+                r = random.Random(f"{self.seed}/{self.split}/bind/{step}/{j}")
+                out.append((task_find if find and r.random() < find else task_binding)(r, **dict(self.world, binding_n=n)))
+            return out
         others = {name: w for name, w in zip(self.names, self.weights, strict=True) if name != "binding"}
         names, weights = sorted(others), [others[k] for k in sorted(others)]
         out = []

@@ -164,5 +164,34 @@ def task_binding(rng: random.Random, render_size: int = NATIVE_SIZE, binding_max
     return binding_instance(rng, n, scene, question, answer, options, kind, render_size, pool=distractor_pool)
 
 
-__all__ = ["ANSWER_SPACE", "CHOICE_KINDS", "PAPER_N", "binding_instance", "chance_levels", "choice_question",
+def task_find(rng: random.Random, render_size: int = NATIVE_SIZE, binding_max_images: int = 50,
+              binding_curve: str = "loguniform", distractor_pool: int = 4096, binding_n: int | None = None,
+              **_) -> Example:
+    """The reverse lookup, an auxiliary training task: "… In which image is there a red circle?" → "X".
+
+    Exactly one image holds an object of that colour and shape (pool distractors holding one are
+    skipped). It trains the same association as the benchmark (label X ⇔ the X-th image's content)
+    from the other side, with the label as the answer.
+    """
+    scene = sample_scene(rng, *N_OBJECTS)
+    obj = rng.choice(scene.objects)
+    n = binding_n or sample_n_images(rng, binding_max_images, binding_curve)
+    target = rng.randint(1, n)
+    scenes, images = [], []
+    for slot in range(1, n + 1):
+        if slot == target:
+            s, im = scene, render(scene, render_size)
+        else:
+            while True:
+                s, im = _pool_image("pool", rng.randrange(max(1, distractor_pool)), render_size)
+                if not any((o.color, o.shape) == (obj.color, obj.shape) for o in s.objects):
+                    break
+        scenes.append(s)
+        images.append(im)
+    labels = " ".join(f"Image {i}: {IMAGE_PLACEHOLDER}" for i in range(1, n + 1))
+    return Example("find", f"{labels} In which image is there a {obj.color} {obj.shape}?", str(target), images,
+                   scenes, {"kind": "find", "n_images": n, "target": target})
+
+
+__all__ = ["task_find", "ANSWER_SPACE", "CHOICE_KINDS", "PAPER_N", "binding_instance", "chance_levels", "choice_question",
            "circular_eval", "paper_prompt", "rotate", "sample_n_images", "task_binding"]

@@ -141,3 +141,21 @@ def test_training_task_and_binding_batches():
     again = list(Mixture({"binding": 1, "color": 1}, seed=0, render_size=28, binding_max_images=20,
                          binding_images_per_batch=40, distractor_pool=32).batches(8, 12))
     assert [[e.text for e in b] for b in again] == [[e.text for e in b] for b in batches]
+
+
+def test_find_task_has_exactly_one_image_with_the_object():
+    from owl_lab.synth.distractor import task_find
+
+    for i in range(20):
+        ex = task_find(random.Random(i), render_size=28, binding_n=6, distractor_pool=64)
+        color, shape = ex.text.rstrip("?").split()[-2:]
+        holders = [k + 1 for k, s in enumerate(ex.scenes)
+                   if any((o.color, o.shape) == (color, shape) for o in s.objects)]
+        assert holders == [int(ex.answer)] == [ex.meta["target"]] and len(ex.images) == 6
+
+
+def test_binding_batches_mix_in_the_find_task_at_its_share():
+    mix = Mixture({"binding": 1}, seed=1, render_size=28, binding_max_images=4, binding_images_per_batch=64,
+                  distractor_pool=32, binding_find_share=0.25)
+    tasks = [e.task for b in mix.batches(16, 10) for e in b]
+    assert 0.1 < tasks.count("find") / len(tasks) < 0.4 and set(tasks) == {"find", "binding"}
