@@ -96,8 +96,6 @@ def test_an_oracle_scores_100_and_null_answerers_score_chance(monkeypatch):
 
 def test_an_answerer_that_ignores_the_named_image_fails(monkeypatch):
     """Answering about image 1 instead of image X is right only when X = 1 (or by luck)."""
-    from owl_lab.synth.tasks import q_color  # noqa: F401  (documents the kinds used)
-
     def about_first_image(e):
         return e.answer if e.meta["target"] == 1 else next(o for o in e.meta["options"] if o != e.answer)
 
