@@ -20,6 +20,7 @@ distractor often holds an object the question names with other attributes: only 
 the X-th image answers it. The eval draws fresh scenes; training (:func:`task_binding`) may draw them
 from a finite pool of seeded scenes (world option ``distractor_pool``) so their renders are cached.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,7 +53,9 @@ def paper_prompt(n_images: int, target: int, question: str, options: list[str]) 
     ``target`` is 1-based; ``question`` is a single-image question ending in "?".
     """
     if not 1 <= target <= n_images <= MAX_IMAGES:
-        raise ValueError(f"need 1 <= target <= n_images <= {MAX_IMAGES}; got target {target}, n_images {n_images}")
+        raise ValueError(
+            f"need 1 <= target <= n_images <= {MAX_IMAGES}; got target {target}, n_images {n_images}"
+        )
     if len(options) < 2:
         raise ValueError(f"a multiple-choice question needs at least 2 options; got {options}")
     images = " ".join(f"Image {i}: {IMAGE_PLACEHOLDER}" for i in range(1, n_images + 1))
@@ -85,9 +88,19 @@ def _pool_image(pool_seed: str, index: int, render_size: int) -> tuple[Scene, Im
     return scene, render(scene, render_size)
 
 
-def binding_instance(rng: random.Random, n_images: int, scene: Scene, question: str, answer: str,
-                     options: list[str], kind: str, render_size: int = NATIVE_SIZE,
-                     pool: int = 0, pool_seed: str = "pool", meta: dict | None = None) -> Example:
+def binding_instance(
+    rng: random.Random,
+    n_images: int,
+    scene: Scene,
+    question: str,
+    answer: str,
+    options: list[str],
+    kind: str,
+    render_size: int = NATIVE_SIZE,
+    pool: int = 0,
+    pool_seed: str = "pool",
+    meta: dict | None = None,
+) -> Example:
     """One prompt: the true scene at a random slot among ``n_images - 1`` distractors.
 
     ``pool`` > 0 draws distractors from ``pool`` seeded scenes whose renders are cached (training);
@@ -111,8 +124,13 @@ def binding_instance(rng: random.Random, n_images: int, scene: Scene, question: 
     return Example("binding", paper_prompt(n_images, target, question, options), answer, images, scenes, meta)
 
 
-def circular_eval(seed: int, n_images: int, n_questions: int = 40, render_size: int = NATIVE_SIZE,
-                  kinds: tuple[str, ...] = CHOICE_KINDS) -> list[list[Example]]:
+def circular_eval(
+    seed: int,
+    n_images: int,
+    n_questions: int = 40,
+    render_size: int = NATIVE_SIZE,
+    kinds: tuple[str, ...] = CHOICE_KINDS,
+) -> list[list[Example]]:
     """The benchmark at one N: one group per question, one instance per option rotation.
 
     The questions depend only on ``seed`` (not on ``n_images``); instance ``r`` of question ``q``
@@ -126,11 +144,22 @@ def circular_eval(seed: int, n_images: int, n_questions: int = 40, render_size: 
         qrng = random.Random(f"{seed}/circular/q{q}")
         kind = kinds[q % len(kinds)]  # kinds in equal numbers
         scene, question, answer, options = choice_question(qrng, kind)
-        groups.append([
-            binding_instance(random.Random(f"{seed}/circular/q{q}/n{n_images}/r{r}"), n_images, scene, question,
-                             answer, rotate(options, r), kind, render_size, meta={"question": q, "rotation": r})
-            for r in range(len(options))
-        ])
+        groups.append(
+            [
+                binding_instance(
+                    random.Random(f"{seed}/circular/q{q}/n{n_images}/r{r}"),
+                    n_images,
+                    scene,
+                    question,
+                    answer,
+                    rotate(options, r),
+                    kind,
+                    render_size,
+                    meta={"question": q, "rotation": r},
+                )
+                for r in range(len(options))
+            ]
+        )
     return groups
 
 
@@ -153,9 +182,16 @@ def sample_n_images(rng: random.Random, max_images: int, curve: str = "logunifor
     raise ValueError(f"n_images curve must be loguniform or uniform; got {curve!r}")
 
 
-def task_binding(rng: random.Random, render_size: int = NATIVE_SIZE, binding_max_images: int = 50,
-                 binding_curve: str = "loguniform", distractor_pool: int = 4096, balanced_counts: bool = False,
-                 binding_n: int | None = None, **_) -> Example:
+def task_binding(
+    rng: random.Random,
+    render_size: int = NATIVE_SIZE,
+    binding_max_images: int = 50,
+    binding_curve: str = "loguniform",
+    distractor_pool: int = 4096,
+    balanced_counts: bool = False,
+    binding_n: int | None = None,
+    **_,
+) -> Example:
     """Training generator for the benchmark's format: 1..``binding_max_images`` images, one named
     (``binding_n`` fixes N, as :meth:`owl_lab.synth.data.Mixture.binding_batch` does per batch)."""
     kind = rng.choice(CHOICE_KINDS)
@@ -164,9 +200,15 @@ def task_binding(rng: random.Random, render_size: int = NATIVE_SIZE, binding_max
     return binding_instance(rng, n, scene, question, answer, options, kind, render_size, pool=distractor_pool)
 
 
-def task_find(rng: random.Random, render_size: int = NATIVE_SIZE, binding_max_images: int = 50,
-              binding_curve: str = "loguniform", distractor_pool: int = 4096, binding_n: int | None = None,
-              **_) -> Example:
+def task_find(
+    rng: random.Random,
+    render_size: int = NATIVE_SIZE,
+    binding_max_images: int = 50,
+    binding_curve: str = "loguniform",
+    distractor_pool: int = 4096,
+    binding_n: int | None = None,
+    **_,
+) -> Example:
     """The reverse lookup, an auxiliary training task: "… In which image is there a red circle?" → "X".
 
     Exactly one image holds an object of that colour and shape (pool distractors holding one are
@@ -189,9 +231,27 @@ def task_find(rng: random.Random, render_size: int = NATIVE_SIZE, binding_max_im
         scenes.append(s)
         images.append(im)
     labels = " ".join(f"Image {i}: {IMAGE_PLACEHOLDER}" for i in range(1, n + 1))
-    return Example("find", f"{labels} In which image is there a {obj.color} {obj.shape}?", str(target), images,
-                   scenes, {"kind": "find", "n_images": n, "target": target})
+    return Example(
+        "find",
+        f"{labels} In which image is there a {obj.color} {obj.shape}?",
+        str(target),
+        images,
+        scenes,
+        {"kind": "find", "n_images": n, "target": target},
+    )
 
 
-__all__ = ["task_find", "ANSWER_SPACE", "CHOICE_KINDS", "PAPER_N", "binding_instance", "chance_levels", "choice_question",
-           "circular_eval", "paper_prompt", "rotate", "sample_n_images", "task_binding"]
+__all__ = [
+    "task_find",
+    "ANSWER_SPACE",
+    "CHOICE_KINDS",
+    "PAPER_N",
+    "binding_instance",
+    "chance_levels",
+    "choice_question",
+    "circular_eval",
+    "paper_prompt",
+    "rotate",
+    "sample_n_images",
+    "task_binding",
+]

@@ -1,4 +1,5 @@
 """evaluate(): the recipe's optional ``circular`` spec runs the paper's distractor benchmark into metrics."""
+
 from __future__ import annotations
 
 from owl_lab.evaluate import evaluate
@@ -15,10 +16,23 @@ def test_evaluate_reports_the_circular_curve(monkeypatch):
         return [len(e.images) < 3 for e in examples]
 
     monkeypatch.setattr("owl_lab.evaluate.exact_match", oracle_on_small_n)
-    recipe = {**recipe, "eval": {"seed": 5, "n_per_task": 2, "tasks": ["color"],
-                                 "circular": {"n_images": [1, 3], "questions": 5}}}
+    recipe = {
+        **recipe,
+        "eval": {
+            "seed": 5,
+            "n_per_task": 2,
+            "tasks": ["color"],
+            "circular": {"n_images": [1, 3], "questions": 5},
+        },
+    }
     metrics = evaluate(model, processor, recipe)
-    assert metrics["circular"] == {"n_images": [1, 3], "circular": [100.0, 0.0], "instance": [100.0, 0.0],
-                                   "questions": 5}
+    assert metrics["circular"] == {
+        "n_images": [1, 3],
+        "circular": [100.0, 0.0],
+        "instance": [100.0, 0.0],
+        "questions": 5,
+    }
     assert any(e.task == "binding" and "In Image" in e.text for e in seen)
-    assert "circular" not in evaluate(model, processor, {**recipe, "eval": {"tasks": ["color"], "n_per_task": 2}})
+    assert "circular" not in evaluate(
+        model, processor, {**recipe, "eval": {"tasks": ["color"], "n_per_task": 2}}
+    )

@@ -1,5 +1,6 @@
 """owl_lab.synth.distractor: the paper's distractor benchmark (prompt, rotations, CircularEval) and its
 training task; scored by null and perfect answerers through analysis.distractor."""
+
 from __future__ import annotations
 
 import random
@@ -24,8 +25,10 @@ from owl_lab.synth.tokenizer import build_tokenizer
 
 def test_paper_prompt_format():
     text = paper_prompt(3, 2, "What color is the circle?", ["red", "blue", "green", "gray"])
-    assert text == ("Image 1: <|image|> Image 2: <|image|> Image 3: <|image|> In Image 2, "
-                    "what color is the circle, red, blue, green or gray?")
+    assert text == (
+        "Image 1: <|image|> Image 2: <|image|> Image 3: <|image|> In Image 2, "
+        "what color is the circle, red, blue, green or gray?"
+    )
     with pytest.raises(ValueError, match="target"):
         paper_prompt(3, 4, "What?", ["yes", "no"])
     with pytest.raises(ValueError, match="options"):
@@ -34,7 +37,9 @@ def test_paper_prompt_format():
 
 def test_benchmark_words_are_in_the_vocabulary():
     tok = build_tokenizer("owl3")
-    texts = [e.text + " " + e.answer for n in (1, 50) for g in circular_eval(0, n, 10, render_size=28) for e in g]
+    texts = [
+        e.text + " " + e.answer for n in (1, 50) for g in circular_eval(0, n, 10, render_size=28) for e in g
+    ]
     assert all(tok.unk_token_id not in tok(t)["input_ids"] for t in texts)
 
 
@@ -54,24 +59,32 @@ def test_instances_rotate_the_options_and_redraw_the_distractors(n):
         # the answer sits at a different option slot in every instance
         assert len({ex.meta["options"].index(ex.answer) for ex in g}) == k
         if n > 1:  # distractors are redrawn per instance
-            distractors = [tuple(s for i, s in enumerate(ex.scenes) if i != ex.meta["target"] - 1) for ex in g]
+            distractors = [
+                tuple(s for i, s in enumerate(ex.scenes) if i != ex.meta["target"] - 1) for ex in g
+            ]
             assert len(set(distractors)) == k
 
 
 def test_questions_do_not_depend_on_n():
-    base = [(g[0].scenes[g[0].meta["target"] - 1], g[0].answer, tuple(g[0].meta["options"]))
-            for g in circular_eval(3, 1, 12, render_size=28)]
+    base = [
+        (g[0].scenes[g[0].meta["target"] - 1], g[0].answer, tuple(g[0].meta["options"]))
+        for g in circular_eval(3, 1, 12, render_size=28)
+    ]
     for n in (5, 10):
-        other = [(g[0].scenes[g[0].meta["target"] - 1], g[0].answer, tuple(g[0].meta["options"]))
-                 for g in circular_eval(3, n, 12, render_size=28)]
+        other = [
+            (g[0].scenes[g[0].meta["target"] - 1], g[0].answer, tuple(g[0].meta["options"]))
+            for g in circular_eval(3, n, 12, render_size=28)
+        ]
         assert other == base
     assert {g[0].meta["kind"] for g in circular_eval(3, 1, 10, render_size=28)} == set(CHOICE_KINDS)
 
 
 def _answerer(monkeypatch, answer):
     """Replace exact match by a fake model: ``answer(example) -> str``."""
-    monkeypatch.setattr("owl_lab.evaluate.exact_match",
-                        lambda model, processor, examples, *a, **k: [answer(e) == e.answer for e in examples])
+    monkeypatch.setattr(
+        "owl_lab.evaluate.exact_match",
+        lambda model, processor, examples, *a, **k: [answer(e) == e.answer for e in examples],
+    )
 
 
 def test_an_oracle_scores_100_and_null_answerers_score_chance(monkeypatch):
@@ -96,6 +109,7 @@ def test_an_oracle_scores_100_and_null_answerers_score_chance(monkeypatch):
 
 def test_an_answerer_that_ignores_the_named_image_fails(monkeypatch):
     """Answering about image 1 instead of image X is right only when X = 1 (or by luck)."""
+
     def about_first_image(e):
         return e.answer if e.meta["target"] == 1 else next(o for o in e.meta["options"] if o != e.answer)
 
@@ -128,16 +142,30 @@ def test_training_task_and_binding_batches():
     assert min(ns) == 1 and max(ns) == 50 and sum(n <= 5 for n in ns) > sum(n > 25 for n in ns)
     with pytest.raises(ValueError, match="curve"):
         sample_n_images(random.Random(0), 5, "cubic")
-    mix = Mixture({"binding": 1, "color": 1}, seed=0, render_size=28, binding_max_images=20,
-                  binding_images_per_batch=40, distractor_pool=32)
+    mix = Mixture(
+        {"binding": 1, "color": 1},
+        seed=0,
+        render_size=28,
+        binding_max_images=20,
+        binding_images_per_batch=40,
+        distractor_pool=32,
+    )
     batches = list(mix.batches(8, 12))
     kinds = [{e.task for e in b} for b in batches]
     assert {"binding"} in kinds and {"color"} in kinds and all(len(k) == 1 for k in kinds)
     for b in batches:
         if b[0].task == "binding":  # one N per batch, images per batch bounded
             assert len({len(e.images) for e in b}) == 1 and len(b) == max(2, min(8, 40 // len(b[0].images)))
-    again = list(Mixture({"binding": 1, "color": 1}, seed=0, render_size=28, binding_max_images=20,
-                         binding_images_per_batch=40, distractor_pool=32).batches(8, 12))
+    again = list(
+        Mixture(
+            {"binding": 1, "color": 1},
+            seed=0,
+            render_size=28,
+            binding_max_images=20,
+            binding_images_per_batch=40,
+            distractor_pool=32,
+        ).batches(8, 12)
+    )
     assert [[e.text for e in b] for b in again] == [[e.text for e in b] for b in batches]
 
 
@@ -147,13 +175,23 @@ def test_find_task_has_exactly_one_image_with_the_object():
     for i in range(20):
         ex = task_find(random.Random(i), render_size=28, binding_n=6, distractor_pool=64)
         color, shape = ex.text.rstrip("?").split()[-2:]
-        holders = [k + 1 for k, s in enumerate(ex.scenes)
-                   if any((o.color, o.shape) == (color, shape) for o in s.objects)]
+        holders = [
+            k + 1
+            for k, s in enumerate(ex.scenes)
+            if any((o.color, o.shape) == (color, shape) for o in s.objects)
+        ]
         assert holders == [int(ex.answer)] == [ex.meta["target"]] and len(ex.images) == 6
 
 
 def test_binding_batches_mix_in_the_find_task_at_its_share():
-    mix = Mixture({"binding": 1}, seed=1, render_size=28, binding_max_images=4, binding_images_per_batch=64,
-                  distractor_pool=32, binding_find_share=0.25)
+    mix = Mixture(
+        {"binding": 1},
+        seed=1,
+        render_size=28,
+        binding_max_images=4,
+        binding_images_per_batch=64,
+        distractor_pool=32,
+        binding_find_share=0.25,
+    )
     tasks = [e.task for b in mix.batches(16, 10) for e in b]
     assert 0.1 < tasks.count("find") / len(tasks) < 0.4 and set(tasks) == {"find", "binding"}
