@@ -142,6 +142,18 @@ def evaluate(model, processor, recipe: dict, progress: bool = False) -> dict:
             if progress:
                 print(f"  distractors N={n_images:2d} circular {curve['circular'][-1]:6.2f}")
         metrics["distractor"] = curve
+    cspec = spec.get("circular")
+    if cspec:  # the paper's distractor benchmark (owl_lab.synth.distractor)
+        from owl_lab.analysis.distractor import circular_curve
+
+        table = circular_curve(model, processor, seed, cspec.get("n_images", [1, 5, 10, 20, 50]),
+                               cspec.get("questions", 40), world.get("render_size", 112), bs)
+        metrics["circular"] = {"n_images": table["n_images"].tolist(),
+                               "circular": [round(v, 2) for v in table["circular"]],
+                               "instance": [round(v, 2) for v in table["instance"]],
+                               "questions": int(table["questions"].iloc[0])}
+        if progress:
+            print(table.round(1).to_string(index=False))
     metrics["eval"] = {
         "method": "teacher-forced exact match of answer + eos (= greedy decoding exact match)",
         "seed": seed, "n_per_task": n, "tasks": tasks,

@@ -65,11 +65,15 @@ def patch_cells(grid: int, image_size: int) -> torch.Tensor:
     return (cell[:, None] * GRID + cell[None, :]).flatten()
 
 
-def vision_parameters(model, board: bool = False) -> list[nn.Parameter]:
-    """The encoder's parameters; with ``board`` the whole visual path up to the decoder (the family's
-    ``vision_pretrain`` / ``vision_pretrain_board`` components)."""
+def vision_parameters(model, board: bool = False, bridge: bool = True) -> list[nn.Parameter]:
+    """The parameters the vision stage trains: the family's ``vision_pretrain`` components (with
+    ``board``, ``vision_pretrain_board``: the whole visual path up to the decoder). ``bridge=False``
+    keeps only the encoder (``vision_tower``): the read-out heads then see the encoder through the
+    bridge's initial weights (the recipe key ``train_bridge``)."""
     spec = family_of(model)
     components = spec.vision_pretrain_board if board else spec.vision_pretrain
+    if not bridge:
+        components = tuple(c for c in components if c != "bridge")
     return [p for c in components for p in resolve_path(model, spec, c).parameters()]
 
 
@@ -104,7 +108,7 @@ def run_vision_stage(model, processor, family: str | FamilySpec, stage: dict, se
         heads["patches"] = nn.Linear(width, sum(sizes))
     if "board" in objectives:
         heads["board"] = BoardReadout(token_width, sizes[:-1])
-    params = vision_parameters(model, board="board" in objectives)
+    params = vision_parameters(model, board="board" in objectives, bridge=stage.get("train_bridge", True))
     opt = torch.optim.AdamW(params + list(heads.parameters()), lr=stage["lr"], betas=(0.9, 0.98),
                             weight_decay=stage.get("weight_decay", 0.0))
     bar = tqdm(range(steps), disable=not progress, desc=f"stage {si + 1} (vision pre-training)", mininterval=2.0)

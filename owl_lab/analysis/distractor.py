@@ -96,4 +96,29 @@ def target_share(model, processor, examples: Sequence, batch_size: int = 8, per_
     return out
 
 
-__all__ = ["IMAGE_KINDS", "circular_scores", "target_share"]
+def circular_curve(model, processor, seed: int, n_images: Sequence[int] = (1, 5, 10, 20, 50),
+                   n_questions: int = 40, render_size: int = 112, batch_size: int = 32) -> pd.DataFrame:
+    """The paper's distractor benchmark (:func:`owl_lab.synth.distractor.circular_eval`) at each N.
+
+    Returns:
+        DataFrame, one row per N: ``n_images``, ``circular`` (% of questions with every rotation right),
+        ``se`` (binomial standard error of ``circular``, points), ``instance`` (% of prompts right),
+        ``chance_random`` and ``chance_constant`` (:func:`~owl_lab.synth.distractor.chance_levels`),
+        ``questions``, ``instances``.
+    """
+    from owl_lab.synth.distractor import chance_levels, circular_eval
+
+    rows = []
+    for n in n_images:
+        groups = circular_eval(seed, n, n_questions, render_size)
+        score = circular_scores(model, processor, groups, batch_size)
+        chance = chance_levels(groups)
+        p = score["circular"] / 100.0
+        rows.append({"n_images": n, "circular": score["circular"],
+                     "se": 100.0 * (p * (1 - p) / score["questions"]) ** 0.5, "instance": score["instance"],
+                     "chance_random": chance["random"], "chance_constant": chance["constant"],
+                     "questions": score["questions"], "instances": score["instances"]})
+    return pd.DataFrame(rows)
+
+
+__all__ = ["IMAGE_KINDS", "circular_curve", "circular_scores", "target_share"]

@@ -13,10 +13,11 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator, Mapping
 
+from owl_lab.synth.distractor import task_binding
 from owl_lab.synth.multi import task_multi
 from owl_lab.synth.tasks import IMAGE_TASKS, TASKS, TEXT_TASKS, Example
 
-ALL_TASKS = dict(TASKS, multi=task_multi)
+ALL_TASKS = dict(TASKS, multi=task_multi, binding=task_binding)
 
 
 def _check_tasks(names) -> None:
@@ -51,8 +52,43 @@ class Mixture:
         return ALL_TASKS[task](rng, **self.world)
 
     def batches(self, batch_size: int, steps: int, start: int = 0) -> Iterator[list[Example]]:
+        """Batches of ``batch_size`` examples; with the ``binding`` task in the mix, see :meth:`binding_batch`."""
         for step in range(start, steps):
-            yield [self.example(step * batch_size + j) for j in range(batch_size)]
+            if "binding" in self.names:
+                yield self.binding_batch(step, batch_size)
+            else:
+                yield [self.example(step * batch_size + j) for j in range(batch_size)]
+
+    def binding_batch(self, step: int, batch_size: int) -> list[Example]:
+        """A step of a mix that holds the many-image ``binding`` task.
+
+        Owl3 pads every sample of a batch to the batch's largest image count and sequence length, so
+        one 50-image prompt would make a whole batch of one-image questions cost as much as 32
+        fifty-image prompts. Each step is therefore either a *binding batch* (probability = the task's
+        weight share) whose prompts all share one N (drawn per step), with ``binding_images_per_batch``
+        / N prompts (at least 2, at most ``batch_size``), or an ordinary batch of the other tasks.
+        """
+        from owl_lab.synth.distractor import sample_n_images, task_binding, task_find
+
+        rng = random.Random(f"{self.seed}/{self.split}/step{step}")
+        share = self.weights[self.names.index("binding")] / sum(self.weights)
+        if rng.random() < share:
+            n = sample_n_images(rng, self.world.get("binding_max_images", 50),
+                                self.world.get("binding_curve", "loguniform"))
+            size = max(2, min(batch_size, self.world.get("binding_images_per_batch", 256) // n))
+            find = self.world.get("binding_find_share", 0.0)  # share of reverse-lookup prompts (task_find)
+            out = []
+            for j in range(size):
+                r = random.Random(f"{self.seed}/{self.split}/bind/{step}/{j}")
+                out.append((task_find if find and r.random() < find else task_binding)(r, **dict(self.world, binding_n=n)))
+            return out
+        others = {name: w for name, w in zip(self.names, self.weights, strict=True) if name != "binding"}
+        names, weights = sorted(others), [others[k] for k in sorted(others)]
+        out = []
+        for j in range(batch_size):
+            r = random.Random(f"{self.seed}/{self.split}/{step * batch_size + j}")
+            out.append(ALL_TASKS[r.choices(names, weights=weights)[0]](r, **self.world))
+        return out
 
 
 def eval_set(task: str, n: int, seed: int = 0, **world) -> list[Example]:

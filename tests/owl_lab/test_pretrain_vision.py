@@ -46,3 +46,22 @@ def test_train_records_a_probe_of_the_encoder_after_each_vision_stage():
     assert all(0.0 <= v <= 100.0 for v in probe["stage1"].values())
     smoke = train(load_recipe("smoke-owl2"), None, progress=False, evaluate_after=False, steps_override=2)
     assert "vision_probe" not in smoke  # no vision stage, no probe
+
+
+@pytest.mark.parametrize("bridge", [True, False])
+def test_train_bridge_false_leaves_the_owl3_projector_untouched(bridge):
+    from owl_lab.pretrain_vision import run_vision_stage
+    from owl_lab.train import build
+
+    recipe = load_recipe("smoke-owl3")
+    model, processor = build(recipe)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stage = {"kind": "vision", "steps": 2, "batch_size": 4, "lr": 0.01, "warmup": 1, "train_bridge": bridge,
+             "objectives": ["patches", "board"]}
+    run_vision_stage(model, processor, "owl3", stage, "t", {"render_size": 56},
+                     {"step": [], "loss": [], "lr": [], "stage": []}, 0, 0, False)
+    after = model.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("vision_model.") for k in moved)
+    assert any(k.startswith("vision2text_model.") for k in moved) == bridge
+    assert all(k.startswith(("vision_model.", "vision2text_model.")) for k in moved)
