@@ -12,9 +12,11 @@ One meaning for every family:
   or its name, or ``"auto"`` = the checkpoint's own dtype: the dtype its floating tensors are stored
   in (for every official and lab checkpoint the ``dtype`` of ``config.json``; that value is the
   fall-back when no floating tensor is stored). Nothing is cast under ``"auto"``.
-* ``device_map``: None = CPU, ``"auto"`` = the first GPU if any else CPU, a device (str, index or
-  ``torch.device``), or a dict whose values all name that one device (``{"": "cuda:0"}``).
-  Spreading one model over several devices is not supported (ValueError).
+* ``device_map`` (here, in a family loader): None = CPU, ``"auto"`` = the first GPU if any else CPU, a
+  device (str, index or ``torch.device``), or a dict whose values all name that one device
+  (``{"": "cuda:0"}``). ``load_owl`` hands only such single-device maps to the family loader; a map
+  spreading the model (several devices, ``"disk"``, the ``"auto"`` / ``"balanced"`` / ``"sequential"``
+  strategies) is applied after loading through accelerate (:mod:`owl_lab.models.dispatch`).
 * ``attn_implementation``: None = the config's choice, else one of :data:`ATTN_IMPLEMENTATIONS`.
 """
 
@@ -152,7 +154,7 @@ def resolve_device(device_map=None) -> torch.device:
         if len(devices) != 1:
             raise ValueError(
                 f"device_map must place the whole model on one device; got {device_map} ({sorted(devices)}). "
-                f"Spreading a model over several devices is not supported."
+                f"To spread a model over several devices or disk, use load_owl (accelerate dispatch)."
             )
         device_map = next(iter(device_map.values()))
     if device_map is None:
