@@ -101,6 +101,19 @@ def read_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+#: keyword arguments ``AutoProcessor.from_pretrained`` forwards that only mean something for a Hub repository
+_HUB_KWARGS = (
+    "_from_auto", "trust_remote_code", "cache_dir", "force_download", "local_files_only", "token", "revision",
+    "subfolder", "code_revision", "proxies",
+)
+
+
+def drop_hub_kwargs(kwargs: dict) -> dict:
+    """``kwargs`` without the Hub-download options ``AutoProcessor`` passes along (a lab checkpoint is a
+    local directory), so a processor's ``from_pretrained`` can be reached through ``AutoProcessor``."""
+    return {k: v for k, v in kwargs.items() if k not in _HUB_KWARGS}
+
+
 def has_tokenizer(directory: str | Path) -> bool:
     """True when the directory carries tokenizer files (so a processor can be built from it)."""
     return any((Path(directory) / name).is_file() for name in TOKENIZER_FILES)
