@@ -119,3 +119,23 @@ def test_complete_device_map_longest_path_wins():
     plan = complete_device_map(model, {"": "cpu", "model.layers": "disk", "model.layers.0": "cpu"})
     assert plan["model.layers.0"] == "cpu" and plan["model.layers.1"] == "disk" and plan["lm_head"] == "cpu"
     assert not any(a != b and b.startswith(a + ".") for a in plan for b in plan), "no key below another"
+
+
+def test_edit_and_knockout_on_offloaded_layers_match(reference, tmp_path):
+    """Causal interventions on layers whose weights live on disk act exactly as on the plain model."""
+    name, _, batch, _, plain = reference
+    model, _ = load_owl(name, device_map=_disk_map(plain), offload_folder=tmp_path)
+
+    def run(m):
+        with torch.no_grad():
+            with hooks.edit(m, {"blocks.1.hook_resid_post": lambda x: x * 0.5}):
+                edited = m(**batch).logits
+            with hooks.knockout(m, queries="last", keys="visual", layers=[1, 2]):
+                knocked = m(**batch).logits
+        return edited, knocked
+
+    (edited0, knocked0), (edited1, knocked1) = run(plain), run(model)
+    with torch.no_grad():
+        clean = plain(**batch).logits
+    assert not torch.equal(edited0, clean), "the edit must change something for the test to mean anything"
+    assert torch.equal(edited0, edited1) and torch.equal(knocked0, knocked1)
