@@ -16,6 +16,9 @@ import hooks
 from owl_lab import load_owl
 from owl_lab.families import family_of
 from owl_lab.models.dispatch import complete_device_map, needs_dispatch
+from owl_lab.models.llava import build_for_training
+from owl_lab.synth.tokenizer import build_tokenizer
+from owl_lab.train import load_recipe
 
 SITES = ["blocks.1.hook_resid_post", "blocks.2.hook_attn_out", "hook_image_embeds"]
 PROMPT = "<|image|>what color is the circle ?"
@@ -139,3 +142,20 @@ def test_edit_and_knockout_on_offloaded_layers_match(reference, tmp_path):
         clean = plain(**batch).logits
     assert not torch.equal(edited0, clean), "the edit must change something for the test to mean anything"
     assert torch.equal(edited0, edited1) and torch.equal(knocked0, knocked1)
+
+
+def test_llava_family_dispatches_with_the_same_meaning(tmp_path):
+    """The stock-transformers family goes through the same path (its own _no_split_modules)."""
+    model, processor = build_for_training(load_recipe("llava-tiny")["config"], build_tokenizer("llava"))
+    model.save_pretrained(tmp_path / "ckpt")
+    processor.save_pretrained(tmp_path / "ckpt")
+    plain, processor = load_owl(tmp_path / "ckpt")
+    layer = family_of(plain).paths["decoder_layer"].format(i=1)
+    dispatched, _ = load_owl(tmp_path / "ckpt", device_map={"": "cpu", layer: "disk"}, offload_folder=tmp_path / "off")
+    batch = processor(text="<|image|> what color is the circle ?", images=[_image()])
+    with torch.no_grad(), hooks.capture(plain, attention=True) as rec0:
+        want = plain(**batch).logits
+    with torch.no_grad(), hooks.capture(dispatched, attention=True) as rec1:
+        got = dispatched(**batch).logits
+    assert torch.equal(want, got)
+    assert len(rec0.attention_mass) > 0 and rec0.attention_mass.equals(rec1.attention_mass)
