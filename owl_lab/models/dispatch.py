@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 from accelerate import dispatch_model, infer_auto_device_map
-from accelerate.utils import get_balanced_memory
+from accelerate.utils import extract_submodules_state_dict, get_balanced_memory, offload_state_dict
 
 #: ``device_map`` strings planned by accelerate
 AUTO_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -151,8 +151,14 @@ def dispatch_loaded(
     if len(devices) == 1 and devices != {"disk"}:
         model.to(next(iter(devices)))
         return model
-    if offload_folder is not None:
+    if plan.get("") == "disk":  # accelerate offloads named submodules: name the top-level ones
+        plan = complete_device_map(model, {"": "disk", **{name: "disk" for name, _ in model.named_children()}})
+    on_disk = [name for name, device in plan.items() if device == "disk"]
+    if on_disk:
+        # Written here on every load: accelerate would silently reuse an index.json already in the folder
+        # (stale weights of an earlier load); same names are overwritten.
         Path(offload_folder).mkdir(parents=True, exist_ok=True)
+        offload_state_dict(str(offload_folder), extract_submodules_state_dict(model.state_dict(), on_disk))
     model = dispatch_model(model, device_map=plan, offload_dir=str(offload_folder) if offload_folder else None)
     model.hf_device_map = plan
     return model.eval()

@@ -159,3 +159,16 @@ def test_llava_family_dispatches_with_the_same_meaning(tmp_path):
         got = dispatched(**batch).logits
     assert torch.equal(want, got)
     assert len(rec0.attention_mass) > 0 and rec0.attention_mass.equals(rec1.attention_mass)
+
+
+def test_whole_model_on_disk_and_reused_offload_folder(tmp_path):
+    """max_memory too small for anything → every module on disk; a second load into the same folder
+    uses its own weights, not the first checkpoint's files."""
+    first, processor = load_owl("owl3-tiny", device_map="sequential", max_memory={"cpu": 1}, offload_folder=tmp_path)
+    assert set(first.hf_device_map.values()) == {"disk"}
+    batch = processor(text=PROMPT, images=[_image()])
+    second, _ = load_owl("owl3-tiny-s1", device_map="sequential", max_memory={"cpu": 1}, offload_folder=tmp_path)
+    plain, _ = load_owl("owl3-tiny-s1")
+    with torch.no_grad():
+        want, got = plain(**batch).logits, second(**batch).logits
+    assert torch.equal(want, got)
