@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from owl_lab.families import family_of_checkpoint
+from owl_lab.models.dispatch import dispatch_loaded, needs_dispatch
 from owl_lab.models.loading import check_attn_implementation, checkpoint_keys
 
 __all__ = [
@@ -76,6 +77,8 @@ def load_owl(
     dtype=None,
     torch_dtype=None,
     device_map=None,
+    max_memory: dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
     attn_implementation: str | None = None,
 ):
     """Load a model and its processor from a shipped name or a local checkpoint directory.
@@ -85,7 +88,10 @@ def load_owl(
             ``config.json`` and weights in the official format.
         dtype: None (float32), a ``torch.dtype`` or its name, or ``"auto"`` (the checkpoint's own
             dtype); ``torch_dtype`` is an alias.
-        device_map: None (CPU), ``"auto"``, one device, or a dict whose values name one device.
+        device_map: None (CPU) or one device (a plain load); ``"auto"`` / ``"balanced"`` /
+            ``"sequential"`` or a dict of module path → device (``"cpu"``, ``"disk"``, ...) spread the
+            model through accelerate (:mod:`owl_lab.models.dispatch`).
+        max_memory, offload_folder: accelerate's budget per device and folder for ``"disk"`` modules.
         attn_implementation: None (the config's choice), ``"eager"`` or ``"sdpa"``.
 
     Returns:
@@ -97,10 +103,19 @@ def load_owl(
     check_attn_implementation(attn_implementation)
     directory = resolve_checkpoint(name_or_path)
     spec = family_of_checkpoint(directory)
-    return spec.loader(
+    dispatch = needs_dispatch(device_map)
+    if not dispatch and (max_memory is not None or offload_folder is not None):
+        raise ValueError(
+            "max_memory / offload_folder only apply when device_map spreads the model (an auto strategy "
+            f"or a dict of several devices); got device_map={device_map!r}."
+        )
+    model, processor = spec.loader(
         directory,
         dtype=dtype,
         torch_dtype=torch_dtype,
-        device_map=device_map,
+        device_map=None if dispatch else device_map,
         attn_implementation=attn_implementation,
     )
+    if dispatch:  # loaded on CPU first, then spread: one meaning of device_map for every family
+        model = dispatch_loaded(model, device_map, max_memory=max_memory, offload_folder=offload_folder)
+    return model, processor

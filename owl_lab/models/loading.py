@@ -12,9 +12,11 @@ One meaning for every family:
   or its name, or ``"auto"`` = the checkpoint's own dtype: the dtype its floating tensors are stored
   in (for every official and lab checkpoint the ``dtype`` of ``config.json``; that value is the
   fall-back when no floating tensor is stored). Nothing is cast under ``"auto"``.
-* ``device_map``: None = CPU, ``"auto"`` = the first GPU if any else CPU, a device (str, index or
-  ``torch.device``), or a dict whose values all name that one device (``{"": "cuda:0"}``).
-  Spreading one model over several devices is not supported (ValueError).
+* ``device_map`` (here, in a family loader): None = CPU, ``"auto"`` = the first GPU if any else CPU, a
+  device (str, index or ``torch.device``), or a dict whose values all name that one device
+  (``{"": "cuda:0"}``). ``load_owl`` hands only such single-device maps to the family loader; a map
+  spreading the model (several devices, ``"disk"``, the ``"auto"`` / ``"balanced"`` / ``"sequential"``
+  strategies) is applied after loading through accelerate (:mod:`owl_lab.models.dispatch`).
 * ``attn_implementation``: None = the config's choice, else one of :data:`ATTN_IMPLEMENTATIONS`.
 """
 
@@ -99,6 +101,19 @@ def read_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+#: keyword arguments ``AutoProcessor.from_pretrained`` forwards that only mean something for a Hub repository
+_HUB_KWARGS = (
+    "_from_auto", "trust_remote_code", "cache_dir", "force_download", "local_files_only", "token", "revision",
+    "subfolder", "code_revision", "proxies",
+)
+
+
+def drop_hub_kwargs(kwargs: dict) -> dict:
+    """``kwargs`` without the Hub-download options ``AutoProcessor`` passes along (a lab checkpoint is a
+    local directory), so a processor's ``from_pretrained`` can be reached through ``AutoProcessor``."""
+    return {k: v for k, v in kwargs.items() if k not in _HUB_KWARGS}
+
+
 def has_tokenizer(directory: str | Path) -> bool:
     """True when the directory carries tokenizer files (so a processor can be built from it)."""
     return any((Path(directory) / name).is_file() for name in TOKENIZER_FILES)
@@ -158,7 +173,7 @@ def resolve_device(device_map=None) -> torch.device:
         if len(devices) != 1:
             raise ValueError(
                 f"device_map must place the whole model on one device; got {device_map} ({sorted(devices)}). "
-                f"Spreading a model over several devices is not supported."
+                f"To spread a model over several devices or disk, use load_owl (accelerate dispatch)."
             )
         device_map = next(iter(device_map.values()))
     if device_map is None:

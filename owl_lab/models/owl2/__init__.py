@@ -1,6 +1,6 @@
 """mPLUG-Owl2 family: checkpoint-compatible config, model, processor and loader."""
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
 
 from owl_lab.models.loading import read_state_dict
 from owl_lab.models.owl2.configuration_owl2 import (
@@ -16,6 +16,8 @@ from owl_lab.models.owl2.processing_owl2 import Owl2Processor
 
 AutoConfig.register(Owl2Config.model_type, Owl2Config, exist_ok=True)
 AutoModelForCausalLM.register(Owl2Config, Owl2ForCausalLM, exist_ok=True)
+# AutoProcessor finds Owl2Processor by processor_config.json's processor_class, else by the config class
+AutoProcessor.register(Owl2Config, Owl2Processor, exist_ok=True)
 
 __all__ = [
     "Owl2Config",

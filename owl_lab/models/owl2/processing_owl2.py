@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, BatchFeature
 
+from owl_lab.models.loading import drop_hub_kwargs
 from owl_lab.models.owl2.configuration_owl2 import (
     DEFAULT_IMAGE_TOKEN,
     IGNORE_INDEX,
@@ -250,5 +251,5 @@ class Owl2Processor:
         if settings.get("image_size") is None and (directory / "config.json").is_file():
             settings["image_size"] = load_config(directory).image_size
         settings = {k: v for k, v in settings.items() if v is not None}
-        settings.update(kwargs)
+        settings.update(drop_hub_kwargs(kwargs))
         return cls(tokenizer, **settings)

@@ -1,10 +1,10 @@
 """mPLUG-Owl3 family (7B-240728 gated, 7B-241101 fused, 1B/2B-241014, and the lab's ablations).
 
 Exports the config, model and processor classes, registered with ``AutoConfig`` /
-``AutoModelForCausalLM`` under ``model_type="mplugowl3"``, and :func:`load_checkpoint`.
+``AutoModelForCausalLM`` / ``AutoProcessor`` under ``model_type="mplugowl3"``, and :func:`load_checkpoint`.
 """
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
 
 from owl_lab.models.owl3.configuration_owl3 import Owl3Config, complete_config, detect_variant, load_config
 from owl_lab.models.owl3.loading_owl3 import load_checkpoint
@@ -14,6 +14,8 @@ from owl_lab.models.owl3.toy_tokenizer import build_word_tokenizer
 
 AutoConfig.register(Owl3Config.model_type, Owl3Config, exist_ok=True)
 AutoModelForCausalLM.register(Owl3Config, Owl3ForCausalLM, exist_ok=True)
+# AutoProcessor finds Owl3Processor by processor_config.json's processor_class, else by the config class
+AutoProcessor.register(Owl3Config, Owl3Processor, exist_ok=True)
 
 __all__ = [
     "Owl3Config",

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, BatchFeature
 
+from owl_lab.models.loading import drop_hub_kwargs
 from owl_lab.models.owl3.configuration_owl3 import load_config
 from owl_lab.models.owl3.media_owl3 import NO_IMAGE_MARKER
 
@@ -267,8 +268,15 @@ class Owl3Processor:
         (directory / CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, directory, config=None) -> Owl3Processor:
-        """Tokenizer files + ``processor_config.json`` (else settings derived from the model config)."""
+    def from_pretrained(cls, directory, config=None, **kwargs) -> Owl3Processor:
+        """Tokenizer files + ``processor_config.json`` (else settings derived from the model config).
+
+        ``kwargs``: only the Hub options ``AutoProcessor.from_pretrained`` forwards (ignored: the directory is
+        local); anything else is a TypeError.
+        """
+        unknown = sorted(drop_hub_kwargs(kwargs))
+        if unknown:
+            raise TypeError(f"Owl3Processor.from_pretrained got unexpected keyword arguments {unknown}.")
         directory = Path(directory)
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
         saved = directory / CONFIG_NAME
