@@ -191,3 +191,25 @@ def test_knockout_on_the_eager_path_agrees_with_sdpa(owl):
         eager = model(**clean, output_attentions=True).logits  # output_attentions forces the eager kernel
     assert (sdpa - eager).abs().max() <= 1e-5
     assert not torch.equal(sdpa, owl["clean_logits"])
+
+
+@torch.no_grad()
+def test_last_query_knockout_builds_no_square_mask_and_edits_once_per_forward(owl, monkeypatch):
+    """The perf contract (issue 17): ``queries="last"`` edits one row per sample, never a [B, L, L] mask,
+    and the decoder's edited mask is built once per forward (the core's memo hits on every other layer)."""
+    from owl_lab.models import attention as core
+
+    model, processor = owl["model"], owl["processor"]
+    clean, _, _, _ = collate_pairs(processor, counterfactual_pairs("color", 1, seed=5))  # one sample: no padding
+    tensors, restricts = [], []
+    real_tensor, real_restrict = core.Allowed.tensor, core._restrict
+    monkeypatch.setattr(core.Allowed, "tensor", lambda self: tensors.append(self.shape) or real_tensor(self))
+    monkeypatch.setattr(core, "_restrict", lambda *a: restricts.append(a[2].kind) or real_restrict(*a))
+    ref = model(**clean).logits
+    with hooks.knockout(model, queries="last", keys="visual"):
+        out = model(**clean).logits
+    assert not torch.equal(out, ref)
+    square = [s for s in tensors if s[1] > 1 and s[1] == s[2]]
+    assert square == [], f"square masks materialised: {square}"
+    decoder = [k for k in restricts if k == "self"]  # the decoder's self mask is shared by every layer
+    assert len(decoder) <= 1, f"edited mask rebuilt per layer: {restricts}"
