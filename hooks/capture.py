@@ -304,6 +304,9 @@ class capture:
         red = self.reductions
         if isinstance(red.heads, tuple):
             query, key, probs = head_subset(query, key, probs, red.heads)
+            if getattr(allowed, "per_head", False):  # a per-head knockout's mask: the same heads
+                full, picked = allowed, list(red.heads)
+                allowed = lambda q0, q1: full(q0, q1)[:, picked]  # noqa: E731
             head_ids = torch.tensor(red.heads, dtype=torch.long)
         elif red.heads == "mean":
             head_ids = torch.tensor([-1], dtype=torch.long)

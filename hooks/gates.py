@@ -23,7 +23,8 @@ class GateRecord:
         step, layer: decode step and decoder layer; call: which prefill (forward/generate call) it belongs to.
         query_index: [L] absolute sequence index of each row.
         valid: [B, L] bool, real (non-pad) rows.
-        applied: [B, L] bool, rows where the fusion was applied.
+        applied: [B, L] bool, rows where the fusion was applied (for at least one head).
+        head_applied: [B, L, H] bool per head, only under a per-head knockout (else None).
         mean: [B, L, H] gate g averaged over the D channels.
         text_norm, vision_norm: [B, L] L2 norms of ``o_proj(self ⊙ (1 − g))`` and ``o_proj(cross ⊙ g)``.
         gate: [B, L, H, D] full gate vectors (only with ``gate_vectors=True``).
@@ -42,6 +43,7 @@ class GateRecord:
     text_out: torch.Tensor | None = None
     vision_out: torch.Tensor | None = None
     call: int = 0
+    head_applied: torch.Tensor | None = None
 
 
 def _o_proj_linear(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -61,8 +63,14 @@ def summarize_gate(event: GateEvent, step: int, valid: torch.Tensor, keep_vector
     """
     g = event.gate.detach().float()  # [B, L, H, D]
     B, L, H, D = g.shape
-    applied = event.applied.detach().bool()  # [B, L]
-    skip = ~applied[..., None, None]  # [B, L, 1, 1] rows where the fusion was not applied
+    applied = event.applied.detach().bool()  # [B, L], or [B, H, L] under a per-head knockout
+    head_applied = None
+    if applied.dim() == 3:
+        head_applied = applied.transpose(1, 2)  # [B, L, H]
+        skip = ~head_applied[..., None]  # [B, L, H, 1] head rows where the fusion was not applied
+        applied = head_applied.any(-1)  # [B, L]
+    else:
+        skip = ~applied[..., None, None]  # [B, L, 1, 1] rows where the fusion was not applied
     # One part at a time, in place, so at most two [B, L, hidden] temporaries are alive.
     part = torch.sub(1.0, g).mul_(event.self_context.detach().float())  # self ⊙ (1 − g)
     part = torch.where(skip, event.self_context.detach().float(), part).reshape(B, L, H * D)
@@ -78,6 +86,7 @@ def summarize_gate(event: GateEvent, step: int, valid: torch.Tensor, keep_vector
         query_index=event.query_index.detach().cpu().long(),
         valid=valid.cpu(),
         applied=applied.cpu(),
+        head_applied=None if head_applied is None else head_applied.cpu(),
         mean=g.mean(-1).cpu(),
         text_norm=text_out.norm(dim=-1).cpu(),
         vision_norm=vision_out.norm(dim=-1).cpu(),

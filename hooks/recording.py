@@ -160,7 +160,8 @@ class Recording:
                 b, q, h = keep.nonzero(as_tuple=True)
                 frames.append(pd.DataFrame({
                     "batch": b.numpy(), "step": r.step, "layer": r.layer, "query": r.query_index[q].numpy(),
-                    "head": h.numpy(), "gate": r.mean[b, q, h].numpy(), "applied": r.applied[b, q].numpy(),
+                    "head": h.numpy(), "gate": r.mean[b, q, h].numpy(),
+                    "applied": (r.applied[b, q] if r.head_applied is None else r.head_applied[b, q, h]).numpy(),
                     "call": r.call,
                 }))
             self._cache["gates"] = _concat(frames, GATE_COLUMNS)
