@@ -201,12 +201,24 @@ def sdpa_attention_forward(
         if allowed.fast == "causal":
             is_causal = True
         elif allowed.fast != "all":
-            mask = allowed.additive(query.dtype)  # [B, 1 | H, Lq, Lk]
+            mask = _edited_bool(allowed)
+            if mask is None:
+                mask = allowed.additive(query.dtype)  # [B, 1 | H, Lq, Lk]
     gqa = query.shape[1] != key.shape[1]
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=gqa
     )
     return out, None
+
+
+def _edited_bool(allowed: Allowed) -> torch.Tensor | None:
+    """A knockout-edited mask as SDPA's boolean mask [B, 1 | H, Lq, Lk] (no float copy), when every row
+    keeps a key (an empty row would be NaN in SDPA, not the additive convention's uniform row); else None."""
+    if allowed.unedited is None:
+        return None
+    mask = allowed.tensor()
+    mask = mask if mask.dim() == 4 else mask[:, None]
+    return mask if bool(mask.any(-1).all()) else None
 
 
 ATTENTION_FUNCTIONS = {"eager": eager_attention_forward, "sdpa": sdpa_attention_forward}

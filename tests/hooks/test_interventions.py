@@ -238,3 +238,14 @@ def test_capture_under_a_per_head_knockout_records_each_heads_softmax(owl):
         gates = rec.gates
         g_last = gates[gates["query"].isin(last)]
         assert not g_last[g_last["head"] == 1].applied.any() and g_last[g_last["head"] == 0].applied.all()
+
+
+@torch.no_grad()
+def test_knockout_of_every_row_on_sdpa_agrees_with_eager(owl):
+    """queries='all' edits every row: SDPA gets the edited mask as a boolean mask (no float copy)."""
+    model, clean = owl["model"], owl["clean"]
+    with hooks.knockout(model, queries="all", keys="visual", layers=[0, 1]):
+        sdpa = model(**clean).logits
+        eager = model(**clean, output_attentions=True).logits
+    assert (sdpa - eager).abs().max() <= 1e-5
+    assert not torch.equal(sdpa, owl["clean_logits"])
