@@ -16,6 +16,7 @@ Only one chunk tensor is alive at a time. Its default size is the event's own q 
 [1 MB, 8 MB] (small enough to stay in cache, large enough for efficient matmuls), but never fewer
 than 64 query rows (a thin [rows, D] × [D, Lk] matmul runs far below the CPU's peak).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -89,15 +90,15 @@ def _reduce_runs(p, runs_b, k0, k1, out_b, reducer: str) -> None:
             if _tiled(s[lo:hi], e[lo:hi]):
                 H, c, _ = p.shape
                 n, T = hi - lo, int(e[lo] - s[lo])
-                sums = p[..., int(s[lo]):int(e[hi - 1])].view(H, c, n, T).sum(-1)  # [H, c, n]
+                sums = p[..., int(s[lo]) : int(e[hi - 1])].view(H, c, n, T).sum(-1)  # [H, c, n]
                 g = groups[lo:hi]
                 if bool((np.diff(g) == 1).all()):  # images in order: one slice, no scatter
-                    out_b[..., int(g[0]):int(g[0]) + n] += sums
+                    out_b[..., int(g[0]) : int(g[0]) + n] += sums
                 else:
                     out_b.index_add_(-1, torch.from_numpy(g).to(out_b.device), sums)
                 edges = [i for i in (0, s.size - 1) if not lo <= i < hi]
                 for i in edges:
-                    out_b[..., int(groups[i])] += p[..., int(s[i]):int(e[i])].sum(-1)
+                    out_b[..., int(groups[i])] += p[..., int(s[i]) : int(e[i])].sum(-1)
                 return
     if reducer == "tiles":
         reducer = "loop" if s.size <= _LOOP_RUNS else "reduceat"
@@ -205,35 +206,49 @@ def grouped_mass(
     for q0 in range(0, Lq, rows):
         q1 = min(Lq, q0 + rows)
         c = q1 - q0
-        allow = allowed(q0, q1).to(device=device, dtype=torch.bool)  # [B, c, Lk]
-        if tuple(allow.shape) != (B, c, Lk):
-            raise ValueError(f"allowed({q0}, {q1}) returned {tuple(allow.shape)}, expected {(B, c, Lk)}")
+        allow = allowed(q0, q1).to(device=device, dtype=torch.bool)  # [B, c, Lk] or per head [B, H, c, Lk]
+        if tuple(allow.shape) not in ((B, c, Lk), (B, H, c, Lk)):
+            raise ValueError(
+                f"allowed({q0}, {q1}) returned {tuple(allow.shape)}, expected {(B, c, Lk)} or {(B, H, c, Lk)}"
+            )
+        head_allow = None
+        if allow.dim() == 4:  # a per-head knockout: every head has its own mask
+            head_allow = allow
+            head_rows = allow.view(torch.uint8).amax(-1).bool()  # [B, H, c] head rows with >= 1 key
+            allow = allow.view(torch.uint8).amax(1).bool()  # [B, c, Lk] keys some head may see
         allow_u8 = allow.view(torch.uint8)  # reductions on uint8 are much faster than bool any/all on CPU
         row_any = allow_u8.amax(-1).bool()  # [B, c] rows with at least one key
         has_keys[:, q0:q1] = row_any
         counted = row_any if row_mask is None else row_any & row_mask[:, q0:q1].to(device)
         col_any = allow_u8.amax(1)  # [B, Lk] keys some query of the chunk may see
-        seen.logical_or_(col_any.bool() if bool(counted.all()) else
-                         (allow_u8 & counted.unsqueeze(-1).to(torch.uint8)).amax(1).bool())
+        seen.logical_or_(
+            col_any.bool()
+            if bool(counted.all())
+            else (allow_u8 & counted.unsqueeze(-1).to(torch.uint8)).amax(1).bool()
+        )
         cols = col_any.amax(0).nonzero()
         if cols.numel() == 0:
             continue
         k0, k1 = int(cols[0]), int(cols[-1]) + 1  # contiguous key range (causal ⇒ k1 ≈ q1 + past)
-        sub = allow[..., k0:k1]  # [B, c, Lk']
-        ragged = (allow_u8[..., k0:k1].amin(1).amin(0) == 0).nonzero()  # columns some query may not see
+        if head_allow is None:
+            sub = allow[..., k0:k1][:, None]  # [B, 1, c, Lk']
+            ragged = (allow_u8[..., k0:k1].amin(1).amin(0) == 0).nonzero()  # columns some query may not see
+        else:
+            sub = head_allow[..., k0:k1]  # [B, H, c, Lk']
+            ragged = (sub.view(torch.uint8).flatten(0, 2).amin(0) == 0).nonzero()
         if probs is not None:
             p = probs[:, :, q0:q1, k0:k1].detach().to(cdtype)  # [B, H, c, Lk']
             if ragged.numel():
                 a, b = int(ragged[0]), int(ragged[-1]) + 1
                 p = p.clone()
-                p[..., a:b].masked_fill_(~sub[:, None, :, a:b], 0.0)
+                p[..., a:b].masked_fill_(~sub[..., a:b], 0.0)
         else:
             qc = query[:, :, q0:q1].detach().to(cdtype).reshape(B, Hkv, rep * c, D)  # head h = j*rep + r
             p = torch.matmul(qc * scale, key_t[..., k0:k1].to(cdtype))  # [B, H_kv, rep*c, Lk']
             p = p.view(B, H, c, k1 - k0)  # [B, H, c, Lk']
             if ragged.numel():
                 a, b = int(ragged[0]), int(ragged[-1]) + 1
-                p[..., a:b].masked_fill_(~sub[:, None, :, a:b], float("-inf"))
+                p[..., a:b].masked_fill_(~sub[..., a:b], float("-inf"))
             # In place (out= aliases the input): the row-wise kernel reads a row before writing it;
             # tests compare against a materialised softmax. Rows without keys become NaN, zeroed below.
             torch.softmax(p, dim=-1, out=p)
@@ -241,8 +256,12 @@ def grouped_mass(
             for b in range(B):
                 _reduce_runs(p[b], runs[b], k0, k1, mass[b, :, q0:q1], reduce)
         else:
-            sums = torch.matmul(onehot[:, :, k0:k1], p.reshape(B, H * c, k1 - k0).transpose(1, 2))  # [B, G, H*c]
+            sums = torch.matmul(
+                onehot[:, :, k0:k1], p.reshape(B, H * c, k1 - k0).transpose(1, 2)
+            )  # [B, G, H*c]
             mass[:, :, q0:q1] = sums.view(B, G, H, c).permute(0, 2, 3, 1)
+        if head_allow is not None:  # a head row the knockout emptied is no softmax (NaN): mass 0
+            mass[:, :, q0:q1].masked_fill_(~head_rows[..., None], 0.0)
         if sel is not None:
             inside = (sel >= q0) & (sel < q1)
             if inside.any():

@@ -15,6 +15,7 @@ Arguments ``gates`` and ``abstractor``: ``None`` (default) = capture it if the m
 lab's design contract) means "the family's own internals": whichever of the two the model has is captured,
 and neither being present is not an error (attention is still recorded).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -168,7 +169,9 @@ class capture:
         self._vision = parse_vision(vision)
         self._vision_sites = vision_sites(model, spec) if self._vision else []
         if self._vision and not self._vision_sites:
-            raise ValueError(f"vision={vision!r}, but {type(model).__name__} has no vision attention hook points")
+            raise ValueError(
+                f"vision={vision!r}, but {type(model).__name__} has no vision attention hook points"
+            )
         self._handles: list = []
         self.recording: Recording | None = None
 
@@ -226,13 +229,13 @@ class capture:
     def _hook_attention(self, module, args, output):
         event = args[0]
         if not isinstance(event, AttentionEvent) or event.kind not in DECODER_KINDS:
-            raise TypeError(f"decoder hook_attn expects an AttentionEvent of kind {DECODER_KINDS}, got {event!r:.80}")
+            raise TypeError(
+                f"decoder hook_attn expects an AttentionEvent of kind {DECODER_KINDS}, got {event!r:.80}"
+            )
         if self._step < 0:
             raise RuntimeError("an attention event arrived before the model emitted its SequenceLayout")
         hist = self._history
-        n_img = max(
-            [0, *hist.images_per_sample, int(hist.image.max()) + 1, int(event.key_image.max()) + 1]
-        )
+        n_img = max([0, *hist.images_per_sample, int(hist.image.max()) + 1, int(event.key_image.max()) + 1])
         cache_key = (event.kind, tuple(event.key_position.shape), n_img)
         cached = self._groups.get(cache_key)
         kp, ki = event.key_position.detach().cpu(), event.key_image.detach().cpu()
@@ -255,12 +258,24 @@ class capture:
             return  # no chosen query in this call (e.g. a position slice outside a decode step)
         query, key, probs, allowed, row_mask, select, mass_rows, query_index, head_ids = reduced
         res = grouped_mass(
-            query, key, event.scale, allowed, kg_used.to(query.device), used.numel(),
-            probs=probs, row_mask=row_mask, select=select, chunk_bytes=self.chunk_bytes,
+            query,
+            key,
+            event.scale,
+            allowed,
+            kg_used.to(query.device),
+            used.numel(),
+            probs=probs,
+            row_mask=row_mask,
+            select=select,
+            chunk_bytes=self.chunk_bytes,
         )
         res_mass, has_keys = res.mass, res.has_keys.cpu()
         if mass_rows is not None:  # drop rows computed only for full_maps
-            res_mass, has_keys, row_mask = res_mass[:, :, mass_rows], has_keys[:, mass_rows], row_mask[:, mass_rows]
+            res_mass, has_keys, row_mask = (
+                res_mass[:, :, mass_rows],
+                has_keys[:, mass_rows],
+                row_mask[:, mass_rows],
+            )
         if self.reductions.heads == "mean":  # in fp32 (fp64 for fp64 models), before any row exists
             res_mass = res_mass.mean(1, keepdim=True)
         tok = res_mass.float().cpu()  # [B, H', Lq', G_used]
@@ -280,16 +295,32 @@ class capture:
         levels = [all_levels[c] for c, k in zip(cols, keep.tolist(), strict=True) if k]
         names = [all_names[c] for c, k in zip(cols, keep.tolist(), strict=True) if k]
         rec = self.recording
-        rec.attention_records.append(AttentionRecord(
-            step=self._step, call=self._call, layer=int(event.layer), kind=event.kind, mass=mass,
-            query_index=query_index, valid=row_mask & has_keys, present=present, levels=levels, groups=names,
-            heads=head_ids,
-        ))
+        rec.attention_records.append(
+            AttentionRecord(
+                step=self._step,
+                call=self._call,
+                layer=int(event.layer),
+                kind=event.kind,
+                mass=mass,
+                query_index=query_index,
+                valid=row_mask & has_keys,
+                present=present,
+                levels=levels,
+                groups=names,
+                heads=head_ids,
+            )
+        )
         if selector_given:
-            full_index = event.query_index.detach().cpu()[_select_rows(self._full_maps[event.layer], event.query_index)]
+            full_index = event.query_index.detach().cpu()[
+                _select_rows(self._full_maps[event.layer], event.query_index)
+            ]
             rec.full_maps[(self._call, self._step, int(event.layer), event.kind)] = FullMap(
-                probs=res.maps.float().cpu(), query_index=full_index,
-                key_position=kp, key_image=ki, key_group=kg, groups=token_groups(n_img),
+                probs=res.maps.float().cpu(),
+                query_index=full_index,
+                key_position=kp,
+                key_image=ki,
+                key_group=kg,
+                groups=token_groups(n_img),
             )
         rec._changed()
 
@@ -306,6 +337,9 @@ class capture:
         red = self.reductions
         if isinstance(red.heads, tuple):
             query, key, probs = head_subset(query, key, probs, red.heads)
+            if getattr(allowed, "per_head", False):  # a per-head knockout's mask: the same heads
+                full, picked = allowed, list(red.heads)
+                allowed = lambda q0, q1: full(q0, q1)[:, picked]  # noqa: E731
             head_ids = torch.tensor(red.heads, dtype=torch.long)
         elif red.heads == "mean":
             head_ids = torch.tensor([-1], dtype=torch.long)
@@ -335,14 +369,17 @@ class capture:
             valid = torch.ones(event.gate.shape[:2], dtype=torch.bool)
         else:
             valid = self._history.valid_queries(event.query_index)
-        self.recording.gate_records.append(summarize_gate(event, max(self._step, 0), valid, self.gate_vectors,
-                                                                  call=max(self._call, 0)))
+        self.recording.gate_records.append(
+            summarize_gate(event, max(self._step, 0), valid, self.gate_vectors, call=max(self._call, 0))
+        )
         self.recording._changed()
 
     def _hook_abstractor(self, module, args, output):
         event = args[0]
         if not isinstance(event, AttentionEvent) or event.kind != "abstractor":
-            raise TypeError(f"abstractor hook_attn expects an AttentionEvent of kind 'abstractor', got {event!r:.80}")
+            raise TypeError(
+                f"abstractor hook_attn expects an AttentionEvent of kind 'abstractor', got {event!r:.80}"
+            )
         calls = self.recording.abstractor_records
         if not calls or event.layer == 0 or any(r.layer == event.layer for r in calls[-1]):
             calls.append([])

@@ -5,6 +5,7 @@ an image (``applied``), and keeps ``fused = self`` elsewhere. ``o_proj`` is line
 the attention output splits exactly into a text part ``o_proj(self ⊙ (1 − g))`` and a vision part
 ``o_proj(cross ⊙ g)`` (on non-applied rows: ``o_proj(self)`` and 0), in residual-stream units.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ class GateRecord:
         step, layer: decode step and decoder layer; call: which prefill (forward/generate call) it belongs to.
         query_index: [L] absolute sequence index of each row.
         valid: [B, L] bool, real (non-pad) rows.
-        applied: [B, L] bool, rows where the fusion was applied.
+        applied: [B, L] bool, rows where the fusion was applied (for at least one head).
+        head_applied: [B, L, H] bool per head, only under a per-head knockout (else None).
         mean: [B, L, H] gate g averaged over the D channels.
         text_norm, vision_norm: [B, L] L2 norms of ``o_proj(self ⊙ (1 − g))`` and ``o_proj(cross ⊙ g)``.
         gate: [B, L, H, D] full gate vectors (only with ``gate_vectors=True``).
@@ -42,6 +44,7 @@ class GateRecord:
     text_out: torch.Tensor | None = None
     vision_out: torch.Tensor | None = None
     call: int = 0
+    head_applied: torch.Tensor | None = None
 
 
 def _o_proj_linear(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -49,8 +52,9 @@ def _o_proj_linear(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def summarize_gate(event: GateEvent, step: int, valid: torch.Tensor, keep_vectors: bool = False,
-                   call: int = 0) -> GateRecord:
+def summarize_gate(
+    event: GateEvent, step: int, valid: torch.Tensor, keep_vectors: bool = False, call: int = 0
+) -> GateRecord:
     """Reduce a :class:`GateEvent` to per-head channel means and the text/vision output split.
 
     Args:
@@ -61,14 +65,22 @@ def summarize_gate(event: GateEvent, step: int, valid: torch.Tensor, keep_vector
     """
     g = event.gate.detach().float()  # [B, L, H, D]
     B, L, H, D = g.shape
-    applied = event.applied.detach().bool()  # [B, L]
-    skip = ~applied[..., None, None]  # [B, L, 1, 1] rows where the fusion was not applied
+    applied = event.applied.detach().bool()  # [B, L], or [B, H, L] under a per-head knockout
+    head_applied = None
+    if applied.dim() == 3:
+        head_applied = applied.transpose(1, 2)  # [B, L, H]
+        skip = ~head_applied[..., None]  # [B, L, H, 1] head rows where the fusion was not applied
+        applied = head_applied.any(-1)  # [B, L]
+    else:
+        skip = ~applied[..., None, None]  # [B, L, 1, 1] rows where the fusion was not applied
     # One part at a time, in place, so at most two [B, L, hidden] temporaries are alive.
     part = torch.sub(1.0, g).mul_(event.self_context.detach().float())  # self ⊙ (1 − g)
     part = torch.where(skip, event.self_context.detach().float(), part).reshape(B, L, H * D)
     text_out = _o_proj_linear(event.o_proj_weight, part)  # [B, L, hidden]
     del part
-    part = (event.cross_context.detach().float() * g).masked_fill_(skip, 0.0).reshape(B, L, H * D)  # cross ⊙ g
+    part = (
+        (event.cross_context.detach().float() * g).masked_fill_(skip, 0.0).reshape(B, L, H * D)
+    )  # cross ⊙ g
     vision_out = _o_proj_linear(event.o_proj_weight, part)  # [B, L, hidden]
     del part
     return GateRecord(
@@ -78,6 +90,7 @@ def summarize_gate(event: GateEvent, step: int, valid: torch.Tensor, keep_vector
         query_index=event.query_index.detach().cpu().long(),
         valid=valid.cpu(),
         applied=applied.cpu(),
+        head_applied=None if head_applied is None else head_applied.cpu(),
         mean=g.mean(-1).cpu(),
         text_norm=text_out.norm(dim=-1).cpu(),
         vision_norm=vision_out.norm(dim=-1).cpu(),

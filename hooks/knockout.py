@@ -42,6 +42,7 @@ from torch import nn
 
 from hooks.groups import BOS, GENERATED, N_TOKEN_FIXED, PLACEHOLDER, QUESTION, SequenceHistory, key_groups
 from hooks.sites import family_spec, n_layers
+from owl_lab.models.attention import RowKeep
 from owl_lab.models.observe import TOKEN_PAD
 
 _FIXED = {
@@ -120,6 +121,7 @@ class _Plan:
         self.queries, self.keys, self.image_keys, self.heads = queries, keys, image_keys, heads
         self.history = SequenceHistory()
         self._resolved = None  # (history length, query positions [B, S], key positions [B, S])
+        self._last = None  # (unedited mask, kind, answer): one answer object per forward and kind
 
     def update(self, layout) -> None:
         self.history.update(layout)
@@ -133,14 +135,29 @@ class _Plan:
             )
         return self._resolved[1], self._resolved[2]
 
-    def keep(self, event) -> torch.Tensor | None:
-        """The slot's answer for one attention call: bool keep mask, or None (no edit)."""
+    def keep(self, event) -> RowKeep | None:
+        """The slot's answer for one attention call: the kept keys of the query rows the knockout
+        touches (:class:`RowKeep`, no [B, Lq, Lk] tensor), or None (no edit).
+
+        Layers of one forward share their unedited mask; the answer is computed once per (mask, kind)
+        and the same object returned, so the core builds the edited mask once per forward.
+        """
         if event.kind not in _DECODER_KINDS or self.history.kind is None:
             return None
+        last = self._last
+        if last is not None and last[0] is event.allowed and last[1] == event.kind:
+            return last[2]
+        answer = self._answer(event)
+        self._last = (event.allowed, event.kind, answer)
+        return answer
+
+    def _answer(self, event) -> RowKeep | None:
         q_all, k_all = self._positions()
         q_in = q_all[:, event.query_index.cpu()]  # [B, Lq]
-        if not q_in.any():
+        rows = q_in.any(0).nonzero()
+        if rows.numel() == 0:
             return None
+        r0, r1 = int(rows[0]), int(rows[-1]) + 1
         kp, ki = event.key_position.cpu(), event.key_image.cpu()  # [B, Lk]
         in_seq = kp >= 0
         k_in = in_seq & k_all.gather(1, kp.clamp(min=0))
@@ -151,14 +168,14 @@ class _Plan:
                 patches = self.image_keys.flatten(1).cpu().bool()  # [B, N*T], the order of the image keys
                 n = min(patches.shape[1], kp.shape[1])
                 k_in[:, :n] |= image[:, :n] & patches[:, :n]
-        blocked = q_in[:, :, None] & k_in[:, None, :]  # [B, Lq, Lk]
-        if not blocked.any():
+        if not k_in.any():
             return None
-        if self.heads is not None:  # per head: [B, H, Lq, Lk]
+        blocked = q_in[:, r0:r1, None] & k_in[:, None, :]  # [B, c, Lk], c = rows the knockout touches
+        if self.heads is not None:  # per head: [B, H, c, Lk]
             on = torch.zeros(event.query.shape[1], dtype=torch.bool)
             on[self.heads] = True
             blocked = blocked[:, None] & on[None, :, None, None]
-        return ~blocked.to(event.key_position.device)
+        return RowKeep(r0, ~blocked.to(event.key_position.device))
 
 
 @contextmanager

@@ -1,4 +1,5 @@
 """What a capture recorded: tensors per (step, layer, kind), tidy DataFrames built on first access."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,7 +13,17 @@ from hooks.gates import GateRecord
 
 MASS_COLUMNS = ["batch", "step", "layer", "head", "query", "kind", "level", "group", "mass", "call"]
 GATE_COLUMNS = ["batch", "step", "layer", "query", "head", "gate", "applied", "call"]
-SPLIT_COLUMNS = ["batch", "step", "layer", "query", "applied", "text_norm", "vision_norm", "vision_share", "call"]
+SPLIT_COLUMNS = [
+    "batch",
+    "step",
+    "layer",
+    "query",
+    "applied",
+    "text_norm",
+    "vision_norm",
+    "vision_share",
+    "call",
+]
 ABSTRACTOR_COLUMNS = ["abstractor_layer", "image", "head", "query", "patches", "cls", "queries"]
 
 
@@ -138,8 +149,10 @@ class Recording:
             if (r.call, r.step, r.layer, r.kind) == (call, step, layer, kind):
                 return r
         have = sorted({(r.call, r.step, r.layer, r.kind) for r in self.attention_records})
-        raise KeyError(f"no attention record for call={call}, step={step}, layer={layer}, kind={kind!r}; "
-                       f"have (call, step, layer, kind) {have}")
+        raise KeyError(
+            f"no attention record for call={call}, step={step}, layer={layer}, kind={kind!r}; "
+            f"have (call, step, layer, kind) {have}"
+        )
 
     @property
     def attention_mass(self) -> pd.DataFrame:
@@ -158,11 +171,22 @@ class Recording:
                 B, L, H = r.mean.shape
                 keep = r.valid[:, :, None].expand(B, L, H)
                 b, q, h = keep.nonzero(as_tuple=True)
-                frames.append(pd.DataFrame({
-                    "batch": b.numpy(), "step": r.step, "layer": r.layer, "query": r.query_index[q].numpy(),
-                    "head": h.numpy(), "gate": r.mean[b, q, h].numpy(), "applied": r.applied[b, q].numpy(),
-                    "call": r.call,
-                }))
+                frames.append(
+                    pd.DataFrame(
+                        {
+                            "batch": b.numpy(),
+                            "step": r.step,
+                            "layer": r.layer,
+                            "query": r.query_index[q].numpy(),
+                            "head": h.numpy(),
+                            "gate": r.mean[b, q, h].numpy(),
+                            "applied": (
+                                r.applied[b, q] if r.head_applied is None else r.head_applied[b, q, h]
+                            ).numpy(),
+                            "call": r.call,
+                        }
+                    )
+                )
             self._cache["gates"] = _concat(frames, GATE_COLUMNS)
         return self._cache["gates"]
 
@@ -174,11 +198,21 @@ class Recording:
             for r in self.gate_records:
                 b, q = r.valid.nonzero(as_tuple=True)
                 t, v = r.text_norm[b, q], r.vision_norm[b, q]
-                frames.append(pd.DataFrame({
-                    "batch": b.numpy(), "step": r.step, "layer": r.layer, "query": r.query_index[q].numpy(),
-                    "applied": r.applied[b, q].numpy(), "text_norm": t.numpy(), "vision_norm": v.numpy(),
-                    "vision_share": (v / (t + v).clamp_min(1e-30)).numpy(), "call": r.call,
-                }))
+                frames.append(
+                    pd.DataFrame(
+                        {
+                            "batch": b.numpy(),
+                            "step": r.step,
+                            "layer": r.layer,
+                            "query": r.query_index[q].numpy(),
+                            "applied": r.applied[b, q].numpy(),
+                            "text_norm": t.numpy(),
+                            "vision_norm": v.numpy(),
+                            "vision_share": (v / (t + v).clamp_min(1e-30)).numpy(),
+                            "call": r.call,
+                        }
+                    )
+                )
             self._cache["gate_split"] = _concat(frames, SPLIT_COLUMNS)
         return self._cache["gate_split"]
 
@@ -195,7 +229,9 @@ class Recording:
         """[abstractor_layer, image, head, query, grid_h, grid_w] patch probabilities (images in
         the order the abstractor saw them, over all forward calls)."""
         if not self.abstractor_records:
-            raise ValueError("no abstractor maps were recorded (Owl2 with images and abstractor capture only)")
+            raise ValueError(
+                "no abstractor maps were recorded (Owl2 with images and abstractor capture only)"
+            )
         per_layer = zip(*[[r.patch_probs for r in call] for call in self.abstractor_records], strict=True)
         return torch.stack([torch.cat(maps, 0) for maps in per_layer])
 
@@ -208,11 +244,19 @@ class Recording:
                 for r in call:
                     N, H, Q = r.patch_mass.shape
                     n, h, q = torch.ones(N, H, Q, dtype=torch.bool).nonzero(as_tuple=True)
-                    frames.append(pd.DataFrame({
-                        "abstractor_layer": r.layer, "image": (n + offset).numpy(), "head": h.numpy(),
-                        "query": q.numpy(), "patches": r.patch_mass.flatten().numpy(),
-                        "cls": r.cls_mass.flatten().numpy(), "queries": r.query_mass.flatten().numpy(),
-                    }))
+                    frames.append(
+                        pd.DataFrame(
+                            {
+                                "abstractor_layer": r.layer,
+                                "image": (n + offset).numpy(),
+                                "head": h.numpy(),
+                                "query": q.numpy(),
+                                "patches": r.patch_mass.flatten().numpy(),
+                                "cls": r.cls_mass.flatten().numpy(),
+                                "queries": r.query_mass.flatten().numpy(),
+                            }
+                        )
+                    )
                 offset += call[0].patch_mass.shape[0] if call else 0
             self._cache["abstractor_summary"] = _concat(frames, ABSTRACTOR_COLUMNS)
         return self._cache["abstractor_summary"]
@@ -232,14 +276,22 @@ def _mass_frame(records: list[AttentionRecord]) -> pd.DataFrame:
         keep = keep.expand(B, H, Lq, G)
         b, h, q, g = keep.nonzero(as_tuple=True)
         g_np = g.numpy()
-        frames.append(pd.DataFrame({
-            "batch": b.numpy(), "step": r.step, "layer": r.layer,
-            "head": (h if r.heads is None else r.heads[h]).numpy(),
-            "query": r.query_index[q].numpy(), "kind": r.kind,
-            "level": np.asarray(r.levels, dtype=object)[g_np],
-            "group": np.asarray(r.groups, dtype=object)[g_np],
-            "mass": r.mass[b, h, q, g].float().numpy(), "call": r.call,
-        }))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "batch": b.numpy(),
+                    "step": r.step,
+                    "layer": r.layer,
+                    "head": (h if r.heads is None else r.heads[h]).numpy(),
+                    "query": r.query_index[q].numpy(),
+                    "kind": r.kind,
+                    "level": np.asarray(r.levels, dtype=object)[g_np],
+                    "group": np.asarray(r.groups, dtype=object)[g_np],
+                    "mass": r.mass[b, h, q, g].float().numpy(),
+                    "call": r.call,
+                }
+            )
+        )
     df = _concat(frames, MASS_COLUMNS)
     for col in ("kind", "level", "group"):
         df[col] = df[col].astype("category")

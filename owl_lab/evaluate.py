@@ -9,6 +9,7 @@ It costs one forward per batch instead of one per generated token
 
 All accuracies are percentages (0–100) so "within ±1 point" compares like with like.
 """
+
 from __future__ import annotations
 
 import time
@@ -31,8 +32,14 @@ def tokens_per_image(model) -> int:
     return int(model.config.tokens_per_image)
 
 
-def expand_labels(labels: torch.Tensor, input_ids: torch.Tensor, per_image: int, length: int,
-                  attention_mask: torch.Tensor | None = None, marker: int = IMAGE_TOKEN_INDEX) -> torch.Tensor:
+def expand_labels(
+    labels: torch.Tensor,
+    input_ids: torch.Tensor,
+    per_image: int,
+    length: int,
+    attention_mask: torch.Tensor | None = None,
+    marker: int = IMAGE_TOKEN_INDEX,
+) -> torch.Tensor:
     """Put labels [B, L] on the expanded sequence [B, length] the logits live on (families whose model
     expands each image marker into rows, e.g. Owl2 with ``marker`` = its ``image_token_id``).
 
@@ -67,15 +74,20 @@ def collate(processor, examples: Sequence[Example], with_answers: bool = True):
 
 
 @torch.no_grad()
-def exact_match(model, processor, examples: Sequence[Example], batch_size: int = 32,
-                max_images_per_batch: int = 128) -> list[bool]:
+def exact_match(
+    model, processor, examples: Sequence[Example], batch_size: int = 32, max_images_per_batch: int = 128
+) -> list[bool]:
     """Teacher-forced exact match of each example's full answer (+ eos), in order."""
     results: list[bool] = []
     i = 0
     while i < len(examples):
         # batch by count and by total images (32-image prompts would otherwise blow up memory)
         j, n_img = i, 0
-        while j < len(examples) and j - i < batch_size and (j == i or n_img + len(examples[j].images) <= max_images_per_batch):
+        while (
+            j < len(examples)
+            and j - i < batch_size
+            and (j == i or n_img + len(examples[j].images) <= max_images_per_batch)
+        ):
             n_img += len(examples[j].images)
             j += 1
         batch = collate(processor, examples[i:j])
@@ -83,8 +95,14 @@ def exact_match(model, processor, examples: Sequence[Example], batch_size: int =
         logits = model(**batch).logits  # [B, L', V]
         spec = family_of(model)
         if spec.expands_image_marker and logits.shape[1] != labels.shape[1]:  # image rows inside the sequence
-            labels = expand_labels(labels, batch["input_ids"], tokens_per_image(model), logits.shape[1],
-                                   batch.get("attention_mask"), marker=spec.image_marker(model.config))
+            labels = expand_labels(
+                labels,
+                batch["input_ids"],
+                tokens_per_image(model),
+                logits.shape[1],
+                batch.get("attention_mask"),
+                marker=spec.image_marker(model.config),
+            )
         pred, target = logits[:, :-1].argmax(-1), labels[:, 1:]  # position t predicts token t+1
         scored = target != IGNORE_INDEX
         ok = ((pred == target) | ~scored).all(dim=1) & scored.any(dim=1)
@@ -128,13 +146,18 @@ def evaluate(model, processor, recipe: dict, progress: bool = False) -> dict:
     if dspec:
         curve = {"n_images": [], "circular": [], "instance": []}
         for n_images in dspec.get("n_images", [1, 2, 4, 8, 16, 32]):
-            groups = distractor_eval(seed, n_images, dspec.get("questions", 40),
-                                     dspec.get("instances", 3), world.get("render_size", 112))
+            groups = distractor_eval(
+                seed,
+                n_images,
+                dspec.get("questions", 40),
+                dspec.get("instances", 3),
+                world.get("render_size", 112),
+            )
             flat = [e for g in groups for e in g]
             flags = exact_match(model, processor, flat, bs)
             k, per_group = 0, []
             for g in groups:
-                per_group.append(all(flags[k:k + len(g)]))
+                per_group.append(all(flags[k : k + len(g)]))
                 k += len(g)
             curve["n_images"].append(n_images)
             curve["circular"].append(_pct(per_group))
@@ -146,17 +169,28 @@ def evaluate(model, processor, recipe: dict, progress: bool = False) -> dict:
     if cspec:  # the paper's distractor benchmark (owl_lab.synth.distractor)
         from owl_lab.analysis.distractor import circular_curve
 
-        table = circular_curve(model, processor, seed, cspec.get("n_images", [1, 5, 10, 20, 50]),
-                               cspec.get("questions", 40), world.get("render_size", 112), bs)
-        metrics["circular"] = {"n_images": table["n_images"].tolist(),
-                               "circular": [round(v, 2) for v in table["circular"]],
-                               "instance": [round(v, 2) for v in table["instance"]],
-                               "questions": int(table["questions"].iloc[0])}
+        table = circular_curve(
+            model,
+            processor,
+            seed,
+            cspec.get("n_images", [1, 5, 10, 20, 50]),
+            cspec.get("questions", 40),
+            world.get("render_size", 112),
+            bs,
+        )
+        metrics["circular"] = {
+            "n_images": table["n_images"].tolist(),
+            "circular": [round(v, 2) for v in table["circular"]],
+            "instance": [round(v, 2) for v in table["instance"]],
+            "questions": int(table["questions"].iloc[0]),
+        }
         if progress:
             print(table.round(1).to_string(index=False))
     metrics["eval"] = {
         "method": "teacher-forced exact match of answer + eos (= greedy decoding exact match)",
-        "seed": seed, "n_per_task": n, "tasks": tasks,
+        "seed": seed,
+        "n_per_task": n,
+        "tasks": tasks,
     }
     metrics["eval_seconds"] = round(time.perf_counter() - start, 1)
     return metrics
@@ -181,6 +215,7 @@ def compare(shipped: dict, fresh: dict, tolerance: float = 1.0) -> list[str]:
     a = _flatten({k: shipped.get(k) for k in keys if shipped.get(k) is not None})
     b = _flatten({k: fresh.get(k) for k in keys if fresh.get(k) is not None})
     problems = [f"{k}: missing in the recomputed metrics" for k in a if k not in b]
-    problems += [f"{k}: shipped {a[k]} vs recomputed {b[k]}" for k in a
-                 if k in b and abs(a[k] - b[k]) > tolerance]
+    problems += [
+        f"{k}: shipped {a[k]} vs recomputed {b[k]}" for k in a if k in b and abs(a[k] - b[k]) > tolerance
+    ]
     return problems

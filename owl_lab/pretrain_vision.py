@@ -16,6 +16,7 @@ loss alone, the abstractor's queries stay interchangeable for thousands of steps
 carries the same "bag of colours" and nothing binds a shape to a place); the read-out gives them a
 short gradient path to specialise.
 """
+
 from __future__ import annotations
 
 import random
@@ -47,7 +48,7 @@ class BoardReadout(nn.Module):
     def __init__(self, width: int, sizes: list[int]):
         super().__init__()
         self.norm = nn.LayerNorm(width)
-        self.cells = nn.Parameter(torch.randn(GRID * GRID, width) / width ** 0.5)  # [C, W]
+        self.cells = nn.Parameter(torch.randn(GRID * GRID, width) / width**0.5)  # [C, W]
         self.key = nn.Linear(width, width)
         self.head = nn.Linear(width, sum(sizes))
 
@@ -80,8 +81,18 @@ def vision_parameters(model, board: bool = False, bridge: bool = True) -> list[n
 OBJECTIVES = ("patches", "board")
 
 
-def run_vision_stage(model, processor, family: str | FamilySpec, stage: dict, seed: str, world: dict,
-                     history: dict, global_step: int, si: int, progress: bool) -> int:
+def run_vision_stage(
+    model,
+    processor,
+    family: str | FamilySpec,
+    stage: dict,
+    seed: str,
+    world: dict,
+    history: dict,
+    global_step: int,
+    si: int,
+    progress: bool,
+) -> int:
     """Train the visual path for ``stage["steps"]`` on ``stage["objectives"]``; return the new global step.
 
     ``family`` (the recipe's) must be the model's; which modules train is the registry's knowledge."""
@@ -90,7 +101,9 @@ def run_vision_stage(model, processor, family: str | FamilySpec, stage: dict, se
     steps, bs = stage["steps"], stage["batch_size"]
     objectives = stage.get("objectives", ["patches"])
     if not objectives or set(objectives) - set(OBJECTIVES):
-        raise ValueError(f"vision stage objectives must be a non-empty subset of {OBJECTIVES}; got {objectives}")
+        raise ValueError(
+            f"vision stage objectives must be a non-empty subset of {OBJECTIVES}; got {objectives}"
+        )
     lo, hi = stage.get("n_objects", (1, 8))
     size = world.get("render_size", 112)
     with torch.no_grad():  # probe shapes once
@@ -98,7 +111,7 @@ def run_vision_stage(model, processor, family: str | FamilySpec, stage: dict, se
         feats = patch_features(model, probe["pixel_values"])
         token_width = visual_tokens(model, probe["pixel_values"]).shape[-1]
     n_patches, width = feats.shape[1], feats.shape[2]
-    grid = int(round(n_patches ** 0.5))
+    grid = int(round(n_patches**0.5))
     cells = patch_cells(grid, probe["pixel_values"].shape[-1])
     # one class per attribute value (+ "empty"), and the cell index itself, so features keep "where"
     sizes = [len(values) + 1 for _, values in CELL_ATTRIBUTES] + [GRID * GRID]
@@ -109,9 +122,15 @@ def run_vision_stage(model, processor, family: str | FamilySpec, stage: dict, se
     if "board" in objectives:
         heads["board"] = BoardReadout(token_width, sizes[:-1])
     params = vision_parameters(model, board="board" in objectives, bridge=stage.get("train_bridge", True))
-    opt = torch.optim.AdamW(params + list(heads.parameters()), lr=stage["lr"], betas=(0.9, 0.98),
-                            weight_decay=stage.get("weight_decay", 0.0))
-    bar = tqdm(range(steps), disable=not progress, desc=f"stage {si + 1} (vision pre-training)", mininterval=2.0)
+    opt = torch.optim.AdamW(
+        params + list(heads.parameters()),
+        lr=stage["lr"],
+        betas=(0.9, 0.98),
+        weight_decay=stage.get("weight_decay", 0.0),
+    )
+    bar = tqdm(
+        range(steps), disable=not progress, desc=f"stage {si + 1} (vision pre-training)", mininterval=2.0
+    )
     for step in bar:
         scenes = [sample_scene(random.Random(f"{seed}/{step * bs + j}"), lo, hi) for j in range(bs)]
         batch = processor(text=[IMAGE_PLACEHOLDER] * bs, images=[[render(s, size)] for s in scenes])
@@ -145,8 +164,11 @@ def attribute_weights(stage: dict) -> list[float]:
     return [float(given.get(name, 1.0)) for name in names]
 
 
-def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor, sizes: list[int],
-                   weights: list[float]) -> torch.Tensor:
+def _cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, sizes: list[int], weights: list[float]
+) -> torch.Tensor:
     """Weighted sum over attributes of the mean cross-entropy; logits [B, C, Σ sizes], targets [B, C, len(sizes)]."""
-    return sum(w * nn.functional.cross_entropy(part.flatten(0, 1), targets[..., k].flatten())
-               for k, (w, part) in enumerate(zip(weights, logits.split(sizes, dim=-1), strict=True)))
+    return sum(
+        w * nn.functional.cross_entropy(part.flatten(0, 1), targets[..., k].flatten())
+        for k, (w, part) in enumerate(zip(weights, logits.split(sizes, dim=-1), strict=True))
+    )

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from hooks.sites import family_spec
+from owl_lab.analysis.findings import MIN_N, Effect, K, judge
 from owl_lab.models.observe import TOKEN_IMAGE, TOKEN_PAD, TOKEN_PLACEHOLDER, TOKEN_TEXT, SequenceLayout
 from owl_lab.synth.tokenizer import vocabulary
 
@@ -81,30 +82,21 @@ def answer_logprob(logits: torch.Tensor, positions: torch.Tensor, ids: torch.Ten
     return logp.gather(1, ids.to(logp.device)[:, None])[:, 0]
 
 
-MIN_N = 50  # a null result on fewer examples cannot say the claimed effect is absent
+def verdict(effects: list[tuple[float, float, int]], threshold: float = 0.0, k: float = K) -> str:
+    """The lab's one verdict rule (:func:`owl_lab.analysis.findings.judge`) on ``(effect, se, n)`` tuples
+    from :func:`mean_se`, one per seed, oriented so that positive = the claim's direction.
 
-
-def verdict(effects: list[tuple[float, float, int]], threshold: float = 0.0, k: float = 2.0) -> str:
-    """Verdict on a claim measured once per seed: ``effects`` = [(effect, se, n), ...], each oriented so
-    that a positive effect is the claim's direction; ``threshold`` is the size the claim names (0: any).
-
-    ``reproduced``: every seed's effect exceeds ``threshold`` by more than ``k`` SE; ``opposite``: every
-    seed is more than ``k`` SE below 0; ``not reproduced``: no seed supports it, every seed has
-    ``n >= MIN_N`` and (for a named size) every seed's upper bound ``effect + k·SE`` lies below it;
-    ``inconclusive``: anything else (seeds disagree, or too few examples to rule the claim out).
+    ``threshold``: the cut-off the claim itself states ("recovered > 0.1"; 0 = none). As in the findings
+    notebooks (e.g. "above chance" judged on ``share − 0.5``), the claim's effect is then the margin over
+    it, ``effect − threshold``: *reproduced* when every seed exceeds the cut-off by more than ``k`` SE,
+    *opposite* when every seed is more than ``k`` SE below it, *not reproduced* / *inconclusive* otherwise.
     """
     if not effects:
         raise ValueError("verdict needs at least one (effect, se, n)")
-    supports = [m - k * se > threshold for m, se, _ in effects]
-    against = [m + k * se < 0 for m, se, _ in effects]
-    below = [m + k * se < threshold for m, se, _ in effects]
-    if all(supports):
-        return "reproduced"
-    if all(against):
-        return "opposite"
-    if not any(supports) and all(n >= MIN_N for _, _, n in effects) and (threshold == 0 or all(below)):
-        return "not reproduced"
-    return "inconclusive"
+    seeds = [
+        Effect(float(m) - threshold, float(se), int(n), f"seed {i}") for i, (m, se, n) in enumerate(effects)
+    ]
+    return judge(seeds, k=k)[0]
 
 
 def mean_se(values) -> tuple[float, float, int]:

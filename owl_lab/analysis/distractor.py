@@ -9,6 +9,7 @@ CircularEval: a question counts only if **every** instance of it (a different po
 image and a different set of distractor scenes) is answered exactly (teacher-forced exact match,
 :func:`owl_lab.evaluate.exact_match`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -31,31 +32,45 @@ def circular_scores(model, processor, groups: Sequence[Sequence], batch_size: in
         ``questions`` and ``instances`` (counts).
     """
     if not groups or any(len(g) == 0 for g in groups):
-        raise ValueError("circular_scores needs a non-empty list of non-empty instance groups "
-                         "(synth.distractor_eval output).")
+        raise ValueError(
+            "circular_scores needs a non-empty list of non-empty instance groups "
+            "(synth.distractor_eval output)."
+        )
     flat = [ex for g in groups for ex in g]
     hits = evaluate.exact_match(model, processor, flat, batch_size)
     flags, k = [], 0
     for g in groups:
-        flags.append(all(hits[k:k + len(g)]))
+        flags.append(all(hits[k : k + len(g)]))
         k += len(g)
-    return {"circular": 100.0 * sum(flags) / len(flags), "instance": 100.0 * sum(hits) / len(hits),
-            "flags": flags, "questions": len(groups), "instances": len(flat)}
+    return {
+        "circular": 100.0 * sum(flags) / len(flags),
+        "instance": 100.0 * sum(hits) / len(hits),
+        "flags": flags,
+        "questions": len(groups),
+        "instances": len(flat),
+    }
 
 
 def _target_rows(df: pd.DataFrame, last: torch.Tensor, targets: list[int]) -> pd.DataFrame:
     """Per (batch, layer, head): mass on the target image over mass on all images, last query only."""
-    rows = df[df["kind"].isin(IMAGE_KINDS) & (df["level"] == "token")
-              & df["group"].astype(str).str.startswith("image:")]
+    rows = df[
+        df["kind"].isin(IMAGE_KINDS)
+        & (df["level"] == "token")
+        & df["group"].astype(str).str.startswith("image:")
+    ]
     rows = rows[rows["query"].to_numpy() == last.numpy()[rows["batch"].to_numpy()]]
     target_group = pd.Series([f"image:{t}" for t in targets])[rows["batch"].to_numpy()].to_numpy()
-    rows = rows.assign(on_target=rows["mass"].where(rows["group"].astype(str).to_numpy() == target_group, 0.0))
+    rows = rows.assign(
+        on_target=rows["mass"].where(rows["group"].astype(str).to_numpy() == target_group, 0.0)
+    )
     per_head = rows.groupby(["batch", "layer", "head"], observed=True)[["on_target", "mass"]].sum()
     return (per_head["on_target"] / per_head["mass"]).rename("share").reset_index()
 
 
 @torch.no_grad()
-def target_share(model, processor, examples: Sequence, batch_size: int = 8, per_example: bool = False) -> pd.DataFrame:
+def target_share(
+    model, processor, examples: Sequence, batch_size: int = 8, per_example: bool = False
+) -> pd.DataFrame:
     """Share of the image attention the last prompt position puts on the asked-about image.
 
     For each example (``meta['target']`` is the 1-based true image, all images visible to the last
@@ -74,7 +89,7 @@ def target_share(model, processor, examples: Sequence, batch_size: int = 8, per_
         raise ValueError("target_share needs an Owl3 model with hyper layers (config.hyper_layer_indices).")
     parts = []
     for i in range(0, len(examples), batch_size):
-        chunk = list(examples[i:i + batch_size])
+        chunk = list(examples[i : i + batch_size])
         targets = [int(ex.meta["target"]) - 1 for ex in chunk]  # meta is 1-based, groups 0-based
         batch = processor(text=[ex.text for ex in chunk], images=[list(ex.images) for ex in chunk])
         last = batch["attention_mask"].sum(1) - 1  # right padding: the last real token of each row
@@ -91,13 +106,22 @@ def target_share(model, processor, examples: Sequence, batch_size: int = 8, per_
         return table[["example", "layer", "share", "chance", "above_chance"]]
     out = table.groupby("layer")[["share", "chance", "above_chance"]].mean()
     if len(out) != len(layers) or table["example"].nunique() != len(examples):
-        raise ValueError("some examples had no image attention at their last position; does every "
-                         "prompt show its images before the question?")
+        raise ValueError(
+            "some examples had no image attention at their last position; does every "
+            "prompt show its images before the question?"
+        )
     return out
 
 
-def circular_curve(model, processor, seed: int, n_images: Sequence[int] = (1, 5, 10, 20, 50),
-                   n_questions: int = 40, render_size: int = 112, batch_size: int = 32) -> pd.DataFrame:
+def circular_curve(
+    model,
+    processor,
+    seed: int,
+    n_images: Sequence[int] = (1, 5, 10, 20, 50),
+    n_questions: int = 40,
+    render_size: int = 112,
+    batch_size: int = 32,
+) -> pd.DataFrame:
     """The paper's distractor benchmark (:func:`owl_lab.synth.distractor.circular_eval`) at each N.
 
     Returns:
@@ -114,10 +138,18 @@ def circular_curve(model, processor, seed: int, n_images: Sequence[int] = (1, 5,
         score = circular_scores(model, processor, groups, batch_size)
         chance = chance_levels(groups)
         p = score["circular"] / 100.0
-        rows.append({"n_images": n, "circular": score["circular"],
-                     "se": 100.0 * (p * (1 - p) / score["questions"]) ** 0.5, "instance": score["instance"],
-                     "chance_random": chance["random"], "chance_constant": chance["constant"],
-                     "questions": score["questions"], "instances": score["instances"]})
+        rows.append(
+            {
+                "n_images": n,
+                "circular": score["circular"],
+                "se": 100.0 * (p * (1 - p) / score["questions"]) ** 0.5,
+                "instance": score["instance"],
+                "chance_random": chance["random"],
+                "chance_constant": chance["constant"],
+                "questions": score["questions"],
+                "instances": score["instances"],
+            }
+        )
     return pd.DataFrame(rows)
 
 

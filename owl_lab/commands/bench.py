@@ -1,6 +1,5 @@
 """``owl-lab bench``: time and peak memory of ``hooks.capture`` vs a plain SDPA forward and vs eager
-``output_attentions=True``, on mid-size random Owl2 / Owl3 configs and a stock transformers LLaVA
-of Owl2's decoder size. Prints a table, writes a CSV.
+``output_attentions=True``, on mid-size random Owl2 / Owl3 configs. Prints a table, writes a CSV.
 
 How it measures (so the numbers mean something on a shared CPU):
 
@@ -18,123 +17,44 @@ All modes run the same inputs with ``use_cache=False`` and keep their outputs (l
 or the eager probabilities) until measured. Capture records attention mass (and gates/abstractor
 maps when the model has them); building the pandas table afterwards is not part of the forward.
 """
+
 from __future__ import annotations
 
 import csv
-import ctypes
 import gc
 import json
 import math
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
-from transformers import LlavaForConditionalGeneration
 
 from hooks.capture import capture
-from owl_lab.models.llava import llava_config, prepare_llava
-from owl_lab.models.owl2 import IMAGE_TOKEN_INDEX, Owl2Config, Owl2ForCausalLM
-from owl_lab.models.owl3 import Owl3Config, Owl3ForCausalLM
+from owl_lab.commands import bench_causal
+from owl_lab.commands.bench_common import (  # noqa: F401  (build, BUILDERS: re-exported for tests/users)
+    BUILDERS,
+    OWL2_LENGTHS,
+    OWL3_IMAGES,
+    _sizes,
+    build,
+    reset_peak,
+    specs_for,
+)
+from owl_lab.commands.bench_common import add_arguments as size_arguments
+from owl_lab.commands.bench_common import measure_memory as _measure_memory
+from owl_lab.commands.bench_common import memory_child as _memory_child
 
-OWL2_LENGTHS = (512, 2048, 4096)
-OWL3_IMAGES = (8, 32, 64)
 MODES = ("plain", "capture", "eager")
 
 
 def add_arguments(parser):
-    parser.add_argument("--lengths", type=int, nargs="+", default=list(OWL2_LENGTHS),
-                        help="Owl2 decoder sequence lengths L (default: 512 2048 4096)")
-    parser.add_argument("--images", type=int, nargs="+", default=list(OWL3_IMAGES),
-                        help="Owl3 image counts (default: 8 32 64)")
-    parser.add_argument("--owl3-text", type=int, default=1024, help="Owl3 text length (default 1024)")
-    parser.add_argument("--hidden", type=int, default=512, help="decoder width (default 512)")
-    parser.add_argument("--heads", type=int, default=8, help="attention heads (default 8, head dim 64)")
-    parser.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per mode (best is reported)")
-    parser.add_argument("--families", nargs="+", default=["owl2", "owl3", "llava"], choices=sorted(BUILDERS))
-    parser.add_argument("--no-eager", action="store_true", help="skip the eager output_attentions baseline")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test of the command itself)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (default 1: stable numbers on a shared CPU)")
-    parser.add_argument("--csv", default="bench.csv", help="where to write the results (default bench.csv)")
-
-
-# ---------------------------------------------------------------------------------- models
-def _sizes(spec: dict) -> tuple[int, int, int]:
-    return (64, 2, 4) if spec["quick"] else (spec["hidden"], spec["layers"], spec["heads"])
-
-
-def build(spec: dict):
-    """(model, batch) for one bench row: spec has family, length/images, text, sizes, quick."""
-    torch.manual_seed(0)
-    hidden, layers, heads = _sizes(spec)
-    common = dict(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
-                  num_attention_heads=heads, vocab_size=1000, max_position_embeddings=8192)
-    return BUILDERS[spec["family"]](spec, common)
-
-
-def _build_owl2(spec: dict, common: dict):
-    """Owl2 scales with the decoder length L: one image, L - rows text tokens."""
-    heads = common["num_attention_heads"]
-    config = Owl2Config(num_key_value_heads=heads, visual_config={
-            "visual_model": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
-                             "num_attention_heads": 2, "image_size": 56, "patch_size": 14},
-            "visual_abstractor": {"num_learnable_queries": 32, "hidden_size": 64, "num_hidden_layers": 2,
-                                  "num_attention_heads": 2, "intermediate_size": 128, "encoder_hidden_size": 64},
-    }, **common)
-    model = Owl2ForCausalLM(config).eval()
-    rows = config.tokens_per_image
-    ids = torch.randint(3, config.vocab_size, (1, spec["length"] - rows + 1))
-    ids[0, 0], ids[0, 5] = 1, IMAGE_TOKEN_INDEX  # BOS, one image (its rows) after a short prefix
-    size = config.image_size
-    return model, dict(input_ids=ids, pixel_values=torch.randn(1, 3, size, size), use_cache=False)
-
-
-def _build_owl3(spec: dict, common: dict):
-    """Owl3 scales with the number of images (visual keys at the hyper layers), text length fixed."""
-    heads, layers = common["num_attention_heads"], common["num_hidden_layers"]
-    config = Owl3Config(
-        num_key_value_heads=max(1, heads // 2), hyper_layers=[1, 3] if layers >= 3 else [1],
-        hyper_attention="gated", projector="linear",
-        vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "image_size": 56 if spec["quick"] else 112, "patch_size": 14},
-        **common,
-    )
-    model = Owl3ForCausalLM(config).eval()
-    text, n = spec["text"], spec["images"]
-    ids = torch.randint(3, config.vocab_size, (1, text))
-    starts = torch.linspace(4, text // 2, n).long().unique()  # images spread over the first half
-    if starts.numel() != n:
-        raise ValueError(f"{n} images do not fit a text of {text} tokens")
-    size = config.vision_config.image_size
-    return model, dict(input_ids=ids, pixel_values=torch.randn(n, 3, size, size), media_offset=[starts],
-                       use_cache=False)
-
-
-def _build_llava(spec: dict, common: dict):
-    """A stock transformers LLaVA with Owl2's decoder size, scaled by the decoder length L like Owl2: one
-    image (64 visual tokens, one per patch) after a short prefix, L - 64 text tokens; attention observed
-    through transformers' attention registry (:mod:`owl_lab.models.transformers_attention`)."""
-    config = llava_config({**{k: v for k, v in common.items() if k != "vocab_size"},
-                           "num_key_value_heads": common["num_attention_heads"],
-                           "vision_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
-                                             "num_attention_heads": 2, "image_size": 56, "patch_size": 7}},
-                          vocab_size=common["vocab_size"], image_token_id=3, bos_token_id=1)
-    model = prepare_llava(LlavaForConditionalGeneration(config).eval())
-    n = config.image_seq_length
-    ids = torch.randint(4, config.text_config.vocab_size, (1, spec["length"]))
-    ids[0, 0], ids[0, 5:5 + n] = 1, config.image_token_id
-    return model, dict(input_ids=ids, pixel_values=torch.randn(1, 3, 56, 56), use_cache=False)
-
-
-#: each family is benched along its own scaling axis (Owl2, LLaVA: sequence length; Owl3: image count)
-BUILDERS = {"owl2": _build_owl2, "owl3": _build_owl3, "llava": _build_llava}
+    size_arguments(parser)
+    bench_causal.add_arguments(parser)
 
 
 def runner(model, batch: dict, mode: str):
     """A zero-argument function running one forward in ``mode`` and returning what it produced."""
+
     def plain():
         with torch.no_grad():
             return model(**batch).logits
@@ -159,46 +79,13 @@ def runner(model, batch: dict, mode: str):
     return {"plain": plain, "capture": captured, "eager": eager}[mode]
 
 
-# ---------------------------------------------------------------------------------- measuring
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def memory_child(spec_json: str) -> None:
     """Child-process entry: print the peak RSS growth (MB) of one forward in ``spec['mode']``."""
-    spec = json.loads(spec_json)
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD fixed: large blocks are mmapped and unmapped on free
-    libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD: give the heap top back eagerly
-    torch.set_num_threads(spec["threads"])
-    model, batch = build(spec)
-    fn = runner(model, batch, spec["mode"])
-    fn()  # warm-up (lazy buffers, allocator)
-    gc.collect()
-    base = _status_kb("VmRSS")
-    _reset_peak()
-    out = fn()
-    peak = (_status_kb("VmHWM") - base) / 1024
-    del out
-    print(json.dumps({"peak_mb": peak}))
+    _memory_child(json.loads(spec_json), runner)
 
 
 def measure_memory(spec: dict) -> tuple[float, str]:
-    code = "import sys; from owl_lab.commands.bench import memory_child; memory_child(sys.argv[1])"
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["killed"])[-1]
-        return float("nan"), f"failed (exit {proc.returncode}): {last[:100]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"], "ok"
+    return _measure_memory("owl_lab.commands.bench", spec)
 
 
 def bench_row(spec: dict, repeats: int, modes: list[str]) -> list[dict]:
@@ -214,8 +101,11 @@ def bench_row(spec: dict, repeats: int, modes: list[str]) -> list[dict]:
             try:
                 out = fns[mode]()
             except (RuntimeError, MemoryError) as exc:  # eager may not fit: that is a result too
-                best[mode].update(seconds=math.nan, wall_seconds=math.nan,
-                                  status=f"failed: {type(exc).__name__}: {str(exc)[:80]}")
+                best[mode].update(
+                    seconds=math.nan,
+                    wall_seconds=math.nan,
+                    status=f"failed: {type(exc).__name__}: {str(exc)[:80]}",
+                )
                 continue
             cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
             del out
@@ -230,8 +120,16 @@ def bench_row(spec: dict, repeats: int, modes: list[str]) -> list[dict]:
         if best[mode]["status"] != "ok":
             status = best[mode]["status"]
         label = {k: spec[k] for k in ("family", "L", "images")}
-        rows.append({**label, "mode": mode, "seconds": best[mode]["seconds"],
-                     "wall_seconds": best[mode]["wall_seconds"], "peak_mb": peak, "status": status})
+        rows.append(
+            {
+                **label,
+                "mode": mode,
+                "seconds": best[mode]["seconds"],
+                "wall_seconds": best[mode]["wall_seconds"],
+                "peak_mb": peak,
+                "status": status,
+            }
+        )
     base = rows[0]
     for r in rows:
         r["time_ratio"] = r["seconds"] / base["seconds"]
@@ -242,43 +140,41 @@ def bench_row(spec: dict, repeats: int, modes: list[str]) -> list[dict]:
 # ---------------------------------------------------------------------------------- command
 def _print(rows: list[dict]) -> None:
     for r in rows:
-        print(f"{r['family']:6s} {r['L']:5d} {r['images']:6d} {r['mode']:8s} {r['seconds']:8.3f} "
-              f"{r['peak_mb']:9.1f} {r['time_ratio']:7.2f} {r['mem_ratio']:7.2f}  {r['status']}", flush=True)
+        print(
+            f"{r['family']:6s} {r['L']:5d} {r['images']:6d} {r['mode']:8s} {r['seconds']:8.3f} "
+            f"{r['peak_mb']:9.1f} {r['time_ratio']:7.2f} {r['mem_ratio']:7.2f}  {r['status']}",
+            flush=True,
+        )
 
 
 def run(args) -> int:
     try:
-        _reset_peak()
+        reset_peak()
     except OSError:
         print("owl-lab bench needs Linux (/proc/self/clear_refs) to measure peak memory")
         return 1
     torch.set_num_threads(args.threads)
-    hidden, layers, heads = _sizes({"quick": args.quick, "hidden": args.hidden, "layers": args.layers,
-                                    "heads": args.heads})
-    print(f"owl-lab bench: torch {torch.__version__}, {args.threads} thread(s); decoder hidden {hidden}, "
-          f"{heads} heads, {layers} layers. time = CPU seconds (best of {1 if args.quick else args.repeats}), memory = peak RSS "
-          "growth of one forward (child process); ratios vs the plain SDPA forward of the same row")
-    print(f"{'family':6s} {'L':>5s} {'images':>6s} {'mode':8s} {'time s':>8s} {'peak MB':>9s} "
-          f"{'time x':>7s} {'mem x':>7s}  status")
-    base = {"quick": args.quick, "hidden": args.hidden, "layers": args.layers, "heads": args.heads,
-            "threads": args.threads}
-    specs = []
-    if "owl2" in args.families:
-        for length in ([64, 128] if args.quick else args.lengths):
-            specs.append({**base, "family": "owl2", "L": length, "length": length, "images": 1, "text": 0})
-    if "llava" in args.families:
-        for length in ([96, 128] if args.quick else args.lengths):
-            specs.append({**base, "family": "llava", "L": length, "length": length, "images": 1, "text": 0})
-    if "owl3" in args.families:
-        text = 64 if args.quick else args.owl3_text
-        for n in ([2] if args.quick else args.images):
-            specs.append({**base, "family": "owl3", "L": text, "length": text, "images": n, "text": text})
+    hidden, layers, heads = _sizes(
+        {"quick": args.quick, "hidden": args.hidden, "layers": args.layers, "heads": args.heads}
+    )
+    print(
+        f"owl-lab bench: torch {torch.__version__}, {args.threads} thread(s); decoder hidden {hidden}, "
+        f"{heads} heads, {layers} layers. time = CPU seconds (best of {1 if args.quick else args.repeats}), memory = peak RSS "
+        "growth of one forward (child process); ratios vs the plain SDPA forward of the same row"
+    )
+    print(
+        f"{'family':6s} {'L':>5s} {'images':>6s} {'mode':8s} {'time s':>8s} {'peak MB':>9s} "
+        f"{'time x':>7s} {'mem x':>7s}  status"
+    )
     modes = [m for m in MODES if not (m == "eager" and args.no_eager)]
     rows: list[dict] = []
-    for spec in specs:
+    for spec in specs_for(args):
         new = bench_row(spec, 1 if args.quick else args.repeats, modes)
         _print(new)
         rows += new
+    if args.causal:
+        print("causal rows (hooks.knockout vs plain; full activation-patching sweep):")
+        rows += [{"wall_seconds": math.nan, "status": "ok", **r} for r in bench_causal.run_rows(args)]
     path = Path(args.csv)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:

@@ -24,7 +24,9 @@ Knockout slot (used by ``hooks.knockout``)::
     fn(event: AttentionEvent) -> Tensor | None
         # event: the facts of this call with event.allowed = the mask before the edit, probs None.
         # Return bool [B, Lq, Lk] or [B, H, Lq, Lk] (or broadcastable to it), True = keep;
+        # or RowKeep(q0, keep [B, (H,) c, Lk]) for query rows q0..q0+c-1 only (no [B, Lq, Lk] tensor);
         # None or an all-True mask = no edit (the code path and the numbers stay exactly unedited).
+        # Return the SAME object for every layer of one forward: the edited mask is then built once.
 
 Rows the edit leaves with no allowed key: ``self``/``joint`` queries keep their own key (a token
 always sees itself); ``cross`` (Owl3 240728) rows behave like tokens that saw no image (the model
@@ -34,6 +36,7 @@ keeps the self-attention context); ``abstractor``/``vision`` rows keep their une
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -70,9 +73,11 @@ class Allowed:
 
     Args:
         shape: (B, Lq, Lk).
-        rows: ``(q0, q1) -> bool [B, q1 - q0, Lk]``; or None for a ``fast`` mask.
+        rows: ``(q0, q1) -> bool [B, q1 - q0, Lk]`` (``[B, heads, q1 - q0, Lk]`` when ``heads`` is
+            set); or None for a ``fast`` mask.
         fast: ``"causal"``, ``"all"`` or None.
         device: where fast masks are built.
+        heads: number of heads of a per-head mask (rows are then [B, H, c, Lk]); None = shared.
     """
 
     def __init__(
@@ -81,10 +86,12 @@ class Allowed:
         rows: Callable[[int, int], torch.Tensor] | None = None,
         fast: str | None = None,
         device: torch.device | None = None,
+        heads: int | None = None,
     ):
         if (rows is None) == (fast is None):
             raise ValueError("Allowed needs exactly one of rows= or fast=")
         self.shape, self._rows, self.fast, self.device = tuple(shape), rows, fast, device
+        self.heads = heads
         self._tensor: torch.Tensor | None = None
         self._additive: dict = {}
         self._last_edit: tuple | None = None  # (edit mask, kind, edited Allowed), see _apply_edit
@@ -95,14 +102,17 @@ class Allowed:
     @classmethod
     def from_tensor(cls, allowed: torch.Tensor) -> Allowed:
         """Wrap a bool [B, Lq, Lk] or per-head [B, H, Lq, Lk] tensor."""
-        mask = cls((allowed.shape[0], *allowed.shape[-2:]), rows=lambda q0, q1: allowed[..., q0:q1, :])
+        heads = allowed.shape[1] if allowed.dim() == 4 else None
+        mask = cls(
+            (allowed.shape[0], *allowed.shape[-2:]), rows=lambda q0, q1: allowed[..., q0:q1, :], heads=heads
+        )
         mask._tensor = allowed
         return mask
 
     @property
     def per_head(self) -> bool:
         """True when the mask differs per head (a per-head edit): rows are [B, H, c, Lk]."""
-        return self._tensor is not None and self._tensor.dim() == 4
+        return self.heads is not None
 
     def __call__(self, q0: int, q1: int) -> torch.Tensor:
         """bool [B, q1 - q0, Lk] (per-head masks: [B, H, q1 - q0, Lk]) for queries q0..q1-1."""
@@ -129,6 +139,20 @@ class Allowed:
             zero = torch.zeros((), dtype=dtype, device=allowed.device)
             self._additive[dtype] = torch.where(allowed, zero, torch.finfo(dtype).min)
         return self._additive[dtype]
+
+
+@dataclass(frozen=True, eq=False)
+class RowKeep:
+    """An edit of a few query rows: ``keep`` bool [B, c, Lk] or [B, H, c, Lk] (True = keep) for query
+    rows ``q0 .. q0 + c - 1``; every other row keeps all its keys. Lets a knockout of e.g. the last
+    query avoid any [B, Lq, Lk] tensor (the core then runs the row-split SDPA path)."""
+
+    q0: int
+    keep: torch.Tensor
+
+    @property
+    def q1(self) -> int:
+        return self.q0 + self.keep.shape[-2]
 
 
 # ---- kernels (transformers AttentionInterface shape: context [B, H, Lq, D], probs or None) --------
@@ -179,12 +203,24 @@ def sdpa_attention_forward(
         if allowed.fast == "causal":
             is_causal = True
         elif allowed.fast != "all":
-            mask = allowed.additive(query.dtype)  # [B, 1 | H, Lq, Lk]
+            mask = _edited_bool(allowed)
+            if mask is None:
+                mask = allowed.additive(query.dtype)  # [B, 1 | H, Lq, Lk]
     gqa = query.shape[1] != key.shape[1]
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=gqa
     )
     return out, None
+
+
+def _edited_bool(allowed: Allowed) -> torch.Tensor | None:
+    """A knockout-edited mask as SDPA's boolean mask [B, 1 | H, Lq, Lk] (no float copy), when every row
+    keeps a key (an empty row would be NaN in SDPA, not the additive convention's uniform row); else None."""
+    if allowed.unedited is None:
+        return None
+    mask = allowed.tensor()
+    mask = mask if mask.dim() == 4 else mask[:, None]
+    return mask if bool(mask.any(-1).all()) else None
 
 
 ATTENTION_FUNCTIONS = {"eager": eager_attention_forward, "sdpa": sdpa_attention_forward}
@@ -193,9 +229,10 @@ ATTENTION_FUNCTIONS = {"eager": eager_attention_forward, "sdpa": sdpa_attention_
 # ---- the one call site ----------------------------------------------------------------------------
 
 
-def _own_key(event: AttentionEvent) -> torch.Tensor:
-    """bool [B, Lq, Lk]: the key at the query's own sequence position."""
-    return event.key_position[:, None, :] == event.query_index.to(event.key_position.device)[None, :, None]
+def _own_key(event: AttentionEvent, q0: int, q1: int) -> torch.Tensor:
+    """bool [B, q1 - q0, Lk]: the key at the query's own sequence position, for query rows q0..q1-1."""
+    index = event.query_index[q0:q1].to(event.key_position.device)
+    return event.key_position[:, None, :] == index[None, :, None]
 
 
 def _apply_edit(edit: Callable, event: AttentionEvent) -> Allowed | None:
@@ -216,12 +253,19 @@ def _apply_edit(edit: Callable, event: AttentionEvent) -> Allowed | None:
     return edited
 
 
-def _restrict(base_mask: Allowed, keep: torch.Tensor, event: AttentionEvent) -> Allowed | None:
-    base = base_mask.tensor()  # [B, Lq, Lk]
+def _restrict(base_mask: Allowed, keep, event: AttentionEvent) -> Allowed | None:
+    B, Lq, Lk = base_mask.shape
+    if isinstance(keep, RowKeep):
+        r0, r1, keep = keep.q0, keep.q1, keep.keep
+        if not 0 <= r0 <= r1 <= Lq:
+            raise ValueError(f"RowKeep rows [{r0}, {r1}) outside the {Lq} query rows")
+    else:
+        r0, r1 = 0, Lq
+    base = base_mask(r0, r1)  # [B, c, Lk]: only the edited rows are built
     keep = keep.to(device=base.device, dtype=torch.bool)
     if bool(keep.all()):
         return None
-    if keep.dim() == 4:  # per head: [B, H, Lq, Lk]
+    if keep.dim() == 4:  # per head: [B, H, c, Lk]
         edited = base[:, None] & keep
         base = base[:, None]
     else:
@@ -230,13 +274,34 @@ def _restrict(base_mask: Allowed, keep: torch.Tensor, event: AttentionEvent) -> 
     empty &= base.any(-1, keepdim=True)
     if bool(empty.any()):
         if event.kind in ("self", "joint"):
-            own = _own_key(event)
+            own = _own_key(event, r0, r1)
             edited = edited | (empty & (own[:, None] if edited.dim() == 4 else own))
         elif event.kind in ("abstractor", "vision"):
             edited = torch.where(empty, base, edited)
+    edited = edited.expand(*edited.shape[:-2], r1 - r0, Lk)
     changed = (edited != base).flatten(0, -3).any(0).any(-1).nonzero()  # query rows the edit touched
-    result = Allowed.from_tensor(edited.expand(*edited.shape[:-2], *base_mask.shape[1:]))
-    result.unedited, result.changed_rows = base_mask, (int(changed[0]), int(changed[-1]) + 1)
+    if changed.numel() == 0:
+        return None
+    c0, c1 = r0 + int(changed[0]), r0 + int(changed[-1]) + 1
+    heads = edited.shape[1] if edited.dim() == 4 else None
+    if (r0, r1) == (0, Lq):
+        result = Allowed.from_tensor(edited)
+    else:
+        edited_rows = edited[..., c0 - r0 : c1 - r0, :]  # [B, (H,) c1 - c0, Lk]
+
+        def rows(a: int, b: int) -> torch.Tensor:
+            out = base_mask(a, b)  # [B, b - a, Lk]
+            if heads is not None:
+                out = out[:, None].expand(B, heads, b - a, Lk)
+            lo, hi = max(a, c0), min(b, c1)
+            if lo >= hi:
+                return out
+            out = out.clone()
+            out[..., lo - a : hi - a, :] = edited_rows[..., lo - c0 : hi - c0, :]
+            return out
+
+        result = Allowed(base_mask.shape, rows=rows, heads=heads)
+    result.unedited, result.changed_rows = base_mask, (c0, c1)
     return result
 
 
@@ -309,9 +374,13 @@ def attention(
         # mask only for rows r0..r1-1, so a typical knockout (e.g. the last query) costs little.
         r0, r1 = rows
         ctx, _ = kernel(module, query, key, value, allowed.unedited, scaling)
-        edited_rows = Allowed.from_tensor(allowed.tensor()[..., r0:r1, :])
+        edited_rows = Allowed.from_tensor(allowed(r0, r1))
         ctx_rows, _ = kernel(module, query[:, :, r0:r1], key, value, edited_rows, scaling)
-        ctx, probs = torch.cat([ctx[:, :, :r0], ctx_rows, ctx[:, :, r1:]], dim=2), None
+        if ctx.requires_grad:  # autograd: SDPA's backward may need its own output unchanged
+            ctx = torch.cat([ctx[:, :, :r0], ctx_rows, ctx[:, :, r1:]], dim=2)
+        else:  # no second [B, H, Lq, D] buffer
+            ctx[:, :, r0:r1] = ctx_rows
+        probs = None
     else:
         ctx, probs = kernel(module, query, key, value, kernel_allowed, scaling, softmax_dtype=softmax_dtype)
     if probs is not None and no_keys is not None:

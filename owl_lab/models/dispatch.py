@@ -45,9 +45,13 @@ def _device_name(device) -> str:
     try:
         name = str(torch.device("cuda", device) if isinstance(device, int) else torch.device(device))
     except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device_map value {device!r} is not a device (e.g. 'cpu', 'cuda:0', 0, 'disk').") from err
+        raise ValueError(
+            f"device_map value {device!r} is not a device (e.g. 'cpu', 'cuda:0', 0, 'disk')."
+        ) from err
     if name == "meta":
-        raise ValueError("device_map value 'meta' holds no weights; place modules on a device, 'cpu' or 'disk'.")
+        raise ValueError(
+            "device_map value 'meta' holds no weights; place modules on a device, 'cpu' or 'disk'."
+        )
     return name
 
 
@@ -77,7 +81,9 @@ def complete_device_map(model: torch.nn.Module, device_map: dict) -> dict[str, s
     unknown = sorted(k for k in wanted if k not in modules)
     if unknown:
         sample = [n for n in modules if n.count(".") <= 2][:12]
-        raise ValueError(f"device_map keys {unknown} are not module paths of {type(model).__name__} (e.g. {sample}).")
+        raise ValueError(
+            f"device_map keys {unknown} are not module paths of {type(model).__name__} (e.g. {sample})."
+        )
 
     def has_key_below(path: str) -> bool:
         prefix = f"{path}." if path else ""
@@ -94,7 +100,9 @@ def complete_device_map(model: torch.nn.Module, device_map: dict) -> dict[str, s
             else:
                 uncovered.extend(n if not path else f"{path}.{n}" for n, _ in module.named_parameters())
             return
-        for name, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+        for name, _ in list(module.named_parameters(recurse=False)) + list(
+            module.named_buffers(recurse=False)
+        ):
             full = f"{path}.{name}" if path else name
             if device is not None:
                 plan[full] = device
@@ -121,7 +129,10 @@ def plan_device_map(model: torch.nn.Module, device_map, max_memory: dict | None 
     no_split = list(getattr(model, "_no_split_modules", None) or [])
     if device_map in ("balanced", "balanced_low_0"):
         max_memory = get_balanced_memory(
-            model, max_memory=max_memory, no_split_module_classes=no_split, low_zero=device_map == "balanced_low_0"
+            model,
+            max_memory=max_memory,
+            no_split_module_classes=no_split,
+            low_zero=device_map == "balanced_low_0",
         )
     plan = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
     return {name: _device_name(device) for name, device in plan.items()}
@@ -147,18 +158,24 @@ def dispatch_loaded(
     devices = set(plan.values())
     if "disk" in devices and offload_folder is None:
         on_disk = sorted(k for k, v in plan.items() if v == "disk")
-        raise ValueError(f"device_map puts {on_disk[:6]} on 'disk': give offload_folder= (a directory to write them to).")
+        raise ValueError(
+            f"device_map puts {on_disk[:6]} on 'disk': give offload_folder= (a directory to write them to)."
+        )
     if len(devices) == 1 and devices != {"disk"}:
         model.to(next(iter(devices)))
         return model
     if plan.get("") == "disk":  # accelerate offloads named submodules: name the top-level ones
-        plan = complete_device_map(model, {"": "disk", **{name: "disk" for name, _ in model.named_children()}})
+        plan = complete_device_map(
+            model, {"": "disk", **{name: "disk" for name, _ in model.named_children()}}
+        )
     on_disk = [name for name, device in plan.items() if device == "disk"]
     if on_disk:
         # Written here on every load: accelerate would silently reuse an index.json already in the folder
         # (stale weights of an earlier load); same names are overwritten.
         Path(offload_folder).mkdir(parents=True, exist_ok=True)
         offload_state_dict(str(offload_folder), extract_submodules_state_dict(model.state_dict(), on_disk))
-    model = dispatch_model(model, device_map=plan, offload_dir=str(offload_folder) if offload_folder else None)
+    model = dispatch_model(
+        model, device_map=plan, offload_dir=str(offload_folder) if offload_folder else None
+    )
     model.hf_device_map = plan
     return model.eval()

@@ -103,8 +103,16 @@ def read_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
 
 #: keyword arguments ``AutoProcessor.from_pretrained`` forwards that only mean something for a Hub repository
 _HUB_KWARGS = (
-    "_from_auto", "trust_remote_code", "cache_dir", "force_download", "local_files_only", "token", "revision",
-    "subfolder", "code_revision", "proxies",
+    "_from_auto",
+    "trust_remote_code",
+    "cache_dir",
+    "force_download",
+    "local_files_only",
+    "token",
+    "revision",
+    "subfolder",
+    "code_revision",
+    "proxies",
 )
 
 

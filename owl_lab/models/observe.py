@@ -143,6 +143,7 @@ class GateEvent:
         gate: [B, L, H, D] post-sigmoid gate g for every token (computed for all rows).
         applied: [B, L] bool, rows where the fusion ``self*(1-g) + cross*g`` was applied (tokens
             that see at least one image); other rows keep the self-attention output unchanged.
+            Under a per-head knockout ``[B, H, L]`` (per head; ``hooks.gates`` handles both).
         self_context: [B, L, H, D] self-attention context before fusion.
         cross_context: [B, L, H, D] cross-attention context (zeros where not applied).
         o_proj_weight: [hidden, H*D] weight of the layer's output projection (linear, no bias), so

@@ -8,6 +8,7 @@ that held-out scenes are practically never seen in training; the text tasks have
 tables (e.g. ``a plus b`` for one-digit a, b), so there "held-out" measures whether the skill was
 learned, not generalisation to unseen pairs.
 """
+
 from __future__ import annotations
 
 import random
@@ -73,14 +74,19 @@ class Mixture:
         rng = random.Random(f"{self.seed}/{self.split}/step{step}")
         share = self.weights[self.names.index("binding")] / sum(self.weights)
         if rng.random() < share:
-            n = sample_n_images(rng, self.world.get("binding_max_images", 50),
-                                self.world.get("binding_curve", "loguniform"))
+            n = sample_n_images(
+                rng, self.world.get("binding_max_images", 50), self.world.get("binding_curve", "loguniform")
+            )
             size = max(2, min(batch_size, self.world.get("binding_images_per_batch", 256) // n))
             find = self.world.get("binding_find_share", 0.0)  # share of reverse-lookup prompts (task_find)
             out = []
             for j in range(size):
                 r = random.Random(f"{self.seed}/{self.split}/bind/{step}/{j}")
-                out.append((task_find if find and r.random() < find else task_binding)(r, **dict(self.world, binding_n=n)))
+                out.append(
+                    (task_find if find and r.random() < find else task_binding)(
+                        r, **dict(self.world, binding_n=n)
+                    )
+                )
             return out
         others = {name: w for name, w in zip(self.names, self.weights, strict=True) if name != "binding"}
         names, weights = sorted(others), [others[k] for k in sorted(others)]

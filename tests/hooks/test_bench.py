@@ -1,4 +1,5 @@
 """``owl-lab bench``: the pieces (fast) and the whole command in --quick mode (slow: child processes)."""
+
 from __future__ import annotations
 
 import csv
@@ -12,8 +13,16 @@ from owl_lab.commands import bench
 
 @pytest.mark.parametrize("family", ["owl2", "owl3"])
 def test_bench_models_run_in_every_mode(family):
-    spec = {"family": family, "quick": True, "hidden": 0, "layers": 0, "heads": 0,
-            "length": 64, "text": 64, "images": 2}
+    spec = {
+        "family": family,
+        "quick": True,
+        "hidden": 0,
+        "layers": 0,
+        "heads": 0,
+        "length": 64,
+        "text": 64,
+        "images": 2,
+    }
     model, batch = bench.build(spec)
     logits = bench.runner(model, batch, "plain")()
     captured, rec = bench.runner(model, batch, "capture")()
@@ -38,3 +47,48 @@ def test_bench_quick_writes_csv(tmp_path, capsys):
         if r["mode"] == "plain":
             assert float(r["time_ratio"]) == 1.0
     assert "capture" in capsys.readouterr().out
+
+
+def test_causal_knockout_runner_matches_a_plain_forward_where_nothing_is_visual():
+    from owl_lab.commands import bench_causal
+
+    spec = {
+        "family": "owl2",
+        "quick": True,
+        "hidden": 0,
+        "layers": 0,
+        "heads": 0,
+        "length": 64,
+        "text": 0,
+        "images": 1,
+    }
+    model, batch = bench.build(spec)
+    plain = bench_causal.runner(model, batch, "plain")()
+    last = bench_causal.runner(model, batch, "knockout")()
+    every = bench_causal.runner(model, batch, "knockout", "all")()
+    assert torch.equal(last[:, :-1], plain[:, :-1]) and not torch.equal(last[:, -1], plain[:, -1])
+    assert not torch.equal(every, last)
+
+
+@pytest.mark.slow
+def test_bench_causal_rows_join_the_csv(tmp_path, capsys):
+    path = tmp_path / "bench.csv"
+    argv = [
+        "bench",
+        "--quick",
+        "--causal",
+        "--knockout-all",
+        "--families",
+        "owl2",
+        "--no-eager",
+        "--csv",
+        str(path),
+    ]
+    assert cli.main(argv) == 0
+    rows = list(csv.DictReader(path.open()))
+    modes = [r["mode"] for r in rows]
+    assert {"plain", "capture", "knockout", "knockout:all", "patching_sweep"} <= set(modes)
+    assert all(float(r["seconds"]) > 0 for r in rows)
+    knocked = [r for r in rows if r["mode"].startswith("knockout")]
+    assert len(knocked) == 4 and all(float(r["peak_mb"]) >= 0 for r in knocked)
+    assert "patching sweep" in capsys.readouterr().out

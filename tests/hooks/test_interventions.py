@@ -191,3 +191,67 @@ def test_knockout_on_the_eager_path_agrees_with_sdpa(owl):
         eager = model(**clean, output_attentions=True).logits  # output_attentions forces the eager kernel
     assert (sdpa - eager).abs().max() <= 1e-5
     assert not torch.equal(sdpa, owl["clean_logits"])
+
+
+@torch.no_grad()
+def test_last_query_knockout_builds_no_square_mask_and_edits_once_per_forward(owl, monkeypatch):
+    """The perf contract (issue 17): ``queries="last"`` edits one row per sample, never a [B, L, L] mask,
+    and the decoder's edited mask is built once per forward (the core's memo hits on every other layer)."""
+    from owl_lab.models import attention as core
+
+    model, processor = owl["model"], owl["processor"]
+    clean, _, _, _ = collate_pairs(
+        processor, counterfactual_pairs("color", 1, seed=5)
+    )  # one sample: no padding
+    tensors, restricts = [], []
+    real_tensor, real_restrict = core.Allowed.tensor, core._restrict
+    monkeypatch.setattr(core.Allowed, "tensor", lambda self: tensors.append(self.shape) or real_tensor(self))
+    monkeypatch.setattr(core, "_restrict", lambda *a: restricts.append(a[2].kind) or real_restrict(*a))
+    ref = model(**clean).logits
+    with hooks.knockout(model, queries="last", keys="visual"):
+        out = model(**clean).logits
+    assert not torch.equal(out, ref)
+    square = [s for s in tensors if s[1] > 1 and s[1] == s[2]]
+    assert square == [], f"square masks materialised: {square}"
+    decoder = [k for k in restricts if k == "self"]  # the decoder's self mask is shared by every layer
+    assert len(decoder) <= 1, f"edited mask rebuilt per layer: {restricts}"
+
+
+@torch.no_grad()
+def test_capture_under_a_per_head_knockout_records_each_heads_softmax(owl):
+    """heads=[1]: head 1's last query puts zero mass on visual keys, head 0 keeps it; every self/joint
+    softmax still sums to 1 per head (a cross row left with no image key for that head is no softmax: 0)."""
+    model = owl["model"]
+    gated = owl["name"] == "owl3-tiny"
+    last = set(last_positions(owl["layout"]).tolist())
+    with hooks.knockout(model, queries="last", keys="visual", heads=[1]), capture(model, gates=gated) as rec:
+        model(**owl["clean"])
+    mass = rec.attention_mass
+    at_last = mass[mass["query"].isin(last) & (mass.level == "modality")]
+    visual = at_last[at_last.group == "visual"]
+    assert len(visual) > 0
+    assert visual[visual["head"] == 1].mass.abs().max() == 0
+    assert visual[visual["head"] == 0].mass.max() > 0
+    sums = (
+        mass[mass.level == "modality"]
+        .groupby(["batch", "layer", "head", "query", "kind"], observed=True)
+        .mass.sum()
+    )
+    kinds = sums.index.get_level_values("kind")
+    assert (sums[kinds != "cross"] - 1).abs().max() < 1e-5
+    assert ((sums[kinds == "cross"] - 1).abs() < 1e-5).all() or gated  # gated: emptied head rows are 0
+    if gated:
+        gates = rec.gates
+        g_last = gates[gates["query"].isin(last)]
+        assert not g_last[g_last["head"] == 1].applied.any() and g_last[g_last["head"] == 0].applied.all()
+
+
+@torch.no_grad()
+def test_knockout_of_every_row_on_sdpa_agrees_with_eager(owl):
+    """queries='all' edits every row: SDPA gets the edited mask as a boolean mask (no float copy)."""
+    model, clean = owl["model"], owl["clean"]
+    with hooks.knockout(model, queries="all", keys="visual", layers=[0, 1]):
+        sdpa = model(**clean).logits
+        eager = model(**clean, output_attentions=True).logits
+    assert (sdpa - eager).abs().max() <= 1e-5
+    assert not torch.equal(sdpa, owl["clean_logits"])

@@ -47,7 +47,9 @@ def _assert_same(reference, dispatched):
     (logits0, mass0, sites0), (logits1, mass1, sites1) = reference, dispatched
     assert torch.equal(logits0, logits1), f"logits differ by {(logits0 - logits1).abs().max().item():.3g}"
     assert len(mass0) > 0
-    pd.testing.assert_frame_equal(mass0.reset_index(drop=True), mass1.reset_index(drop=True), check_exact=True)
+    pd.testing.assert_frame_equal(
+        mass0.reset_index(drop=True), mass1.reset_index(drop=True), check_exact=True
+    )
     for name in SITES:
         assert torch.equal(sites0[name], sites1[name]), name
 
@@ -96,8 +98,14 @@ def test_single_device_maps_load_without_accelerate_hooks():
 
 
 def test_needs_dispatch():
-    assert not needs_dispatch(None) and not needs_dispatch("cpu") and not needs_dispatch({"a": "cpu", "b": "cpu"})
-    assert needs_dispatch("auto") and needs_dispatch("sequential") and needs_dispatch({"": "cpu", "x": "disk"})
+    assert (
+        not needs_dispatch(None)
+        and not needs_dispatch("cpu")
+        and not needs_dispatch({"a": "cpu", "b": "cpu"})
+    )
+    assert (
+        needs_dispatch("auto") and needs_dispatch("sequential") and needs_dispatch({"": "cpu", "x": "disk"})
+    )
 
 
 @pytest.mark.parametrize(
@@ -151,7 +159,9 @@ def test_llava_family_dispatches_with_the_same_meaning(tmp_path):
     processor.save_pretrained(tmp_path / "ckpt")
     plain, processor = load_owl(tmp_path / "ckpt")
     layer = family_of(plain).paths["decoder_layer"].format(i=1)
-    dispatched, _ = load_owl(tmp_path / "ckpt", device_map={"": "cpu", layer: "disk"}, offload_folder=tmp_path / "off")
+    dispatched, _ = load_owl(
+        tmp_path / "ckpt", device_map={"": "cpu", layer: "disk"}, offload_folder=tmp_path / "off"
+    )
     batch = processor(text="<|image|> what color is the circle ?", images=[_image()])
     with torch.no_grad(), hooks.capture(plain, attention=True) as rec0:
         want = plain(**batch).logits
@@ -164,10 +174,14 @@ def test_llava_family_dispatches_with_the_same_meaning(tmp_path):
 def test_whole_model_on_disk_and_reused_offload_folder(tmp_path):
     """max_memory too small for anything → every module on disk; a second load into the same folder
     uses its own weights, not the first checkpoint's files."""
-    first, processor = load_owl("owl3-tiny", device_map="sequential", max_memory={"cpu": 1}, offload_folder=tmp_path)
+    first, processor = load_owl(
+        "owl3-tiny", device_map="sequential", max_memory={"cpu": 1}, offload_folder=tmp_path
+    )
     assert set(first.hf_device_map.values()) == {"disk"}
     batch = processor(text=PROMPT, images=[_image()])
-    second, _ = load_owl("owl3-tiny-s1", device_map="sequential", max_memory={"cpu": 1}, offload_folder=tmp_path)
+    second, _ = load_owl(
+        "owl3-tiny-s1", device_map="sequential", max_memory={"cpu": 1}, offload_folder=tmp_path
+    )
     plain, _ = load_owl("owl3-tiny-s1")
     with torch.no_grad():
         want, got = plain(**batch).logits, second(**batch).logits

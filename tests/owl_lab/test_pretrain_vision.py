@@ -1,4 +1,5 @@
 """The vision pre-training stage's per-attribute loss weights and the probe ``train`` records after it."""
+
 from __future__ import annotations
 
 import pytest
@@ -26,11 +27,15 @@ def test_a_weight_scales_only_its_attributes_loss_and_gradient():
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 5, sum(SIZES), generator=generator, requires_grad=True)  # [B, C, Σ]
     targets = torch.stack([torch.randint(0, s, (3, 5), generator=generator) for s in SIZES], -1)  # [B, C, 4]
-    parts = [torch.nn.functional.cross_entropy(p.flatten(0, 1), targets[..., k].flatten())
-             for k, p in enumerate(logits.split(SIZES, -1))]
+    parts = [
+        torch.nn.functional.cross_entropy(p.flatten(0, 1), targets[..., k].flatten())
+        for k, p in enumerate(logits.split(SIZES, -1))
+    ]
     ones = _cross_entropy(logits, targets, SIZES, [1.0] * 4)
     torch.testing.assert_close(ones, sum(parts))
-    torch.testing.assert_close(_cross_entropy(logits, targets, SIZES, [1, 1, 1, 4]), sum(parts) + 3 * parts[3])
+    torch.testing.assert_close(
+        _cross_entropy(logits, targets, SIZES, [1, 1, 1, 4]), sum(parts) + 3 * parts[3]
+    )
     # weight 0 on the last attribute: its logits get no gradient, the others keep theirs
     _cross_entropy(logits, targets, SIZES, [1, 1, 1, 0]).backward()
     last = logits.grad.split(SIZES, -1)
@@ -56,10 +61,27 @@ def test_train_bridge_false_leaves_the_owl3_projector_untouched(bridge):
     recipe = load_recipe("smoke-owl3")
     model, processor = build(recipe)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    stage = {"kind": "vision", "steps": 2, "batch_size": 4, "lr": 0.01, "warmup": 1, "train_bridge": bridge,
-             "objectives": ["patches", "board"]}
-    run_vision_stage(model, processor, "owl3", stage, "t", {"render_size": 56},
-                     {"step": [], "loss": [], "lr": [], "stage": []}, 0, 0, False)
+    stage = {
+        "kind": "vision",
+        "steps": 2,
+        "batch_size": 4,
+        "lr": 0.01,
+        "warmup": 1,
+        "train_bridge": bridge,
+        "objectives": ["patches", "board"],
+    }
+    run_vision_stage(
+        model,
+        processor,
+        "owl3",
+        stage,
+        "t",
+        {"render_size": 56},
+        {"step": [], "loss": [], "lr": [], "stage": []},
+        0,
+        0,
+        False,
+    )
     after = model.state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert any(k.startswith("vision_model.") for k in moved)

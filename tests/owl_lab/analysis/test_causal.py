@@ -13,10 +13,18 @@ def test_verdict_rule():
     assert verdict([(0.1, 0.1, 60), (-0.1, 0.1, 60)]) == "not reproduced"
     assert verdict([(0.1, 0.1, 20), (-0.1, 0.1, 60)]) == "inconclusive"  # too few to rule it out
     assert verdict([(1.0, 0.1, 60), (0.1, 0.1, 60)]) == "inconclusive"  # seeds disagree
-    # a named size: 0.3 ± 0.01 is real but below 0.5 -> not reproduced; 0.45 ± 0.05 could still reach it
-    assert verdict([(0.3, 0.01, 60), (0.3, 0.01, 60)], threshold=0.5) == "not reproduced"
-    assert verdict([(0.45, 0.05, 60), (0.3, 0.01, 60)], threshold=0.5) == "inconclusive"
+    # a stated cut-off is judged on the margin over it (findings' rule, as for "above chance"):
+    # 0.3 ± 0.01 is clearly below 0.5 -> opposite; one seed within noise of it, one below -> not reproduced
+    assert verdict([(0.3, 0.01, 60), (0.3, 0.01, 60)], threshold=0.5) == "opposite"
+    assert verdict([(0.45, 0.05, 60), (0.3, 0.01, 60)], threshold=0.5) == "not reproduced"
+    assert verdict([(0.45, 0.05, 20), (0.3, 0.01, 60)], threshold=0.5) == "inconclusive"
     assert verdict([(0.8, 0.01, 60), (0.7, 0.05, 60)], threshold=0.5) == "reproduced"
+    # the same answers as findings.judge on the same effects
+    from owl_lab.analysis.findings import Effect, judge
+
+    cases = [[(0.2, 0.05, 60), (0.02, 0.05, 60)], [(0.2, 0.05, 60)], [(-0.2, 0.05, 10), (0.0, 0.1, 60)]]
+    for case in cases:
+        assert verdict(case) == judge([Effect(m, se, n) for m, se, n in case])[0]
     with pytest.raises(ValueError):
         verdict([])
 

@@ -24,8 +24,10 @@ def _image(seed: int, size: int = 64) -> Image.Image:
 CASES = [
     dict(text="<|image|>what color is the circle ?", images=[_image(0)]),
     dict(text="<|image|><|image|>which image has more shapes ?", images=[_image(1), _image(2)]),
-    dict(text=["<|image|>how many squares ?", "<|image|>is the circle left of the square ?"],
-         images=[_image(3), _image(4)]),
+    dict(
+        text=["<|image|>how many squares ?", "<|image|>is the circle left of the square ?"],
+        images=[_image(3), _image(4)],
+    ),
     dict(text="<|image|>what color is the circle ?", images=[_image(5)], answers="red"),
 ]
 
