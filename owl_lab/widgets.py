@@ -14,7 +14,7 @@ build or update it). Models are loaded lazily through :func:`owl_lab.load_owl` a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -27,8 +27,11 @@ from plotly.subplots import make_subplots
 from hooks.capture import capture
 from owl_lab.analysis.mass import layer_mass, query_mass
 from owl_lab.families import FamilySpec, family_of, get_family
+from owl_lab.model_picker import model_picker
 from owl_lab.synth import ALL_TASKS, eval_set
 from owl_lab.viz import abstractor_map_figure, gate_heatmap_figure, layer_mass_figure, query_mass_figure
+from owl_lab.viz.display import figure_output
+from owl_lab.viz.pixel_picker import PixelView, answer_pixels_view
 from owl_lab.zoo import list_checkpoints, load_owl, resolve_checkpoint
 
 
@@ -46,6 +49,9 @@ class ExplorerState:
             for the last prompt position (the one that predicts the answer).
         kind: attention kind at ``layer`` ('self', 'cross', 'joint'), None = the one that sees images.
         max_new_tokens: answer length limit (greedy decoding).
+        answer_token: the ``pixels`` panel's answer token (index into the example's answer tokens, end
+            token included; 0 = the first, predicted at the last prompt position).
+        pixel_map: the ``pixels`` panel's map: one of :data:`PIXEL_MAPS` (``all`` = side by side).
     """
 
     model: str = ""
@@ -58,6 +64,12 @@ class ExplorerState:
     token: int | None = None
     kind: str | None = None
     max_new_tokens: int = 8
+    answer_token: int = 0
+    pixel_map: str = "composed"
+
+
+#: choices of the pixels panel (owl_lab.analysis.pixels: decoder mass only / composed path / + ViT rollout)
+PIXEL_MAPS = ("composed", "raw", "rollout", "all")
 
 
 @dataclass
@@ -66,7 +78,8 @@ class ExplorerView:
 
     ``figures`` keys: ``layer_mass`` (mass per layer), ``token_mass`` (per query, chosen layer/head),
     ``token_keys`` (the chosen token's attention over every key), plus ``image`` (the example's
-    images, when it has any), ``abstractor`` (Owl2 with an image) or ``gates`` (Owl3 gated hyper layers).
+    images, when it has any), ``abstractor`` (Owl2 with an image) or ``gates`` (Owl3 gated hyper layers),
+    and ``pixels`` (with an image: the answer token's map over the image, ``pixels`` has its numbers).
     """
 
     state: ExplorerState
@@ -78,6 +91,7 @@ class ExplorerView:
     numbers: dict
     figures: dict[str, go.Figure]
     images: list = field(default_factory=list)
+    pixels: PixelView | None = None
 
     def summary(self) -> str:
         """One line a notebook can print (rounded numbers)."""
@@ -246,6 +260,20 @@ def explore(state: ExplorerState, cache: ModelCache | None = None) -> ExplorerVi
         hyper = sorted(rec.gates["layer"].unique())
         layer = state.layer if state.layer in hyper else int(hyper[0])
         figures["gates"] = gate_heatmap_figure(rec.gates, layer=layer, token_labels=labels)
+    pixels = None
+    if ex.images:  # the composed answer → pixels map at the chosen layer (when it reads images, else all)
+        if state.pixel_map not in PIXEL_MAPS:
+            raise ValueError(f"pixel_map must be one of {PIXEL_MAPS}; got {state.pixel_map!r}.")
+        pixels = answer_pixels_view(
+            model,
+            processor,
+            replace(ex, text=prompt),
+            token=int(state.answer_token),
+            layer=state.layer if state.layer in spec.image_layers(model.config) else "all",
+            occlusion=False,
+            kinds=None if state.pixel_map == "all" else [state.pixel_map],
+        )
+        figures["pixels"] = pixels.figure
     return ExplorerView(
         state=state,
         family=spec.name,
@@ -256,25 +284,13 @@ def explore(state: ExplorerState, cache: ModelCache | None = None) -> ExplorerVi
         numbers=numbers,
         figures=figures,
         images=list(ex.images),
+        pixels=pixels,
     )
 
 
 # ---------------------------------------------------------------------------------------------
 # the ipywidgets app (a thin shell over explore)
 # ---------------------------------------------------------------------------------------------
-
-
-def figure_output(fig: go.Figure) -> dict:
-    """A notebook display-data output for a plotly figure (plotly mimetype + static HTML fallback)."""
-    return {
-        "output_type": "display_data",
-        "metadata": {},
-        "data": {
-            "application/vnd.plotly.v1+json": fig.to_plotly_json(),
-            "text/html": fig.to_html(full_html=False, include_plotlyjs="cdn"),
-            "text/plain": f"<plotly figure: {fig.layout.title.text or ''}>",
-        },
-    }
 
 
 class ExplorerApp:
@@ -296,9 +312,12 @@ class ExplorerApp:
         self.head = w.Dropdown(options=[("mean", HEAD_MEAN)], value=HEAD_MEAN, description="head")
         self.head.observe(self._head_none_to_mean, names="value")  # before _changed (observer order)
         self.token = w.IntText(value=-1, description="token", tooltip="-1 = last prompt position")
+        self.answer_token = w.IntText(value=0, description="answer token", tooltip="pixels panel; -1 = end")
+        self.pixel_map = w.Dropdown(options=PIXEL_MAPS, value="composed", description="pixel map")
         self.text = w.HTML()
         self.outputs = {
-            k: w.Output() for k in ("image", "layer_mass", "token_mass", "token_keys", "abstractor", "gates")
+            k: w.Output()
+            for k in ("image", "layer_mass", "token_mass", "token_keys", "abstractor", "gates", "pixels")
         }
         self.view: ExplorerView | None = None
         self._busy = False  # control changes made by update() itself must not re-enter it
@@ -311,10 +330,13 @@ class ExplorerApp:
             self.layer,
             self.head,
             self.token,
+            self.answer_token,
+            self.pixel_map,
         ]
         for c in controls:
             c.observe(self._changed, names="value")
-        self.widget = w.VBox([w.HBox(controls[:5]), w.HBox(controls[5:]), self.text, *self.outputs.values()])
+        rows = [w.HBox(controls[:5]), w.HBox(controls[5:8]), w.HBox(controls[8:])]
+        self.widget = w.VBox([*rows, self.text, *self.outputs.values()])
         if self.model.value:  # fill the layer range and head choice on load, before the first render
             self._busy = True  # (no update() from the range changes themselves)
             try:
@@ -334,6 +356,8 @@ class ExplorerApp:
             layer=int(self.layer.value),
             head=None if self.head.value in (None, HEAD_MEAN) else int(self.head.value),
             token=None if self.token.value < 0 else int(self.token.value),
+            answer_token=int(self.answer_token.value),
+            pixel_map=self.pixel_map.value,
         )
 
     def _sync_model_controls(self) -> None:
@@ -380,74 +404,6 @@ class ExplorerApp:
 
 
 HEAD_MEAN = "mean"
-PATH_CHOICE = "checkpoint directory…"
-
-
-@lru_cache(maxsize=1)
-def _model_picker_class():
-    import ipywidgets as w
-    import traitlets
-
-    class ModelPicker(w.HBox):
-        """A Dropdown of the shipped checkpoints plus a free checkpoint-directory entry.
-
-        ``value`` (observable) is what to load: a shipped name or the typed path. Setting ``value``
-        to anything that is not a shipped name selects the path entry and shows it there.
-        """
-
-        value = traitlets.Unicode("")
-
-        def __init__(self, value: str, names: list[str]):
-            self.choice = w.Dropdown(options=[*names, PATH_CHOICE], description="model")
-            self.path = w.Text(
-                placeholder="/path/to/checkpoint", continuous_update=False, layout=w.Layout(width="16em")
-            )
-            super().__init__([self.choice, self.path])
-            self._names = list(names)
-            self._syncing = False
-            self.choice.observe(self._from_choice, names="value")
-            self.path.observe(self._from_path, names="value")
-            self.observe(self._to_children, names="value")
-            self.value = value
-            self._to_children({"new": value})
-
-        @property
-        def options(self) -> list[str]:
-            """The shipped checkpoint names offered."""
-            return list(self._names)
-
-        def _to_children(self, change) -> None:
-            self._syncing = True
-            try:
-                new = change["new"]
-                shipped = new in self._names
-                self.choice.value = new if shipped else PATH_CHOICE
-                if not shipped:
-                    self.path.value = new
-                self.path.layout.display = "none" if shipped else None
-            finally:
-                self._syncing = False
-
-        def _from_choice(self, change) -> None:
-            if self._syncing:
-                return
-            if change["new"] == PATH_CHOICE:
-                self.path.layout.display = None
-                if self.path.value:
-                    self.value = self.path.value
-            else:
-                self.value = change["new"]
-
-        def _from_path(self, change) -> None:
-            if not self._syncing and self.choice.value == PATH_CHOICE:
-                self.value = change["new"].strip()
-
-    return ModelPicker
-
-
-def model_picker(value: str, names: list[str]):
-    """The explorer's model control (see ``ModelPicker`` in :func:`_model_picker_class`)."""
-    return _model_picker_class()(value, names)
 
 
 def explorer_app(model: str | None = None, cache: ModelCache | None = None, run: bool = True) -> ExplorerApp:

@@ -19,8 +19,8 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from owl_lab.analysis.abstractor import query_map_stats
+from owl_lab.viz.display import figure_output
 from owl_lab.viz.figures import abstractor_map_figure
-from owl_lab.widgets import figure_output
 
 
 @dataclass

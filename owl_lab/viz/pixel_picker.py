@@ -13,8 +13,8 @@ import plotly.graph_objects as go
 from owl_lab.analysis.occlusion import asked_object, object_cover, object_share, occlusion_map
 from owl_lab.analysis.pixels import answer_to_pixels
 from owl_lab.families import family_of
+from owl_lab.viz.display import figure_output
 from owl_lab.viz.pixels import pixel_overlay_figure
-from owl_lab.widgets import figure_output
 
 
 @dataclass
@@ -33,7 +33,7 @@ class PixelView:
 
 
 def answer_pixels_view(
-    model, processor, example, *, token: int = 0, layer="all", occlusion: bool = True
+    model, processor, example, *, token: int = 0, layer="all", occlusion: bool = True, kinds=None
 ) -> PixelView:
     """Maps of one answer token of one question over its (first) image, with their object shares.
 
@@ -41,6 +41,7 @@ def answer_pixels_view(
         token: answer-token index (0 = the first; the end-of-answer token is last).
         layer: ``"all"`` (mean over the decoder layers) or one decoder layer of the path.
         occlusion: also compute the occlusion map (a batched forward per image, ~0.3 s on a tiny model).
+        kinds: path maps to show and score (``raw`` / ``composed`` / ``rollout``); None = all of them.
 
     Numbers: per map, the share of its weight on the asked-about object; ``chance`` its area share.
     """
@@ -53,6 +54,11 @@ def answer_pixels_view(
         maps = {k: v[path.layers.index(layer), token, 0] for k, v in path.per_layer.items()}
     else:
         raise ValueError(f"layer must be 'all' or one of {path.layers}; got {layer!r}")
+    if kinds is not None:
+        unknown = sorted(set(kinds) - set(maps))
+        if unknown or not kinds:
+            raise ValueError(f"kinds must be a non-empty subset of {sorted(maps)}; got {list(kinds)}")
+        maps = {k: maps[k] for k in kinds}
     if occlusion:
         maps["occlusion"] = occlusion_map(
             model, processor, example, tokens=[token], perturbations_per_eval=64

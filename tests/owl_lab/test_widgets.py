@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from owl_lab.families import family_of
 from owl_lab.widgets import ExplorerState, ModelCache, explore, explorer_app
 
 
@@ -43,7 +44,7 @@ def test_explore_owl2_directory(data_root, cache):
     path = str(data_root / "checkpoints" / "owl2-mini")
     view = explore(ExplorerState(model=path, task="color", scene=2, layer=1), cache)
     assert view.family == "owl2" and isinstance(view.answer, str) and view.expected
-    assert set(view.figures) == {"image", "layer_mass", "token_mass", "token_keys", "abstractor"}
+    assert set(view.figures) == {"image", "layer_mass", "token_mass", "token_keys", "abstractor", "pixels"}
     shown = view.figures["image"].data
     assert len(shown) == 1 and (np.asarray(shown[0].z) == np.asarray(view.images[0].convert("RGB"))).all()
     assert sum(lab.startswith("img0:") for lab in view.labels) == 5  # 4 queries + vit_eos rows
@@ -145,3 +146,34 @@ def test_app_model_picker_and_head_choice(data_root, cache, monkeypatch, tmp_pat
     assert app.model.choice.value == "owl3-mini" and app.model.path.layout.display == "none"
     app.model.value = str(tmp_path / "missing")
     assert app.model.choice.value == "checkpoint directory…" and "error" in app.text.value
+
+
+def _pixel_maps(fig) -> list[np.ndarray]:
+    return [np.asarray(t.z, dtype=float) for t in fig.data if t.type == "heatmap"]
+
+
+@pytest.mark.parametrize("family", ["owl2", "owl3"])
+def test_app_pixels_panel_follows_answer_token_layer_and_map(data_root, cache, monkeypatch, family):
+    monkeypatch.setenv("OWL_LAB_DATA", str(data_root))
+    app = explorer_app(f"{family}-mini", cache=cache, run=False)
+    app.scene.value = 1  # fires the shared observer: every panel, the pixels panel included
+    view = app.view
+    assert "application/vnd.plotly.v1+json" in app.outputs["pixels"].outputs[0]["data"]
+    first = _pixel_maps(view.figures["pixels"])
+    assert [t.name for t in view.figures["pixels"].data if t.type == "heatmap"] == ["composed"]
+    assert view.pixels is not None and "composed" in view.pixels.numbers  # share on the asked object
+    app.answer_token.value = 1  # the next answer token: another decoder query, another map
+    second = _pixel_maps(app.view.figures["pixels"])
+    assert app.view.state.answer_token == 1 and len(second) == len(first) == 1
+    assert not np.allclose(first[0], second[0])
+    assert app.view.pixels.token != view.pixels.token
+    reads = family_of(cache.get(f"{family}-mini")[0]).image_layers(cache.get(f"{family}-mini")[0].config)
+    for layer in (0, 1):  # a layer that reads the image shows its own map; any other shows the mean ("all")
+        app.layer.value = layer
+        shown = layer if layer in reads else "all"
+        assert f"(layer {shown})" in app.view.figures["pixels"].layout.title.text
+    app.pixel_map.value = "all"
+    names = [t.name for t in app.view.figures["pixels"].data if t.type == "heatmap"]
+    assert names == ["raw", "composed", "rollout"]
+    app.answer_token.value = 99  # out of range: shown as an error, outputs cleared
+    assert "token must be in" in app.text.value and app.outputs["pixels"].outputs == ()
