@@ -15,11 +15,13 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+import pandas as pd
 import torch
 
 from owl_lab.families import family_of
 from owl_lab.models.owl2 import IMAGE_TOKEN_INDEX
 from owl_lab.synth.data import IMAGE_TASKS, TEXT_TASKS, eval_set
+from owl_lab.synth.distractor import chance_levels, circular_eval
 from owl_lab.synth.multi import distractor_eval
 from owl_lab.synth.tasks import Example
 
@@ -167,8 +169,6 @@ def evaluate(model, processor, recipe: dict, progress: bool = False) -> dict:
         metrics["distractor"] = curve
     cspec = spec.get("circular")
     if cspec:  # the paper's distractor benchmark (owl_lab.synth.distractor)
-        from owl_lab.analysis.distractor import circular_curve
-
         table = circular_curve(
             model,
             processor,
@@ -219,3 +219,69 @@ def compare(shipped: dict, fresh: dict, tolerance: float = 1.0) -> list[str]:
         f"{k}: shipped {a[k]} vs recomputed {b[k]}" for k in a if k in b and abs(a[k] - b[k]) > tolerance
     ]
     return problems
+
+
+def circular_scores(model, processor, groups: Sequence[Sequence], batch_size: int = 32) -> dict:
+    """Exact match of every instance, pooled per question.
+
+    Returns:
+        dict with ``circular`` (% of questions whose instances are all right), ``instance`` (% of
+        instances right), ``flags`` (per-question bools, in order; for paired comparisons),
+        ``questions`` and ``instances`` (counts).
+    """
+    if not groups or any(len(g) == 0 for g in groups):
+        raise ValueError(
+            "circular_scores needs a non-empty list of non-empty instance groups "
+            "(synth.distractor_eval output)."
+        )
+    flat = [ex for g in groups for ex in g]
+    hits = exact_match(model, processor, flat, batch_size)
+    flags, k = [], 0
+    for g in groups:
+        flags.append(all(hits[k : k + len(g)]))
+        k += len(g)
+    return {
+        "circular": 100.0 * sum(flags) / len(flags),
+        "instance": 100.0 * sum(hits) / len(hits),
+        "flags": flags,
+        "questions": len(groups),
+        "instances": len(flat),
+    }
+
+
+def circular_curve(
+    model,
+    processor,
+    seed: int,
+    n_images: Sequence[int] = (1, 5, 10, 20, 50),
+    n_questions: int = 40,
+    render_size: int = 112,
+    batch_size: int = 32,
+) -> pd.DataFrame:
+    """The paper's distractor benchmark (:func:`owl_lab.synth.distractor.circular_eval`) at each N.
+
+    Returns:
+        DataFrame, one row per N: ``n_images``, ``circular`` (% of questions with every rotation right),
+        ``se`` (binomial standard error of ``circular``, points), ``instance`` (% of prompts right),
+        ``chance_random`` and ``chance_constant`` (:func:`~owl_lab.synth.distractor.chance_levels`),
+        ``questions``, ``instances``.
+    """
+    rows = []
+    for n in n_images:
+        groups = circular_eval(seed, n, n_questions, render_size)
+        score = circular_scores(model, processor, groups, batch_size)
+        chance = chance_levels(groups)
+        p = score["circular"] / 100.0
+        rows.append(
+            {
+                "n_images": n,
+                "circular": score["circular"],
+                "se": 100.0 * (p * (1 - p) / score["questions"]) ** 0.5,
+                "instance": score["instance"],
+                "chance_random": chance["random"],
+                "chance_constant": chance["constant"],
+                "questions": score["questions"],
+                "instances": score["instances"],
+            }
+        )
+    return pd.DataFrame(rows)

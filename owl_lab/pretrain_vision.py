@@ -6,7 +6,8 @@ where it reports the average colour of the image and nothing else. This stage pl
 the encoder's pre-training: a temporary linear head reads every patch feature the decoder side will
 consume (Owl2: the ViT output without CLS; Owl3: ``encode_images``, i.e. SigLIP hidden_states[-2]
 through the projector) and predicts the shape / colour / size / pattern of the object in the grid
-cell under that patch (or "empty"), and which cell that is. The head is thrown away afterwards; nothing it adds is saved.
+cell under that patch (or "empty"), and which cell that is. The head is thrown away afterwards; nothing
+it adds is saved.
 
 Objective ``"board"`` (stage key ``"objectives"``, default ``["patches"]``) trains the *whole* visual path
 the decoder reads (Owl2: ViT → abstractor → ``visual_fc``; Owl3: SigLIP → projector), as Owl2's stage-1
@@ -167,7 +168,9 @@ def attribute_weights(stage: dict) -> list[float]:
 def _cross_entropy(
     logits: torch.Tensor, targets: torch.Tensor, sizes: list[int], weights: list[float]
 ) -> torch.Tensor:
-    """Weighted sum over attributes of the mean cross-entropy; logits [B, C, Σ sizes], targets [B, C, len(sizes)]."""
+    """Weighted sum over attributes of the mean cross-entropy.
+
+    logits [B, C, Σ sizes], targets [B, C, len(sizes)]."""
     return sum(
         w * nn.functional.cross_entropy(part.flatten(0, 1), targets[..., k].flatten())
         for k, (w, part) in enumerate(zip(weights, logits.split(sizes, dim=-1), strict=True))

@@ -18,37 +18,9 @@ import pandas as pd
 import torch
 
 from hooks.capture import capture
-from owl_lab import evaluate
+from owl_lab.evaluate import circular_curve, circular_scores  # re-exported: they live with evaluate()
 
 IMAGE_KINDS = ("cross", "joint")  # gated/static Owl3: a cross softmax over images; fused: one joint softmax
-
-
-def circular_scores(model, processor, groups: Sequence[Sequence], batch_size: int = 32) -> dict:
-    """Exact match of every instance, pooled per question.
-
-    Returns:
-        dict with ``circular`` (% of questions whose instances are all right), ``instance`` (% of
-        instances right), ``flags`` (per-question bools, in order; for paired comparisons),
-        ``questions`` and ``instances`` (counts).
-    """
-    if not groups or any(len(g) == 0 for g in groups):
-        raise ValueError(
-            "circular_scores needs a non-empty list of non-empty instance groups "
-            "(synth.distractor_eval output)."
-        )
-    flat = [ex for g in groups for ex in g]
-    hits = evaluate.exact_match(model, processor, flat, batch_size)
-    flags, k = [], 0
-    for g in groups:
-        flags.append(all(hits[k : k + len(g)]))
-        k += len(g)
-    return {
-        "circular": 100.0 * sum(flags) / len(flags),
-        "instance": 100.0 * sum(hits) / len(hits),
-        "flags": flags,
-        "questions": len(groups),
-        "instances": len(flat),
-    }
 
 
 def _target_rows(df: pd.DataFrame, last: torch.Tensor, targets: list[int]) -> pd.DataFrame:
@@ -111,46 +83,6 @@ def target_share(
             "prompt show its images before the question?"
         )
     return out
-
-
-def circular_curve(
-    model,
-    processor,
-    seed: int,
-    n_images: Sequence[int] = (1, 5, 10, 20, 50),
-    n_questions: int = 40,
-    render_size: int = 112,
-    batch_size: int = 32,
-) -> pd.DataFrame:
-    """The paper's distractor benchmark (:func:`owl_lab.synth.distractor.circular_eval`) at each N.
-
-    Returns:
-        DataFrame, one row per N: ``n_images``, ``circular`` (% of questions with every rotation right),
-        ``se`` (binomial standard error of ``circular``, points), ``instance`` (% of prompts right),
-        ``chance_random`` and ``chance_constant`` (:func:`~owl_lab.synth.distractor.chance_levels`),
-        ``questions``, ``instances``.
-    """
-    from owl_lab.synth.distractor import chance_levels, circular_eval
-
-    rows = []
-    for n in n_images:
-        groups = circular_eval(seed, n, n_questions, render_size)
-        score = circular_scores(model, processor, groups, batch_size)
-        chance = chance_levels(groups)
-        p = score["circular"] / 100.0
-        rows.append(
-            {
-                "n_images": n,
-                "circular": score["circular"],
-                "se": 100.0 * (p * (1 - p) / score["questions"]) ** 0.5,
-                "instance": score["instance"],
-                "chance_random": chance["random"],
-                "chance_constant": chance["constant"],
-                "questions": score["questions"],
-                "instances": score["instances"],
-            }
-        )
-    return pd.DataFrame(rows)
 
 
 __all__ = ["IMAGE_KINDS", "circular_curve", "circular_scores", "target_share"]

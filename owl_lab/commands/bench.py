@@ -159,7 +159,8 @@ def run(args) -> int:
     )
     print(
         f"owl-lab bench: torch {torch.__version__}, {args.threads} thread(s); decoder hidden {hidden}, "
-        f"{heads} heads, {layers} layers. time = CPU seconds (best of {1 if args.quick else args.repeats}), memory = peak RSS "
+        f"{heads} heads, {layers} layers. time = CPU seconds (best of "
+        f"{1 if args.quick else args.repeats}), memory = peak RSS "
         "growth of one forward (child process); ratios vs the plain SDPA forward of the same row"
     )
     print(

@@ -27,6 +27,7 @@ from owl_lab import load_owl
 from owl_lab.analysis.patching import patching_sweep
 from owl_lab.commands.bench_common import add_arguments as bench_arguments
 from owl_lab.commands.bench_common import build, measure_memory, reset_peak, specs_for
+from owl_lab.commands.bench_common import memory_child as memory_child_common
 from owl_lab.synth.counterfactual import collate_pairs, counterfactual_pairs
 
 MODES = ("plain", "knockout")
@@ -49,10 +50,9 @@ def runner(model, batch: dict, mode: str, queries: str = "last"):
 
 def memory_child(spec_json: str) -> None:
     """Child-process entry: print the peak RSS growth (MB) of one forward in ``spec['mode']``."""
-    from owl_lab.commands.bench_common import memory_child as child
-
     spec = json.loads(spec_json)
-    child(spec, lambda model, batch, mode: runner(model, batch, mode, spec.get("queries", "last")))
+    queries = spec.get("queries", "last")
+    memory_child_common(spec, lambda model, batch, mode: runner(model, batch, mode, queries))
 
 
 def _memory(spec: dict) -> float:
@@ -122,7 +122,8 @@ def run_rows(args) -> list[dict]:
         specs += [{**spec, "queries": "all"} for spec in specs]
     rows = []
     print(
-        f"{'family':6s} {'L':>5s} {'images':>6s} {'mode':12s} {'time s':>8s} {'peak MB':>9s} {'time x':>7s} {'mem x':>7s}"
+        f"{'family':6s} {'L':>5s} {'images':>6s} {'mode':12s} {'time s':>8s} {'peak MB':>9s} "
+        f"{'time x':>7s} {'mem x':>7s}"
     )
     for spec in specs:
         for r in knockout_rows(spec, 1 if args.quick else args.repeats):

@@ -189,7 +189,8 @@ def reset_peak() -> None:
 
 
 def memory_child(spec: dict, runner: Callable[[torch.nn.Module, dict, str], Callable[[], object]]) -> None:
-    """Child-process body: print the peak RSS growth (MB) of one forward of ``runner(model, batch, spec['mode'])``."""
+    """Child-process body: print the peak RSS growth (MB) of one forward of
+    ``runner(model, batch, spec['mode'])``."""
     libc = ctypes.CDLL("libc.so.6")
     libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD fixed: large blocks are mmapped and unmapped on free
     libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD: give the heap top back eagerly

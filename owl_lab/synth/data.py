@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator, Mapping
 
-from owl_lab.synth.distractor import task_binding
+from owl_lab.synth.distractor import sample_n_images, task_binding, task_find
 from owl_lab.synth.multi import task_multi
 from owl_lab.synth.tasks import IMAGE_TASKS, TASKS, TEXT_TASKS, Example
 
@@ -53,7 +53,8 @@ class Mixture:
         return ALL_TASKS[task](rng, **self.world)
 
     def batches(self, batch_size: int, steps: int, start: int = 0) -> Iterator[list[Example]]:
-        """Batches of ``batch_size`` examples; with the ``binding`` task in the mix, see :meth:`binding_batch`."""
+        """Batches of ``batch_size`` examples; with the ``binding`` task in the mix, see
+        :meth:`binding_batch`."""
         for step in range(start, steps):
             if "binding" in self.names:
                 yield self.binding_batch(step, batch_size)
@@ -69,8 +70,6 @@ class Mixture:
         weight share) whose prompts all share one N (drawn per step), with ``binding_images_per_batch``
         / N prompts (at least 2, at most ``batch_size``), or an ordinary batch of the other tasks.
         """
-        from owl_lab.synth.distractor import sample_n_images, task_binding, task_find
-
         rng = random.Random(f"{self.seed}/{self.split}/step{step}")
         share = self.weights[self.names.index("binding")] / sum(self.weights)
         if rng.random() < share:

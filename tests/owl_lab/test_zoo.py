@@ -68,7 +68,8 @@ def test_dict_device_map_means_one_device_for_both_families(golden, request):
     assert {b.device.type for b in model.buffers()} == {"cpu"}
     model, _ = zoo.load_owl(directory, device_map="cpu")
     assert {p.device.type for p in model.parameters()} == {"cpu"}
-    # several devices means accelerate dispatch (tests/owl_lab/test_dispatch.py); 'meta' is no place for weights
+    # several devices means accelerate dispatch (tests/owl_lab/test_dispatch.py);
+    # 'meta' is no place for weights
     with pytest.raises(ValueError, match="'meta' holds no weights"):
         zoo.load_owl(directory, device_map={"model.layers.0": "cpu", "lm_head": "meta"})
 
