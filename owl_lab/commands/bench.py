@@ -20,6 +20,7 @@ maps when the model has them); building the pandas table afterwards is not part 
 
 from __future__ import annotations
 
+import argparse
 import csv
 import gc
 import json
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 from hooks.capture import capture
-from owl_lab.commands import bench_causal
+from owl_lab.commands import bench_causal, bench_full_size
 from owl_lab.commands.bench_common import (  # noqa: F401  (build, BUILDERS: re-exported for tests/users)
     BUILDERS,
     OWL2_LENGTHS,
@@ -50,6 +51,13 @@ MODES = ("plain", "capture", "eager")
 def add_arguments(parser):
     size_arguments(parser)
     bench_causal.add_arguments(parser)
+    parser.add_argument(
+        "--full-size",
+        choices=["owl2", "owl3"],
+        default=None,
+        help="instead of the table: one captured forward of the real 7B config with random bf16 weights, "
+        "streamed block by block (owl_lab/commands/bench_full_size.py; needs a few GB of RAM and minutes)",
+    )
 
 
 def runner(model, batch: dict, mode: str):
@@ -148,6 +156,12 @@ def _print(rows: list[dict]) -> None:
 
 
 def run(args) -> int:
+    if args.full_size:
+        return bench_full_size.run(
+            argparse.Namespace(
+                family=args.full_size, text=64, layers=None, resident=False, threads=args.threads
+            )
+        )
     try:
         reset_peak()
     except OSError:

@@ -55,3 +55,14 @@ def test_streamed_blocks_are_materialised_only_while_they_run():
     assert torch.equal(first, second)  # the same random values on every pass
     assert all(layer.weight.device.type == "meta" for layer in toy.layers)
     assert len(mat.handles) == 6
+
+
+def test_owl_lab_bench_full_size_runs_the_full_size_smoke(monkeypatch):
+    """``owl-lab bench --full-size owl3`` hands the family to the full-size smoke (not the table)."""
+    from owl_lab import cli
+    from owl_lab.commands import bench_full_size
+
+    seen = []
+    monkeypatch.setattr(bench_full_size, "run", lambda args: seen.append(args) or 0)
+    assert cli.main(["bench", "--full-size", "owl3", "--threads", "1"]) == 0
+    assert [(a.family, a.layers, a.resident, a.threads) for a in seen] == [("owl3", None, False, 1)]
