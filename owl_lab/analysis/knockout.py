@@ -12,6 +12,9 @@ Flows (``query group ← key group``, named ``keys→queries`` as in the paper):
 ``visual→question``    question tokens (every prompt token but the last) may not read the image
 ``visual→last``        the last position may not read the image
 ``question→last``      the last position may not read the question tokens (its own key stays)
+``visual→text``        no text position (question tokens and the last) may read the image: the image
+                       is gone for the layers of the window (FastV's pruning of every visual token);
+                       not in the default set
 ``image:k→last``       (``per_image=True``) the last position may not read image k's keys
 =====================  ============================================================================
 
@@ -35,13 +38,15 @@ from owl_lab.analysis.causal import answer_logprob, last_positions, layouts, pos
 from owl_lab.synth.tasks import Example
 
 FLOWS = ("visual→question", "visual→last", "question→last")
+#: every flow :func:`knockout_sweep` knows (the default sweep is :data:`FLOWS`)
+ALL_FLOWS = (*FLOWS, "visual→text")
 
 
 def _flow_groups(flow: str, layout) -> tuple[object, object]:
     """(queries, keys) arguments of ``hooks.knockout`` for ``flow`` on one batch's layout."""
     groups = position_groups(layout)
     keys, queries = flow.split("→")
-    q = groups["question"] if queries == "question" else "last"
+    q = {"question": groups["question"], "text": groups["question"] | groups["last"]}.get(queries, "last")
     k = groups["question"] if keys == "question" else keys
     return q, k
 
@@ -69,7 +74,7 @@ def knockout_sweep(
         examples: prompts with answers (e.g. ``synth.eval_set("color", 100)``); the answer's first
             word is the target token.
         window: layers blocked at once; windows start at 0 .. n_layers - window.
-        flows: subset of :data:`FLOWS`.
+        flows: subset of :data:`ALL_FLOWS` (default :data:`FLOWS`).
         per_image: also block ``image:k→last`` for every image index k of the examples.
 
     Returns:
@@ -79,9 +84,9 @@ def knockout_sweep(
     n = n_layers(model)
     if not 1 <= window <= n:
         raise ValueError(f"window must be in 1..{n}, got {window}")
-    bad = sorted(set(flows) - set(FLOWS))
+    bad = sorted(set(flows) - set(ALL_FLOWS))
     if bad:
-        raise ValueError(f"unknown flows {bad}; expected a subset of {FLOWS}")
+        raise ValueError(f"unknown flows {bad}; expected a subset of {ALL_FLOWS}")
     flows = list(flows)
     if per_image:
         flows += [f"image:{k}→last" for k in range(max(len(e.images) for e in examples))]
@@ -138,4 +143,4 @@ def summarize(df: pd.DataFrame, correct_only: bool = True) -> pd.DataFrame:
     return out.rename(columns={"mean": "change_pct", "count": "n"}).drop(columns="std")
 
 
-__all__ = ["FLOWS", "answer_ids", "knockout_sweep", "summarize"]
+__all__ = ["ALL_FLOWS", "FLOWS", "answer_ids", "knockout_sweep", "summarize"]

@@ -34,6 +34,7 @@ from hooks import capture
 from hooks.sites import family_spec, n_layers
 from owl_lab.analysis.causal import gather_positions, last_positions, layouts
 from owl_lab.analysis.knockout import answer_ids
+from owl_lab.models.observe import TOKEN_IMAGE, TOKEN_PAD
 from owl_lab.synth.tasks import Example
 
 RULES = ("attention", "random")
@@ -147,6 +148,48 @@ def prune_sweep(
     return pd.DataFrame(rows, columns=["rule", "fraction", "dropped", "example", "correct", "p"])
 
 
+@torch.no_grad()
+def answer_visual_share(
+    model: nn.Module, processor, examples: Sequence[Example], batch_size: int = 64
+) -> tuple[pd.DataFrame, pd.Series]:
+    """How much of the answer position's attention lands on the image rows, per layer — and how much
+    it would be if attention were spread evenly (FastV's "inefficient attention" compares the two).
+
+    The answer position is each prompt's last real token (it predicts the answer's first word). Only
+    for families whose images are sequence rows (Owl2, LLaVA): Owl3's images are keys of the hyper
+    layers, where the gate split (``rec.gate_split``) is the comparable quantity.
+
+    Returns:
+        (share [examples × layers]: visual share of the last position's self-attention, mean over
+        heads; fraction [examples]: image rows / real tokens the last position can see).
+    """
+    if not family_spec(model).images_in_sequence:
+        raise ValueError(
+            "answer_visual_share needs images that are sequence rows (Owl2, LLaVA); for Owl3 use "
+            "capture(model, gates=True).gate_split"
+        )
+    shares, fractions, offset = [], [], 0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        batch = processor(text=[e.text for e in chunk], images=[e.images for e in chunk], return_tensors="pt")
+        with (
+            layouts(model) as seen,
+            capture(model, heads="mean", queries="last", gates=False, abstractor=False) as rec,
+        ):
+            model(**batch)
+        t = rec.attention_mass
+        t = t[(t.kind == "self") & (t.level == "modality") & (t.group == "visual")]
+        shares.append(t.pivot_table(index="batch", columns="layer", values="mass", observed=True))
+        kind = seen[0].token_kind  # [B, L]
+        real = kind != TOKEN_PAD
+        fractions.append(((kind == TOKEN_IMAGE) & real).sum(1).double() / real.sum(1).double())
+        shares[-1].index += offset
+        offset += len(chunk)
+    share = pd.concat(shares).rename_axis(index="example", columns="layer")
+    fraction = pd.Series(torch.cat(fractions).numpy(), index=share.index, name="visual_fraction")
+    return share, fraction
+
+
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """Accuracy (%) per rule and fraction, its binomial SE, and the paired drop vs fraction 0 with SE."""
     base = df[df.fraction == 0].groupby("example").correct.first()
@@ -171,4 +214,4 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-__all__ = ["RULES", "prune_sweep", "summarize"]
+__all__ = ["RULES", "answer_visual_share", "prune_sweep", "summarize"]
