@@ -255,17 +255,20 @@ class Owl2Processor(ProcessorMixin):
             image_dict = json.loads((directory / IMAGE_PROCESSOR_CONFIG).read_text())
         else:
             image_dict = None
-        settings: dict = {}
+        image_processor, settings = None, {}
         if image_dict is not None:
-            image_processor = Owl2ImageProcessor.from_dict(image_dict)
+            image_processor = Owl2ImageProcessor.from_dict({k: v for k, v in image_dict.items() if k != "auto_map"})
             settings = {
                 "image_size": image_processor.image_size,
                 "image_mean": image_processor.image_mean,
                 "image_std": image_processor.image_std,
                 "squash": image_processor.do_squash,
             }
-        settings.update({k: own[k] for k in ("image_size", "squash") if k in own})  # the lab's earlier format
+        overrides = {k: own[k] for k in ("image_size", "squash") if k in own}  # the lab's earlier format
+        overrides.update(drop_hub_kwargs(kwargs))
+        if image_processor is not None and not overrides:
+            return cls(tokenizer, image_processor=image_processor)
+        settings.update(overrides)
         if settings.get("image_size") is None and (directory / "config.json").is_file():
             settings["image_size"] = load_config(directory).image_size
-        settings.update(drop_hub_kwargs(kwargs))
         return cls(tokenizer, **settings)
