@@ -57,14 +57,11 @@ def write_shim(directory: str | Path) -> Path:
     return path
 
 
-def add_auto_map(json_file: str | Path, auto_map: dict[str, str], nested: str | None = None) -> None:
-    """Merge ``auto_map`` into the ``auto_map`` of a saved JSON file (of its ``nested`` sub-dict if given)."""
+def add_auto_map(json_file: str | Path, auto_map: dict[str, str]) -> None:
+    """Merge ``auto_map`` into the ``auto_map`` entry of a saved JSON file."""
     path = Path(json_file)
     data = json.loads(path.read_text())
-    target = data if nested is None else data.get(nested)
-    if target is None:
-        return
-    target["auto_map"] = {**target.get("auto_map", {}), **auto_map}
+    data["auto_map"] = {**data.get("auto_map", {}), **auto_map}
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
@@ -94,12 +91,8 @@ class AutoMapConfigMixin:
         write_shim(save_directory)
 
 
-def save_processor_auto_map(directory: str | Path, processor_class: str, image_processor_class: str) -> None:
-    """After a processor's ``save_pretrained``: ``auto_map`` for AutoProcessor / AutoImageProcessor + shim."""
-    directory = Path(directory)
-    add_auto_map(directory / "processor_config.json", {"AutoProcessor": remote(processor_class)})
-    image_map = {"AutoImageProcessor": remote(image_processor_class)}
-    add_auto_map(directory / "processor_config.json", image_map, nested="image_processor")
-    if (directory / "preprocessor_config.json").is_file():
-        add_auto_map(directory / "preprocessor_config.json", image_map)
+def save_processor_auto_map(directory: str | Path, processor_class: str) -> None:
+    """After a processor's ``save_pretrained``: ``auto_map`` for AutoProcessor + the shim. (The lab's image
+    processors put their own ``AutoImageProcessor`` entry in their ``to_dict``.)"""
+    add_auto_map(Path(directory) / "processor_config.json", {"AutoProcessor": remote(processor_class)})
     write_shim(directory)

@@ -22,6 +22,8 @@ from transformers import CLIPImageProcessorPil
 from transformers.image_utils import PILImageResampling
 from transformers.processing_utils import ImagesKwargs
 
+from owl_lab.models.remote_code import remote
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -113,6 +115,5 @@ class Owl2ImageProcessor(CLIPImageProcessorPil):
         return super().process_image(image, **kwargs)
 
     def to_dict(self) -> dict:
-        out = super().to_dict()
-        out["image_processor_type"] = type(self).__name__  # CLIPImageProcessorPil's to_dict keeps "…Pil" off
-        return out
+        """Settings + ``auto_map`` (so ``AutoImageProcessor`` finds the class with ``trust_remote_code``)."""
+        return {**super().to_dict(), "auto_map": {"AutoImageProcessor": remote(type(self).__name__)}}

@@ -21,6 +21,8 @@ from transformers.image_processing_backends import PilBackend
 from transformers.image_utils import PILImageResampling
 from transformers.processing_utils import ImagesKwargs
 
+from owl_lab.models.remote_code import remote
+
 GRID_SQU_6 = ((2, 2), (1, 3), (1, 4), (3, 1), (4, 1), (2, 3), (3, 2))  # (rows, cols); no (1, 1)
 NOT_CUT = (0, 0)
 
@@ -85,6 +87,10 @@ class Owl3ImageProcessor(PilBackend):
     @property
     def image_size(self) -> int:
         return int(self.size["height"])
+
+    def to_dict(self) -> dict:
+        """Settings + ``auto_map`` (so ``AutoImageProcessor`` finds the class with ``trust_remote_code``)."""
+        return {**super().to_dict(), "auto_map": {"AutoImageProcessor": remote(type(self).__name__)}}
 
     def _to_tensor(self, image: Image.Image, width: int, height: int, mean, std, scale) -> torch.Tensor:
         """Bicubic resize → [3, height, width] float32: ×``scale`` as a division (÷255), then (x − mean) / std."""

@@ -247,7 +247,7 @@ class Owl3Processor(ProcessorMixin):
         directory = str(save_directory)
         files = super().save_pretrained(directory, **kwargs)
         self.image_processor.save_pretrained(directory)
-        save_processor_auto_map(directory, type(self).__name__, type(self.image_processor).__name__)
+        save_processor_auto_map(directory, type(self).__name__)
         return files
 
     @classmethod
