@@ -28,7 +28,7 @@ from pathlib import Path
 #: module name of the shim (the file is ``SHIM_MODULE + ".py"`` in the checkpoint directory)
 SHIM_MODULE = "owl_lab_remote"
 SHIM_FILE = f"{SHIM_MODULE}.py"
-SHIM_SOURCE = '''"""transformers remote-code entry points of an owl-lab checkpoint (written by owl-lab's save_pretrained).
+SHIM_SOURCE = '''"""transformers remote-code entry points of an owl-lab checkpoint (written on save).
 
 ``trust_remote_code=True`` runs this file; it imports the installed ``owl_lab`` package, so the classes are
 owl-lab's own (nothing is copied). Requirement: ``owl_lab`` importable (installed or on PYTHONPATH).

@@ -7,7 +7,8 @@ Two implementations of the same steps live here:
   ``CLIPImageProcessorPil`` (shortest edge → bicubic resize → center crop → ×1/255 → CLIP mean/std)
   preceded by the squash (``do_squash``). It is what :class:`~owl_lab.models.owl2.Owl2Processor`
   uses, what ``AutoImageProcessor`` returns for an Owl2 checkpoint after ``import owl_lab``, and it
-  is bit-equal to :func:`preprocess_image` (test: ``tests/owl_lab/models/owl2/test_image_processing_owl2.py``).
+  is bit-equal to :func:`preprocess_image`
+  (test: ``tests/owl_lab/models/owl2/test_image_processing_owl2.py``).
 
 The PIL backend is chosen on purpose: transformers' torchvision backend resizes with a different
 bicubic kernel and would change the pixel values (hence every number downstream).

@@ -50,7 +50,6 @@ PROCESSOR_CONFIG = "processor_config.json"
 IMAGE_PROCESSOR_CONFIG = "preprocessor_config.json"
 
 
-
 class Owl2Processor(ProcessorMixin):
     """Text + images → ``input_ids`` (with -200), ``attention_mask``, ``pixel_values``, ``labels``.
 
@@ -69,7 +68,12 @@ class Owl2Processor(ProcessorMixin):
         image_processor: Owl2ImageProcessor | None = None,
         **kwargs,
     ):
-        settings = {"image_size": image_size, "image_mean": image_mean, "image_std": image_std, "squash": squash}
+        settings = {
+            "image_size": image_size,
+            "image_mean": image_mean,
+            "image_std": image_std,
+            "squash": squash,
+        }
         given = sorted(k for k, v in settings.items() if v is not None)
         if image_processor is None:
             image_processor = Owl2ImageProcessor.for_size(
@@ -122,7 +126,7 @@ class Owl2Processor(ProcessorMixin):
         return ids
 
     def preprocess_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """list of PIL images → [N, 3, S, S] float32 (the image processor; bit-equal to :func:`preprocess_image`)."""
+        """list of PIL images → [N, 3, S, S] float32 (bit-equal to ``preprocess_image``)."""
         return self.image_processor(list(images), return_tensors="pt")["pixel_values"]
 
     # ---- call ---------------------------------------------------------------------------------
@@ -248,7 +252,11 @@ class Owl2Processor(ProcessorMixin):
         """
         directory = Path(directory)
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        own = json.loads((directory / PROCESSOR_CONFIG).read_text()) if (directory / PROCESSOR_CONFIG).is_file() else {}
+        own = (
+            json.loads((directory / PROCESSOR_CONFIG).read_text())
+            if (directory / PROCESSOR_CONFIG).is_file()
+            else {}
+        )
         if isinstance(own.get("image_processor"), dict):
             image_dict = own["image_processor"]
         elif (directory / IMAGE_PROCESSOR_CONFIG).is_file():
@@ -257,7 +265,9 @@ class Owl2Processor(ProcessorMixin):
             image_dict = None
         image_processor, settings = None, {}
         if image_dict is not None:
-            image_processor = Owl2ImageProcessor.from_dict({k: v for k, v in image_dict.items() if k != "auto_map"})
+            image_processor = Owl2ImageProcessor.from_dict(
+                {k: v for k, v in image_dict.items() if k != "auto_map"}
+            )
             settings = {
                 "image_size": image_processor.image_size,
                 "image_mean": image_processor.image_mean,

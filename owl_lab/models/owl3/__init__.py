@@ -1,7 +1,8 @@
 """mPLUG-Owl3 family (7B-240728 gated, 7B-241101 fused, 1B/2B-241014, and the lab's ablations).
 
 Exports the config, model and processor classes, registered with ``AutoConfig`` /
-``AutoModelForCausalLM`` / ``AutoProcessor`` / ``AutoImageProcessor`` under ``model_type="mplugowl3"``, and :func:`load_checkpoint`.
+``AutoModelForCausalLM`` / ``AutoProcessor`` / ``AutoImageProcessor`` under ``model_type="mplugowl3"``,
+and :func:`load_checkpoint`.
 """
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoProcessor

@@ -1,4 +1,4 @@
-"""mPLUG-Owl3 image preprocessing (data/reference/owl3/SPEC.md §3.2–3.3) as a ``transformers`` image processor.
+"""mPLUG-Owl3 image preprocessing (data/reference/owl3/SPEC.md §3.2–3.3) as a transformers image processor.
 
 * Each image: RGB → bicubic resize to S×S (S = the vision tower's ``image_size``: 384, or 378 for
   241101) → [0, 1] → normalised with mean = std = 0.5 (ToTensor then Normalize(0.5, 0.5)).
@@ -93,14 +93,18 @@ class Owl3ImageProcessor(PilBackend):
         return {**super().to_dict(), "auto_map": {"AutoImageProcessor": remote(type(self).__name__)}}
 
     def _to_tensor(self, image: Image.Image, width: int, height: int, mean, std, scale) -> torch.Tensor:
-        """Bicubic resize → [3, height, width] float32: ×``scale`` as a division (÷255), then (x − mean) / std."""
+        """Bicubic resize → [3, height, width] float32: ÷(1/scale) (÷255), then (x − mean) / std."""
         array = np.asarray(image.resize((width, height), Image.BICUBIC), dtype=np.uint8)
-        x = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(1 / scale)  # 1 / (1/255) == 255.0 exactly
+        x = (
+            torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(1 / scale)
+        )  # 1 / (1/255) == 255.0 exactly
         mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
         std = torch.tensor(std, dtype=torch.float32)[:, None, None]
         return (x - mean) / std
 
-    def cut_image(self, image, cut: bool, size: int, mean, std, scale) -> tuple[list[torch.Tensor], tuple[int, int]]:
+    def cut_image(
+        self, image, cut: bool, size: int, mean, std, scale
+    ) -> tuple[list[torch.Tensor], tuple[int, int]]:
         """One image → its tensors [3, S, S] (tiles row-major, then the global view) and (rows, cols)."""
         image = as_rgb_image(image)
         if not cut:
@@ -113,7 +117,9 @@ class Owl3ImageProcessor(PilBackend):
     def _preprocess_image_like_inputs(self, images, *args, **kwargs) -> BatchFeature:
         """The lab's own pipeline on the raw images (a single image or a flat list)."""
         if not (kwargs["do_resize"] and kwargs["do_rescale"] and kwargs["do_normalize"]):
-            raise ValueError("Owl3ImageProcessor always resizes, rescales and normalises (the model expects it).")
+            raise ValueError(
+                "Owl3ImageProcessor always resizes, rescales and normalises (the model expects it)."
+            )
         if kwargs["size"].height != kwargs["size"].width:
             raise ValueError(f"Owl3 tiles are square; got size {dict(kwargs['size'])}.")
         images = list(images) if isinstance(images, (list, tuple)) else [images]

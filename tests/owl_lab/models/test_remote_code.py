@@ -51,8 +51,13 @@ def run_fresh(code: str, tmp_path: Path, hide_owl_lab: bool = False) -> subproce
     prelude = "import sys, os\n"
     if hide_owl_lab:
         # drop path entries holding the package and any editable-install finder for it
-        prelude += "sys.path = [p for p in sys.path if not os.path.isdir(os.path.join(p or '.', 'owl_lab'))]\n"
-        prelude += "sys.meta_path = [f for f in sys.meta_path if 'owl_lab' not in str(getattr(f, '__module__', ''))]\n"
+        prelude += (
+            "sys.path = [p for p in sys.path if not os.path.isdir(os.path.join(p or '.', 'owl_lab'))]\n"
+        )
+        prelude += (
+            "sys.meta_path = [f for f in sys.meta_path if 'owl_lab' not in str(getattr(f, '__module__', ''))]"
+        )
+        prelude += "\n"
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, "-c", prelude + textwrap.dedent(code)],
