@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoProcessor, ProcessorMixin
 
 from owl_lab import load_owl
 from owl_lab.models.remote_code import SHIM_FILE, SHIM_SOURCE
@@ -83,6 +84,19 @@ def test_save_writes_auto_map_and_the_shim_and_leaves_the_config_alone(saved, na
     assert processor["auto_map"]["AutoProcessor"] == f"owl_lab_remote.{processor['processor_class']}"
     assert processor["image_processor"]["auto_map"]["AutoImageProcessor"].startswith("owl_lab_remote.Owl")
     assert (directory / SHIM_FILE).read_text() == SHIM_SOURCE
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_with_owl_lab_imported_the_auto_map_is_not_needed(saved, name):
+    """auto_map + registration: the registered (local) classes win, no trust_remote_code prompt."""
+    directory, model = saved[name]
+    ref = torch.load(directory.parent / f"{name}.ref.pt", weights_only=False)
+    auto = AutoModelForCausalLM.from_pretrained(directory).eval()
+    processor = AutoProcessor.from_pretrained(directory)
+    assert type(auto) is type(model) and isinstance(processor, ProcessorMixin)
+    batch = processor(**CASE, images=[image()])
+    with torch.no_grad():
+        assert torch.equal(auto(**batch).logits, ref["logits"])
 
 
 def test_shipped_checkpoints_have_no_auto_map():
