@@ -22,6 +22,7 @@ from typing import Any
 from transformers import LlamaConfig
 
 from owl_lab.models.loading import read_config_json
+from owl_lab.models.remote_code import AutoMapConfigMixin
 
 IMAGE_TOKEN_INDEX = -200  # the id `<|image|>` becomes in input_ids (not a vocabulary entry); the one constant
 IGNORE_INDEX = -100  # label value ignored by the loss
@@ -114,7 +115,7 @@ class Owl2AbstractorSettings:
     add_v2t_pos_emb: bool
 
 
-class Owl2Config(LlamaConfig):
+class Owl2Config(AutoMapConfigMixin, LlamaConfig):
     r"""Configuration of :class:`Owl2ForCausalLM` (official ``MPLUGOwl2Config`` layout).
 
     Args (beyond :class:`~transformers.LlamaConfig`):
@@ -125,6 +126,7 @@ class Owl2Config(LlamaConfig):
     """
 
     model_type = "mplug_owl2"
+    auto_map_model = "Owl2ForCausalLM"  # saved config.json: auto_map for trust_remote_code (remote_code.py)
 
     visual_config: dict | None = None
     modality_adaptive: bool = True

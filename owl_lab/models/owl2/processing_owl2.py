@@ -1,8 +1,10 @@
 """mPLUG-Owl2 processor: official inference preprocessing, prompt template and tokenization
 (data/reference/owl2/SPEC.md §3.1, §6).
 
-* Images: RGB → squash-resize to max_edge × max_edge (bicubic, as the README / evaluation scripts)
-  → CLIP: shortest edge to ``image_size`` (bicubic) → center crop → ×1/255 → CLIP mean/std.
+* Images (:class:`~owl_lab.models.owl2.image_processing_owl2.Owl2ImageProcessor`, transformers' CLIP
+  image processor on the PIL backend): RGB → squash-resize to max_edge × max_edge (bicubic, as the
+  README / evaluation scripts) → CLIP: shortest edge to ``image_size`` (bicubic) → center crop →
+  ×1/255 → CLIP mean/std.
 * Prompt: ``USER: {text} ASSISTANT:`` (no system prompt).
 * Tokens: the prompt is split on ``<|image|>``; each chunk is tokenized *separately* with BOS; the
   first chunk keeps its BOS, later chunks drop theirs, and -200 goes between chunks. A prompt that
@@ -10,6 +12,12 @@
   ``[-200, BOS, ...]`` (official HEAD behaviour).
 * Batches are right-padded; with ``answers`` the answer tokens + eos are appended and ``labels``
   are -100 everywhere except on them.
+* Persistence: a ``transformers.ProcessorMixin`` (tokenizer + image processor). ``save_pretrained`` writes
+  the tokenizer, ``processor_config.json`` (the image processor nested, as transformers 5 does), a CLIP-style
+  ``preprocessor_config.json`` for older readers, and ``auto_map`` entries for ``trust_remote_code``
+  (:mod:`owl_lab.models.remote_code`). ``from_pretrained`` also reads the lab's earlier format
+  (``processor_config.json`` = ``{image_size, squash}``, as in the shipped checkpoints) and official
+  releases (CLIP ``preprocessor_config.json`` only).
 """
 
 from __future__ import annotations
@@ -18,10 +26,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, BatchFeature
+from transformers import AutoTokenizer, BatchFeature, ProcessorMixin
 
 from owl_lab.models.loading import drop_hub_kwargs
 from owl_lab.models.owl2.configuration_owl2 import (
@@ -30,48 +37,73 @@ from owl_lab.models.owl2.configuration_owl2 import (
     IMAGE_TOKEN_INDEX,
     load_config,
 )
+from owl_lab.models.owl2.image_processing_owl2 import (  # noqa: F401  (preprocess_image re-exported)
+    CLIP_MEAN,
+    CLIP_STD,
+    Owl2ImageProcessor,
+    preprocess_image,
+)
+from owl_lab.models.remote_code import save_processor_auto_map
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PROMPT_TEMPLATE = "USER: {text} ASSISTANT:"
 PROCESSOR_CONFIG = "processor_config.json"
 IMAGE_PROCESSOR_CONFIG = "preprocessor_config.json"
 
 
-def preprocess_image(
-    image: Image.Image, image_size: int, mean=CLIP_MEAN, std=CLIP_STD, squash: bool = True
-) -> torch.Tensor:
-    """One PIL image → float32 [3, image_size, image_size]."""
-    if not isinstance(image, Image.Image):
-        image = Image.fromarray(np.asarray(image))
-    image = image.convert("RGB")
-    if squash:  # official inference path: make it square first (aspect ratio not kept)
-        edge = max(image.size)
-        image = image.resize((edge, edge), Image.BICUBIC)
-    w, h = image.size  # CLIP: shortest edge → image_size, then center crop
-    short, long = (w, h) if w <= h else (h, w)
-    new_long = int(image_size * long / short)
-    new_size = (image_size, new_long) if w <= h else (new_long, image_size)
-    if new_size != image.size:
-        image = image.resize(new_size, Image.BICUBIC)
-    w, h = image.size
-    left, top = (w - image_size) // 2, (h - image_size) // 2
-    image = image.crop((left, top, left + image_size, top + image_size))
-    arr = (np.asarray(image, dtype=np.float64) * (1 / 255)).astype(np.float32)  # [S, S, 3]
-    arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return torch.from_numpy(arr.transpose(2, 0, 1).copy())  # [3, S, S]
+class Owl2Processor(ProcessorMixin):
+    """Text + images → ``input_ids`` (with -200), ``attention_mask``, ``pixel_values``, ``labels``.
 
-
-class Owl2Processor:
-    """Text + images → ``input_ids`` (with -200), ``attention_mask``, ``pixel_values``, ``labels``."""
+    Build it as before, ``Owl2Processor(tokenizer, image_size=448, image_mean=..., image_std=...,
+    squash=True)``, or from parts, ``Owl2Processor(tokenizer, image_processor=Owl2ImageProcessor(...))``
+    (then the image settings come from the image processor; giving both is an error).
+    """
 
     def __init__(
-        self, tokenizer, image_size: int = 448, image_mean=CLIP_MEAN, image_std=CLIP_STD, squash: bool = True
+        self,
+        tokenizer=None,
+        image_size: int | None = None,
+        image_mean=None,
+        image_std=None,
+        squash: bool | None = None,
+        image_processor: Owl2ImageProcessor | None = None,
+        **kwargs,
     ):
-        self.tokenizer = tokenizer
-        self.image_size = int(image_size)
-        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
-        self.squash = squash
+        settings = {
+            "image_size": image_size,
+            "image_mean": image_mean,
+            "image_std": image_std,
+            "squash": squash,
+        }
+        given = sorted(k for k, v in settings.items() if v is not None)
+        if image_processor is None:
+            image_processor = Owl2ImageProcessor.for_size(
+                448 if image_size is None else image_size,
+                CLIP_MEAN if image_mean is None else image_mean,
+                CLIP_STD if image_std is None else image_std,
+                True if squash is None else squash,
+            )
+        elif given:
+            raise ValueError(f"Give either image_processor or the image settings {given}, not both.")
+        if tokenizer is None:
+            raise ValueError("Owl2Processor needs a tokenizer.")
+        super().__init__(tokenizer=tokenizer, image_processor=image_processor, **kwargs)
+
+    # ---- image settings (read from the image processor) -------------------------------------------
+    @property
+    def image_size(self) -> int:
+        return self.image_processor.image_size
+
+    @property
+    def image_mean(self) -> tuple[float, ...]:
+        return tuple(self.image_processor.image_mean)
+
+    @property
+    def image_std(self) -> tuple[float, ...]:
+        return tuple(self.image_processor.image_std)
+
+    @property
+    def squash(self) -> bool:
+        return bool(self.image_processor.do_squash)
 
     # ---- pieces -------------------------------------------------------------------------------
     @property
@@ -94,13 +126,8 @@ class Owl2Processor:
         return ids
 
     def preprocess_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """list of PIL images → [N, 3, S, S]."""
-        return torch.stack(
-            [
-                preprocess_image(im, self.image_size, self.image_mean, self.image_std, self.squash)
-                for im in images
-            ]
-        )
+        """list of PIL images → [N, 3, S, S] float32 (bit-equal to ``preprocess_image``)."""
+        return self.image_processor(list(images), return_tensors="pt")["pixel_values"]
 
     # ---- call ---------------------------------------------------------------------------------
     def __call__(
@@ -200,33 +227,14 @@ class Owl2Processor:
         return [self.decode(s, **kwargs) for s in sequences]
 
     # ---- persistence --------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Tokenizer files + CLIP-style ``preprocessor_config.json`` + our ``processor_config.json``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save_pretrained(str(directory))
-        S = self.image_size
-        (directory / IMAGE_PROCESSOR_CONFIG).write_text(
-            json.dumps(
-                {
-                    "image_processor_type": "CLIPImageProcessor",
-                    "do_resize": True,
-                    "size": {"shortest_edge": S},
-                    "resample": 3,
-                    "do_center_crop": True,
-                    "crop_size": {"height": S, "width": S},
-                    "do_rescale": True,
-                    "rescale_factor": 1 / 255,
-                    "do_normalize": True,
-                    "image_mean": list(self.image_mean),
-                    "image_std": list(self.image_std),
-                },
-                indent=2,
-            )
-        )
-        (directory / PROCESSOR_CONFIG).write_text(
-            json.dumps({"processor_class": "Owl2Processor", "image_size": S, "squash": self.squash}, indent=2)
-        )
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> list[str]:
+        """Tokenizer files, ``processor_config.json`` (image processor nested), ``preprocessor_config.json``
+        and the ``auto_map`` + shim for ``trust_remote_code``."""
+        directory = str(save_directory)
+        files = super().save_pretrained(directory, **kwargs)
+        self.image_processor.save_pretrained(directory)
+        save_processor_auto_map(directory, type(self).__name__)
+        return files
 
     @classmethod
     def from_config(cls, config, tokenizer, **kwargs) -> Owl2Processor:
@@ -235,21 +243,42 @@ class Owl2Processor:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **kwargs) -> Owl2Processor:
-        """Tokenizer via AutoTokenizer; image settings from the processor configs, else config.json."""
+        """Tokenizer via AutoTokenizer; the image processor from (first found) ``processor_config.json``'s
+        nested ``image_processor``, ``preprocessor_config.json`` (official CLIP file), the lab's earlier
+        ``processor_config.json`` keys ``image_size`` / ``squash``, else ``config.json``'s image size.
+
+        ``kwargs``: image settings (``image_size``, ``image_mean``, ``image_std``, ``squash``) override the
+        saved ones; the Hub options ``AutoProcessor`` forwards are ignored (the directory is local).
+        """
         directory = Path(directory)
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        settings: dict = {}
-        if (directory / IMAGE_PROCESSOR_CONFIG).is_file():
-            pre = json.loads((directory / IMAGE_PROCESSOR_CONFIG).read_text())
-            crop = pre.get("crop_size")
-            settings["image_size"] = crop.get("height") if isinstance(crop, dict) else crop
-            settings["image_mean"] = pre.get("image_mean", CLIP_MEAN)
-            settings["image_std"] = pre.get("image_std", CLIP_STD)
-        if (directory / PROCESSOR_CONFIG).is_file():
-            own = json.loads((directory / PROCESSOR_CONFIG).read_text())
-            settings.update({k: own[k] for k in ("image_size", "squash") if k in own})
+        own = (
+            json.loads((directory / PROCESSOR_CONFIG).read_text())
+            if (directory / PROCESSOR_CONFIG).is_file()
+            else {}
+        )
+        if isinstance(own.get("image_processor"), dict):
+            image_dict = own["image_processor"]
+        elif (directory / IMAGE_PROCESSOR_CONFIG).is_file():
+            image_dict = json.loads((directory / IMAGE_PROCESSOR_CONFIG).read_text())
+        else:
+            image_dict = None
+        image_processor, settings = None, {}
+        if image_dict is not None:
+            image_processor = Owl2ImageProcessor.from_dict(
+                {k: v for k, v in image_dict.items() if k != "auto_map"}
+            )
+            settings = {
+                "image_size": image_processor.image_size,
+                "image_mean": image_processor.image_mean,
+                "image_std": image_processor.image_std,
+                "squash": image_processor.do_squash,
+            }
+        overrides = {k: own[k] for k in ("image_size", "squash") if k in own}  # the lab's earlier format
+        overrides.update(drop_hub_kwargs(kwargs))
+        if image_processor is not None and not overrides:
+            return cls(tokenizer, image_processor=image_processor)
+        settings.update(overrides)
         if settings.get("image_size") is None and (directory / "config.json").is_file():
             settings["image_size"] = load_config(directory).image_size
-        settings = {k: v for k, v in settings.items() if v is not None}
-        settings.update(drop_hub_kwargs(kwargs))
         return cls(tokenizer, **settings)

@@ -27,12 +27,13 @@ from transformers import Qwen2Config, SiglipVisionConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from owl_lab.models.loading import checkpoint_keys
+from owl_lab.models.remote_code import AutoMapConfigMixin
 
 HYPER_ATTENTION_KINDS = ("gated", "static_gate", "fused", "sum")
 PROJECTOR_KINDS = ("linear", "mlp")
 
 
-class Owl3Config(Qwen2Config):
+class Owl3Config(AutoMapConfigMixin, Qwen2Config):
     """Configuration of :class:`~owl_lab.models.owl3.Owl3ForCausalLM` (``model_type="mplugowl3"``).
 
     Every Qwen2Config field applies to the language model. Extra fields:
@@ -49,6 +50,7 @@ class Owl3Config(Qwen2Config):
     """
 
     model_type = "mplugowl3"
+    auto_map_model = "Owl3ForCausalLM"  # saved config.json: auto_map for trust_remote_code (remote_code.py)
     sub_configs_defaults = {"vision_config": SubConfigSpec(config_class=SiglipVisionConfig)}
 
     vision_config: dict | SiglipVisionConfig | None = None

@@ -23,18 +23,23 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, BatchFeature
+from transformers import AutoTokenizer, BatchFeature, ProcessorMixin
 
 from owl_lab.models.loading import drop_hub_kwargs
 from owl_lab.models.owl3.configuration_owl3 import load_config
+from owl_lab.models.owl3.image_processing_owl3 import (  # noqa: F401  (GRID_SQU_6 / select_anchor re-exported)
+    GRID_SQU_6,
+    Owl3ImageProcessor,
+    select_anchor,
+)
 from owl_lab.models.owl3.media_owl3 import NO_IMAGE_MARKER
+from owl_lab.models.remote_code import save_processor_auto_map
 
 IMAGE_TOKEN = "<|image|>"
 SYSTEM = "<|im_start|>system\n<|im_end|>"
 USER = "\n<|im_start|>user\n{}<|im_end|>"
 ASSISTANT = "\n<|im_start|>assistant\n"
 ANSWER_END = "<|im_end|>"
-GRID_SQU_6 = ((2, 2), (1, 3), (1, 4), (3, 1), (4, 1), (2, 3), (3, 2))  # (rows, cols); no (1, 1)
 CONFIG_NAME = "processor_config.json"
 
 
@@ -49,36 +54,25 @@ def cut_prompt(rows: int, cols: int, template: str) -> str:
     return f"<|start_cut|>{rows}*{cols}\n{lines}\n{IMAGE_TOKEN}<|end_cut|>"
 
 
-def select_anchor(width: int, height: int, size: int, anchors=GRID_SQU_6) -> tuple[int, int]:
-    """'docowl' anchor choice: argmax of 100·IoU(anchor, aspect-matched box) + IoU(anchor, image)."""
-    boxes = torch.tensor([[0, 0, c * size, r * size] for r, c in anchors])  # x1 y1 x2 y2, int64
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+class Owl3Processor(ProcessorMixin):
+    """Turns chat text with ``<|image|>`` placeholders and PIL images into an Owl3 batch.
 
-    def iou(other: torch.Tensor) -> torch.Tensor:
-        wh = (torch.minimum(boxes[:, 2:], other[:, 2:]) - torch.maximum(boxes[:, :2], other[:, :2])).clamp(
-            min=0
-        )
-        inter = wh[:, 0] * wh[:, 1]
-        other_area = (other[:, 2] - other[:, 0]) * (other[:, 3] - other[:, 1])
-        return inter / (area + other_area - inter + 1e-5)
-
-    image_box = torch.tensor([[0, 0, width, height]]).expand_as(boxes)
-    shaped = boxes.clone()
-    shaped[:, 3] = (height / width * boxes[:, 2].double()).long()  # aspect-matched height (int, truncated)
-    return anchors[int(torch.argmax(iou(shaped) * 100 + iou(image_box)))]
-
-
-class Owl3Processor:
-    """Turns chat text with ``<|image|>`` placeholders and PIL images into an Owl3 batch."""
+    A ``transformers.ProcessorMixin``: ``tokenizer`` + ``image_processor`` (:class:`Owl3ImageProcessor`,
+    which owns ``image_size`` and ``cut_enable``). Build it as before, ``Owl3Processor(tokenizer,
+    image_size=384, template="v2", media_offset_format="dense", cut_enable=False, padding_side="right")``,
+    or pass ``image_processor=`` instead of ``image_size`` / ``cut_enable`` (giving both is an error).
+    """
 
     def __init__(
         self,
-        tokenizer,
-        image_size: int = 384,
+        tokenizer=None,
+        image_size: int | None = None,
         template: str = "v2",
         media_offset_format: str = "dense",
-        cut_enable: bool = False,
+        cut_enable: bool | None = None,
         padding_side: str = "right",
+        image_processor: Owl3ImageProcessor | None = None,
+        **kwargs,
     ):
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left'; got {padding_side!r}.")
@@ -87,12 +81,26 @@ class Owl3Processor:
                 f"template must be v2/v3 and media_offset_format dense/list; got {template}, "
                 f"{media_offset_format}."
             )
-        self.tokenizer = tokenizer
-        self.image_size = int(image_size)
+        if image_processor is None:
+            image_processor = Owl3ImageProcessor.for_size(
+                384 if image_size is None else image_size, bool(cut_enable)
+            )
+        elif image_size is not None or cut_enable is not None:
+            raise ValueError("Give either image_processor or image_size / cut_enable, not both.")
+        if tokenizer is None:
+            raise ValueError("Owl3Processor needs a tokenizer.")
         self.template = template
         self.media_offset_format = media_offset_format
-        self.cut_enable = bool(cut_enable)
         self.padding_side = padding_side
+        super().__init__(tokenizer=tokenizer, image_processor=image_processor, **kwargs)
+
+    @property
+    def image_size(self) -> int:
+        return self.image_processor.image_size
+
+    @property
+    def cut_enable(self) -> bool:
+        return bool(self.image_processor.cut_enable)
 
     @classmethod
     def from_config(cls, config, tokenizer, **kwargs) -> Owl3Processor:
@@ -105,29 +113,11 @@ class Owl3Processor:
         return cls(tokenizer, **{**defaults, **kwargs})
 
     # ---- images -----------------------------------------------------------------------------------
-    def _to_tensor(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
-        """Bicubic resize → [3, height, width] in [-1, 1] (ToTensor then Normalize(0.5, 0.5))."""
-        array = np.asarray(image.resize((width, height), Image.BICUBIC), dtype=np.uint8)
-        x = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(255)
-        return (x - 0.5) / 0.5
-
     def process_image(self, image, cut: bool) -> tuple[list[torch.Tensor], str]:
         """One image → its pixel tensors [3, S, S] and the prompt text standing for it."""
-        if isinstance(image, np.ndarray):
-            image = Image.fromarray(image)
-        if not isinstance(image, Image.Image):
-            raise ValueError(
-                f"images must be PIL images (or HxWx3 uint8 arrays); got {type(image).__name__}."
-            )
-        image, s = image.convert("RGB"), self.image_size
-        if not cut:
-            return [self._to_tensor(image, s, s)], IMAGE_TOKEN
-        rows, cols = select_anchor(image.width, image.height, s)
-        big = self._to_tensor(image, cols * s, rows * s)  # [3, rows*S, cols*S]
-        tiles = (
-            big.view(3, rows, s, cols, s).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, s, s)
-        )  # row-major
-        return [*tiles, self._to_tensor(image, s, s)], cut_prompt(rows, cols, self.template)
+        out = self.image_processor(image, cut_enable=bool(cut))
+        rows, cols = out["cut_shapes"][0].tolist()
+        return list(out["pixel_values"]), (cut_prompt(rows, cols, self.template) if cut else IMAGE_TOKEN)
 
     # ---- text -------------------------------------------------------------------------------------
     def _encode(self, text: str) -> list[int]:
@@ -251,25 +241,19 @@ class Owl3Processor:
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)
 
-    def to_dict(self) -> dict:
-        return {
-            "processor_class": type(self).__name__,
-            "image_size": self.image_size,
-            "template": self.template,
-            "media_offset_format": self.media_offset_format,
-            "cut_enable": self.cut_enable,
-            "padding_side": self.padding_side,
-        }
-
-    def save_pretrained(self, directory) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save_pretrained(str(directory))
-        (directory / CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+    def save_pretrained(self, save_directory, **kwargs) -> list[str]:
+        """Tokenizer files, ``processor_config.json`` (image processor nested), ``preprocessor_config.json``
+        and the ``auto_map`` + shim for ``trust_remote_code``."""
+        directory = str(save_directory)
+        files = super().save_pretrained(directory, **kwargs)
+        self.image_processor.save_pretrained(directory)
+        save_processor_auto_map(directory, type(self).__name__)
+        return files
 
     @classmethod
     def from_pretrained(cls, directory, config=None, **kwargs) -> Owl3Processor:
-        """Tokenizer files + ``processor_config.json`` (else settings derived from the model config).
+        """Tokenizer files + ``processor_config.json`` (this format with the image processor nested, or the
+        lab's earlier flat one), else settings derived from the model config.
 
         ``kwargs``: only the Hub options ``AutoProcessor.from_pretrained`` forwards (ignored: the directory is
         local); anything else is a TypeError.
@@ -282,7 +266,11 @@ class Owl3Processor:
         saved = directory / CONFIG_NAME
         if saved.is_file():
             settings = json.loads(saved.read_text())
-            settings.pop("processor_class", None)
+            for key in ("processor_class", "auto_map"):
+                settings.pop(key, None)
+            if isinstance(settings.get("image_processor"), dict):
+                saved_image = {k: v for k, v in settings["image_processor"].items() if k != "auto_map"}
+                settings["image_processor"] = Owl3ImageProcessor.from_dict(saved_image)
             return cls(tokenizer, **settings)
         if config is None:
             config = load_config(directory)
