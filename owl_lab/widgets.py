@@ -131,6 +131,12 @@ def example(task: str, scene: int, seed: int = 0):
     return eval_set(task, scene + 1, seed=seed)[scene]
 
 
+def decoder_shape(model) -> tuple[int, int]:
+    """(decoder layers, attention heads) of any family (LLaVA keeps them in its text config)."""
+    text = model.config.get_text_config()
+    return int(text.num_hidden_layers), int(text.num_attention_heads)
+
+
 def sequence_labels(
     family: str | FamilySpec, input_ids: torch.Tensor, tokenizer, tokens_per_image: int, config=None
 ) -> list[str]:
@@ -202,12 +208,14 @@ def explore(state: ExplorerState, cache: ModelCache | None = None) -> ExplorerVi
     batch = processor(text=prompt, images=list(ex.images) or None)
     ids = batch["input_ids"]
 
-    n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    n_layers, n_heads = decoder_shape(model)
     if not 0 <= state.layer < n_layers:
         raise ValueError(f"layer must be in [0, {n_layers}); got {state.layer}.")
     if state.head is not None and not 0 <= state.head < n_heads:
         raise ValueError(f"head must be None (mean) or in [0, {n_heads}); got {state.head}.")
-    labels = sequence_labels(spec, ids[0], processor.tokenizer, model.config.tokens_per_image, model.config)
+    labels = sequence_labels(
+        spec, ids[0], processor.tokenizer, getattr(model.config, "tokens_per_image", 1), model.config
+    )
     token = len(labels) - 1 if state.token is None or state.token < 0 else int(state.token)
     if token >= len(labels):
         raise ValueError(
@@ -363,7 +371,7 @@ class ExplorerApp:
     def _sync_model_controls(self) -> None:
         """Layer/head ranges follow the loaded model's config."""
         model, _ = self.cache.get(self.model.value)
-        n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
+        n_layers, n_heads = decoder_shape(model)
         self.layer.max = n_layers - 1
         options = [("mean", HEAD_MEAN)] + [(str(h), h) for h in range(n_heads)]
         if list(self.head.options) != options:

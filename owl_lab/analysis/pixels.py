@@ -19,6 +19,9 @@ products of those pieces (for a token at decoder position t predicting answer to
   ``composed_i = s_i[t] · c_i`` with ``s_i`` the gate's vision share of that layer's output
   (``rec.gate_split``: ‖o_proj(cross·g)‖ / (‖text part‖ + ‖vision part‖)); models without a gate
   (fused / sum) use s = 1, the fused softmax already weighs images against text.
+* **patch rows** (LLaVA: one decoder row per patch, no abstractor): ``raw_i[n] = composed_i[n] =
+  d_i[t, rows of image n]`` reshaped to the patch grid — the decoder reads the patches directly.
+  The stock CLIP tower has no hook points, so there is no rollout map.
 * **rollout** (``rollout=True``): the composed map propagated through the vision encoder by
   attention rollout (Abnar & Zuidema 2020): ``R = Π_l (½ A_l + ½ I)`` over the encoder layers whose
   output the bridge reads (head-mean A_l), and a map over encoder output tokens becomes ``m · R``
@@ -37,6 +40,7 @@ import pandas as pd
 import torch
 
 from hooks.capture import capture
+from hooks.vision import vision_sites
 from owl_lab.families import family_of
 from owl_lab.viz.pixels import pixel_overlay_figure
 
@@ -144,7 +148,7 @@ def answer_to_pixels(
     *,
     answer: str | None = None,
     tokens="first",
-    rollout_encoder: bool = True,
+    rollout_encoder: bool | None = None,
     abstractor_layer: int = -1,
     layers=None,
 ) -> PixelPath:
@@ -157,7 +161,8 @@ def answer_to_pixels(
         answer: the answer to teacher-force (default ``example.answer``).
         tokens: ``"first"`` (the first answer token), ``"all"`` (every answer token incl. eos) or a
             list of answer-token indices.
-        rollout_encoder: also compute the ``rollout`` map (captures the encoder's full maps).
+        rollout_encoder: also compute the ``rollout`` map (captures the encoder's full maps); None =
+            whenever the vision encoder has hook points (not a stock LLaVA tower).
         abstractor_layer: Owl2 abstractor layer whose query maps are used (default the last).
         layers: decoder layers to aggregate (default all; Owl3: the hyper layers among them).
 
@@ -168,6 +173,13 @@ def answer_to_pixels(
     images = list(example.images)
     if not images:
         raise ValueError("answer_to_pixels needs a prompt with at least one image.")
+    observable = bool(vision_sites(model, spec))
+    if rollout_encoder and not observable:
+        raise ValueError(
+            f"rollout_encoder=True, but {type(model).__name__}'s vision encoder has no hook points "
+            "(a stock transformers tower): no rollout map"
+        )
+    rollout_encoder = observable if rollout_encoder is None else rollout_encoder
     batch = processor(
         text=example.text, images=images, answers=answer if answer is not None else example.answer
     )
@@ -192,6 +204,8 @@ def answer_to_pixels(
         model(**forward)
     if rec.abstractor_records:
         per_layer = _owl2_maps(rec, layers, positions, len(images), abstractor_layer, rollout_encoder)
+    elif spec.images_in_sequence:  # LLaVA: the image rows are the patches
+        per_layer = _patch_row_maps(rec, layers, positions, len(images))
     else:
         per_layer = _owl3_maps(rec, layers, positions, len(images), rollout_encoder)
     tok = getattr(processor, "tokenizer", processor)
@@ -251,6 +265,21 @@ def _owl2_maps(rec, layers, positions, n_img, abstractor_layer, with_rollout) ->
     if with_rollout:
         out["rollout"] = torch.stack(roll)
     return out
+
+
+def _patch_row_maps(rec, layers, positions, n_img) -> dict:
+    """One decoder row per patch (LLaVA): the answer's attention on image n's rows is its patch map."""
+    maps = []
+    for i in layers:
+        fm = rec.full_maps[(0, i, "self")]
+        p = _rows(fm, positions)  # [T, Lk]
+        d = torch.stack([p[:, (fm.key_image[0] == n).nonzero().flatten()] for n in range(n_img)], 1)
+        side = int(round(d.shape[-1] ** 0.5))  # [T, N, P] with P = side² patches (square towers)
+        if side * side != d.shape[-1]:
+            raise ValueError(f"{d.shape[-1]} image rows per image do not form a square patch grid")
+        maps.append(d.view(*d.shape[:2], side, side))
+    stacked = torch.stack(maps)  # [layers, T, N, gh, gw]
+    return {"raw": stacked, "composed": stacked.clone()}
 
 
 def _owl3_maps(rec, layers, positions, n_img, with_rollout) -> dict:

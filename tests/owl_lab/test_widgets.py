@@ -177,3 +177,25 @@ def test_app_pixels_panel_follows_answer_token_layer_and_map(data_root, cache, m
     assert names == ["raw", "composed", "rollout"]
     app.answer_token.value = 99  # out of range: shown as an error, outputs cleared
     assert "token must be in" in app.text.value and app.outputs["pixels"].outputs == ()
+
+
+def test_explore_a_stock_llava_directory(tmp_path, cache):
+    """The explorer reads a stock transformers LLaVA like the Owls: decoder shape from its text config,
+    one row per patch, a pixels panel without rollout (the stock tower has no hook points)."""
+    from owl_lab.models.llava import build_for_training
+    from owl_lab.synth.tokenizer import build_tokenizer
+
+    config = {
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                          "num_attention_heads": 2, "image_size": 56, "patch_size": 14},
+    }  # fmt: skip
+    model, processor = build_for_training(config, build_tokenizer("llava"), seed=0)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    view = explore(ExplorerState(model=str(tmp_path), task="color", scene=1, layer=1, head=3), cache)
+    assert view.family == "llava" and view.labels.count("<|image|>") == 16  # 4×4 patches, one row each
+    assert 0 < view.numbers["visual_share_layer"] < 1
+    assert "pixels" in view.figures
+    with pytest.raises(ValueError, match="head must be"):
+        explore(ExplorerState(model=str(tmp_path), task="color", scene=1, layer=1, head=4), cache)

@@ -56,3 +56,32 @@ def test_knockout_sweep_and_logit_lens(setup):
     lens = logit_lens(model, batch, top_k=3)
     final = lens[lens.layer == lens.layer.max()]
     assert len(final) > 0
+
+
+def test_answer_visual_share_and_answer_to_pixels(setup):
+    """The FastV comparison's measure and the answer → pixels path on the stock model."""
+    from owl_lab.analysis.causal import last_positions, layouts
+    from owl_lab.analysis.pixels import answer_to_pixels
+    from owl_lab.analysis.pruning import answer_visual_share
+
+    model, processor, examples = setup
+    share, fraction = answer_visual_share(model, processor, examples[:3])
+    assert share.shape == (3, 3) and ((share > 0) & (share < 1)).all().all()
+    assert fraction.round(6).nunique() == 1 and 0.5 < fraction.iloc[0] < 1  # 16 patch rows of ~26 tokens
+    path = answer_to_pixels(model, processor, examples[0], tokens="all")
+    assert set(path.maps) == {"raw", "composed"} and path.maps["raw"].shape[1:] == (1, 4, 4)
+    # the patch map is the decoder's attention on the 16 image rows, layer-mean, head-mean
+    batch = processor(text=examples[0].text, images=examples[0].images)
+    with torch.no_grad(), layouts(model) as seen, capture(model, full_maps={i: None for i in range(3)}) as rec:
+        model(**batch)
+    last = int(last_positions(seen[0])[0])
+    want = torch.stack(
+        [
+            fm.probs[0].mean(0)[(fm.query_index == last).nonzero()[0, 0]][fm.key_image[0] == 0]
+            for (*_, kind), fm in sorted(rec.full_maps.items())
+            if kind == "self"
+        ]
+    ).mean(0)
+    assert torch.allclose(path.maps["raw"][0, 0].flatten(), want, atol=1e-6)
+    with pytest.raises(ValueError, match="no hook points"):
+        answer_to_pixels(model, processor, examples[0], rollout_encoder=True)
