@@ -72,7 +72,11 @@ def test_answer_visual_share_and_answer_to_pixels(setup):
     assert set(path.maps) == {"raw", "composed"} and path.maps["raw"].shape[1:] == (1, 4, 4)
     # the patch map is the decoder's attention on the 16 image rows, layer-mean, head-mean
     batch = processor(text=examples[0].text, images=examples[0].images)
-    with torch.no_grad(), layouts(model) as seen, capture(model, full_maps={i: None for i in range(3)}) as rec:
+    with (
+        torch.no_grad(),
+        layouts(model) as seen,
+        capture(model, full_maps={i: None for i in range(3)}) as rec,
+    ):
         model(**batch)
     last = int(last_positions(seen[0])[0])
     want = torch.stack(
