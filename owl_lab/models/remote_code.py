@@ -91,6 +91,19 @@ class AutoMapConfigMixin:
         write_shim(save_directory)
 
 
+class AutoMapProcessorMixin:
+    """For a lab ``ProcessorMixin``: ``save_pretrained`` writes the tokenizer files,
+    ``processor_config.json`` (image processor nested), ``preprocessor_config.json`` and the ``auto_map``
+    + shim for ``trust_remote_code``."""
+
+    def save_pretrained(self, save_directory, **kwargs) -> list[str]:
+        directory = str(save_directory)
+        files = super().save_pretrained(directory, **kwargs)
+        self.image_processor.save_pretrained(directory)
+        save_processor_auto_map(directory, type(self).__name__)
+        return files
+
+
 def save_processor_auto_map(directory: str | Path, processor_class: str) -> None:
     """After a processor's ``save_pretrained``: ``auto_map`` for AutoProcessor + the shim. (The lab's image
     processors put their own ``AutoImageProcessor`` entry in their ``to_dict``.)"""

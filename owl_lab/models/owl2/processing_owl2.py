@@ -43,14 +43,14 @@ from owl_lab.models.owl2.image_processing_owl2 import (  # noqa: F401  (preproce
     Owl2ImageProcessor,
     preprocess_image,
 )
-from owl_lab.models.remote_code import save_processor_auto_map
+from owl_lab.models.remote_code import AutoMapProcessorMixin
 
 PROMPT_TEMPLATE = "USER: {text} ASSISTANT:"
 PROCESSOR_CONFIG = "processor_config.json"
 IMAGE_PROCESSOR_CONFIG = "preprocessor_config.json"
 
 
-class Owl2Processor(ProcessorMixin):
+class Owl2Processor(AutoMapProcessorMixin, ProcessorMixin):
     """Text + images → ``input_ids`` (with -200), ``attention_mask``, ``pixel_values``, ``labels``.
 
     Build it as before, ``Owl2Processor(tokenizer, image_size=448, image_mean=..., image_std=...,
@@ -226,16 +226,7 @@ class Owl2Processor(ProcessorMixin):
     def batch_decode(self, sequences, **kwargs) -> list[str]:
         return [self.decode(s, **kwargs) for s in sequences]
 
-    # ---- persistence --------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | Path, **kwargs) -> list[str]:
-        """Tokenizer files, ``processor_config.json`` (image processor nested), ``preprocessor_config.json``
-        and the ``auto_map`` + shim for ``trust_remote_code``."""
-        directory = str(save_directory)
-        files = super().save_pretrained(directory, **kwargs)
-        self.image_processor.save_pretrained(directory)
-        save_processor_auto_map(directory, type(self).__name__)
-        return files
-
+    # ---- persistence (save_pretrained: AutoMapProcessorMixin) ---------------------------------
     @classmethod
     def from_config(cls, config, tokenizer, **kwargs) -> Owl2Processor:
         """A processor for a fresh model: image size from ``config`` (an :class:`Owl2Config`)."""

@@ -33,7 +33,7 @@ from owl_lab.models.owl3.image_processing_owl3 import (  # noqa: F401  (GRID_SQU
     select_anchor,
 )
 from owl_lab.models.owl3.media_owl3 import NO_IMAGE_MARKER
-from owl_lab.models.remote_code import save_processor_auto_map
+from owl_lab.models.remote_code import AutoMapProcessorMixin
 
 IMAGE_TOKEN = "<|image|>"
 SYSTEM = "<|im_start|>system\n<|im_end|>"
@@ -54,7 +54,7 @@ def cut_prompt(rows: int, cols: int, template: str) -> str:
     return f"<|start_cut|>{rows}*{cols}\n{lines}\n{IMAGE_TOKEN}<|end_cut|>"
 
 
-class Owl3Processor(ProcessorMixin):
+class Owl3Processor(AutoMapProcessorMixin, ProcessorMixin):
     """Turns chat text with ``<|image|>`` placeholders and PIL images into an Owl3 batch.
 
     A ``transformers.ProcessorMixin``: ``tokenizer`` + ``image_processor`` (:class:`Owl3ImageProcessor`,
@@ -240,15 +240,6 @@ class Owl3Processor(ProcessorMixin):
 
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)
-
-    def save_pretrained(self, save_directory, **kwargs) -> list[str]:
-        """Tokenizer files, ``processor_config.json`` (image processor nested), ``preprocessor_config.json``
-        and the ``auto_map`` + shim for ``trust_remote_code``."""
-        directory = str(save_directory)
-        files = super().save_pretrained(directory, **kwargs)
-        self.image_processor.save_pretrained(directory)
-        save_processor_auto_map(directory, type(self).__name__)
-        return files
 
     @classmethod
     def from_pretrained(cls, directory, config=None, **kwargs) -> Owl3Processor:
