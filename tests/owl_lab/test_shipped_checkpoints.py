@@ -23,7 +23,9 @@ def _accuracies(metrics: dict) -> dict[str, float]:
 
 
 def test_the_notebooks_checkpoints_are_shipped():
-    assert {"owl2-tiny", "owl2-tiny-nomam", "owl3-tiny", "owl3-tiny-fused"} <= set(SHIPPED)
+    assert {
+        "owl2-tiny", "owl2-tiny-nomam", "owl3-tiny", "owl3-tiny-fused", "llava-tiny", "llava-tiny-s1"
+    } <= set(SHIPPED)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
