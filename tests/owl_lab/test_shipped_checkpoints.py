@@ -24,7 +24,12 @@ def _accuracies(metrics: dict) -> dict[str, float]:
 
 def test_the_notebooks_checkpoints_are_shipped():
     assert {
-        "owl2-tiny", "owl2-tiny-nomam", "owl3-tiny", "owl3-tiny-fused", "llava-tiny", "llava-tiny-s1"
+        "owl2-tiny",
+        "owl2-tiny-nomam",
+        "owl3-tiny",
+        "owl3-tiny-fused",
+        "llava-tiny",
+        "llava-tiny-s1",
     } <= set(SHIPPED)
 
 
