@@ -328,7 +328,8 @@ class capture:
     def _reduce_event(self, event, valid_q: torch.Tensor, select: torch.Tensor | None):
         """Apply ``heads`` / ``queries`` to one event before anything is computed.
 
-        Returns None when no row is to be computed, else (query, key, probs, logsumexp, allowed, row_mask [B, n],
+        Returns None when no row is to be computed, else (query, key, probs, logsumexp, allowed,
+        row_mask [B, n],
         select (rows into the computed ones), mass_rows (computed rows kept in the table, None = all),
         query_index [n'] of the kept rows, head_ids [H'] (None = all heads, -1 = mean)).
         """
