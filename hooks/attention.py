@@ -248,6 +248,12 @@ def grouped_mass(
         elif auto_chunk:  # a chunk holds scores of the explicit keys only, plus its bool mask rows
             per_row = B * (H * max(1, plan.cols.numel()) * (torch.finfo(cdtype).bits // 8) + Lk)
             rows = max(rows, min(Lq, chunk_bytes // per_row))
+        fast = getattr(allowed, "fast", None)
+        if plan is not None and fast in ("causal", "all") and Lk >= Lq:  # no mask tensor at all
+            has_keys, seen = _lse_fast(plan, query, logsumexp, scale, fast, Lk, row_mask, rows, mass)
+            kept = has_keys if row_mask is None else has_keys & row_mask.to(device)
+            mass.masked_fill_(~kept[:, None, :, None], 0.0)
+            return MassResult(mass=mass, has_keys=has_keys, seen=seen, maps=None)
 
     for q0 in range(0, Lq, rows):
         q1 = min(Lq, q0 + rows)
@@ -277,18 +283,12 @@ def grouped_mass(
             continue
         k0, k1 = int(cols[0]), int(cols[-1]) + 1  # contiguous key range (causal ⇒ k1 ≈ q1 + past)
         if plan is not None:  # scores of the explicit columns only; no softmax pass
-            _lse_chunk(
-                plan,
-                query,
-                logsumexp,
-                scale,
-                allow if head_allow is None else head_allow,
-                q0,
-                q1,
-                k0,
-                k1,
-                mass[:, :, q0:q1],
+            e0, e1 = (int(i) for i in torch.searchsorted(plan.cols, torch.tensor([k0, k1], device=device)))
+            a = (allow if head_allow is None else head_allow).index_select(-1, plan.cols[e0:e1])
+            allowed_n = (
+                (allow if head_allow is None else head_allow).view(torch.uint8).sum(-1, dtype=torch.int32)
             )
+            _lse_chunk(plan, query, logsumexp, scale, q0, q1, e0, e1, a, allowed_n, mass[:, :, q0:q1])
         else:
             p = _chunk_probs(query, key_t, probs, allow, allow_u8, head_allow, scale, q0, q1, k0, k1, cdtype)
             if reduce != "onehot":
@@ -344,37 +344,61 @@ def _lse_plan(key_group: torch.Tensor, key_t: torch.Tensor, cdtype: torch.dtype)
     return _LsePlan(big, cols, kt, kg_e != big, group_runs(kg_e))
 
 
-def _lse_chunk(plan: _LsePlan, query, logsumexp, scale, allow, q0, q1, k0, k1, out) -> None:
-    """out [B, H, c, G] = group masses of query rows q0..q1-1 (key range k0..k1-1) from the logsumexp.
+def _lse_chunk(plan: _LsePlan, query, logsumexp, scale, q0, q1, e0, e1, a, allowed_n, out) -> None:
+    """out [B, H, c, G] = group masses of query rows q0..q1-1 from the logsumexp.
 
-    allow: bool [B, c, Lk] or per head [B, H, c, Lk]. Every explicit column's probability is
-    ``exp(scale q·k - lse)`` (0 where not allowed); the big group gets ``1 - Σ`` of the columns outside
-    it, which is exact up to rounding because ``lse`` normalises over exactly the allowed keys.
+    e0, e1: the explicit columns ``plan.cols[e0:e1]`` the rows may see; a: bool [B, (H,) c, e1 - e0]
+    which of them each row may see; allowed_n: [B, (H,) c] how many keys each row may see in all.
+    Every explicit column's probability is ``exp(scale q·k - lse)`` (0 where not allowed); the big
+    group gets ``1 - Σ`` of the columns outside it, exact up to rounding because ``lse`` normalises
+    over exactly the allowed keys (and an exact 0 where the row may see none of the big group's keys).
     """
     B, H, _, D = query.shape
     c = q1 - q0
-    e0, e1 = (int(i) for i in torch.searchsorted(plan.cols, torch.tensor([k0, k1], device=plan.cols.device)))
     cdtype = plan.key_t.dtype
     if e1 > e0:
         Hkv = plan.key_t.shape[1]
         qc = query[:, :, q0:q1].detach().to(cdtype).reshape(B, Hkv, H // Hkv * c, D)
         p = torch.matmul(qc * scale, plan.key_t[..., e0:e1]).view(B, H, c, e1 - e0)  # [B, H, c, n]
         p.sub_(logsumexp[:, :, q0:q1, None].to(cdtype)).exp_()
-        a = allow.index_select(-1, plan.cols[e0:e1])  # [B, (H,) c, n]
         p.masked_fill_(~(a if a.dim() == 4 else a[:, None]), 0.0)
         for b in range(B):
             _reduce_runs(p[b], plan.runs[b], e0, e1, out[b], "auto")
     if plan.big < 0:
         return
-    # Rows where the big group has no allowed key get an exact 0 (e.g. a knocked-out group), not 1 - Σ.
-    allowed_n = allow.view(torch.uint8).sum(-1, dtype=torch.int32)  # [B, (H,) c] allowed keys per row
     if e1 > e0:
         not_big = plan.not_big[:, e0:e1]  # [B, n]
         a_not_big = a & (not_big[:, None, None] if a.dim() == 4 else not_big[:, None])
-        allowed_n = allowed_n - a_not_big.view(torch.uint8).sum(-1, dtype=torch.int32)
+        allowed_n = allowed_n - a_not_big.view(torch.uint8).sum(
+            -1, dtype=torch.int32
+        )  # keys of the big group
         rest = torch.matmul(p, not_big[:, None, :, None].to(cdtype)).squeeze(-1)  # [B, H, c]
         big = (1.0 - rest).clamp_(min=0.0)
     else:
         big = torch.ones(B, H, c, dtype=out.dtype, device=out.device)
     has_big = allowed_n > 0
     out[..., plan.big] = big.masked_fill_(~(has_big if has_big.dim() == 3 else has_big[:, None]), 0.0)
+
+
+def _lse_fast(plan: _LsePlan, query, logsumexp, scale, fast: str, Lk: int, row_mask, rows: int, mass):
+    """The logsumexp path for a ``fast`` mask (``causal``: key j visible to query i iff
+    j <= i + Lk - Lq; ``all``), with every mask fact computed from positions instead of bool tensors.
+    Fills ``mass`` [B, H, Lq, G]; returns (has_keys [B, Lq], seen [B, Lk])."""
+    B, H, Lq, _ = query.shape
+    device = mass.device
+    offset = Lk - Lq if fast == "causal" else Lk  # row i sees keys < i + offset + 1 (all: every key)
+    last_key = torch.arange(Lq, device=device) + offset  # [Lq] last visible key of each row
+    last_key = last_key.clamp(max=Lk - 1)
+    has_keys = (last_key >= 0)[None].expand(B, Lq).clone()
+    counted = has_keys if row_mask is None else has_keys & row_mask.to(device)
+    reach = torch.where(counted, last_key[None], -1).amax(-1)  # [B] last key a counted row sees
+    seen = torch.arange(Lk, device=device)[None] <= reach[:, None]
+    cols = plan.cols
+    for q0 in range(0, Lq, rows):
+        q1 = min(Lq, q0 + rows)
+        last = last_key[q0:q1]  # [c]
+        e1 = int(torch.searchsorted(cols, last[-1:].clamp(min=-1) + 1))
+        a = (cols[None, :e1] <= last[:, None])[None].expand(B, -1, -1)  # [B, c, e1]
+        allowed_n = (last + 1).clamp(min=0).to(torch.int32)[None].expand(B, -1)  # [B, c]
+        _lse_chunk(plan, query, logsumexp, scale, q0, q1, 0, e1, a, allowed_n, mass[:, :, q0:q1])
+    return has_keys, seen

@@ -209,15 +209,26 @@ def sdpa_attention_forward(
                 mask = allowed.additive(query.dtype)  # [B, 1 | H, Lq, Lk]
     gqa = query.shape[1] != key.shape[1]
     if kwargs.get("want_logsumexp"):
-        return _sdpa_with_logsumexp(query, key, value, mask, is_causal, scaling, gqa)
+        return sdpa_with_logsumexp(
+            query, key, value, mask, is_causal=is_causal, scale=scaling, enable_gqa=gqa
+        )
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=gqa
     )
     return out, None
 
 
-def _sdpa_with_logsumexp(query, key, value, mask, is_causal: bool, scaling: float, gqa: bool):
-    """(context, logsumexp [B, H, Lq] or None): the same numbers as ``F.scaled_dot_product_attention``.
+def sdpa_with_logsumexp(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``F.scaled_dot_product_attention`` (same arguments, same output) plus the logsumexp [B, H, Lq] or None.
 
     When SDPA would pick its CPU flash kernel, that kernel is called directly (the op SDPA itself
     dispatches to), which also returns the log of each row's softmax normaliser — so capture can get
@@ -225,21 +236,22 @@ def _sdpa_with_logsumexp(query, key, value, mask, is_causal: bool, scaling: floa
     goes through SDPA unchanged and yields no logsumexp. ``tests/owl_lab/models/test_attention_lse.py``
     checks that both calls give bitwise equal outputs.
     """
+    args = dict(
+        attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
+    )
     flash = (
         query.device.type == "cpu"
+        and dropout_p == 0.0
         and not torch.is_grad_enabled()
-        and torch._fused_sdp_choice(query, key, value, mask, 0.0, is_causal, scale=scaling, enable_gqa=gqa)
-        == _FLASH_BACKEND
+        and torch._fused_sdp_choice(query, key, value, **args) == _FLASH_BACKEND
     )
     if not flash:
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=gqa
-        )
-        return out, None
+        return F.scaled_dot_product_attention(query, key, value, **args), None
+    mask = attn_mask
     if mask is not None and mask.dtype == torch.bool:  # what SDPA does with a boolean mask
         mask = torch.where(mask, torch.zeros((), dtype=query.dtype), float("-inf"))
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        query, key, value, 0.0, is_causal, attn_mask=mask, scale=scaling
+        query, key, value, 0.0, is_causal, attn_mask=mask, scale=scale
     )
     return out, lse
 
@@ -422,7 +434,7 @@ def attention(
         probs = None
     else:
         # While observed, the SDPA kernel also hands out its softmax normaliser (same output, see
-        # _sdpa_with_logsumexp); the eager kernel returns probabilities instead.
+        # sdpa_with_logsumexp); the eager kernel returns probabilities instead.
         extra = {"want_logsumexp": True} if observe and kernel is sdpa_attention_forward else {}
         ctx, probs = kernel(
             module, query, key, value, kernel_allowed, scaling, softmax_dtype=softmax_dtype, **extra
