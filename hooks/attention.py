@@ -252,7 +252,8 @@ def grouped_mass(
         if plan.cols.numel() > Lk * _LSE_MAX_EXPLICIT:
             plan = None  # no dominant group (e.g. 64 images of equal size): the full softmax is as cheap
         elif auto_chunk:  # a chunk holds scores of the explicit keys only, plus its bool mask rows
-            per_row = B * (H * max(1, plan.cols.numel()) * (torch.finfo(cdtype).bits // 8) + Lk)
+            mask_heads = H if getattr(allowed, "per_head", True) else 1  # a bare callable may be per head
+            per_row = B * (H * max(1, plan.cols.numel()) * (torch.finfo(cdtype).bits // 8) + mask_heads * Lk)
             rows = max(rows, min(Lq, chunk_bytes // per_row))
         fast = getattr(allowed, "fast", None)
         if plan is not None and fast in ("causal", "all") and Lk >= Lq:  # no mask tensor at all
@@ -290,10 +291,9 @@ def grouped_mass(
         k0, k1 = int(cols[0]), int(cols[-1]) + 1  # contiguous key range (causal ⇒ k1 ≈ q1 + past)
         if plan is not None:  # scores of the explicit columns only; no softmax pass
             e0, e1 = (int(i) for i in torch.searchsorted(plan.cols, torch.tensor([k0, k1], device=device)))
-            a = (allow if head_allow is None else head_allow).index_select(-1, plan.cols[e0:e1])
-            allowed_n = (
-                (allow if head_allow is None else head_allow).view(torch.uint8).sum(-1, dtype=torch.int32)
-            )
+            mask_rows = allow if head_allow is None else head_allow  # [B, (H,) c, Lk]
+            a = mask_rows.index_select(-1, plan.cols[e0:e1])
+            allowed_n = mask_rows.view(torch.uint8).sum(-1, dtype=torch.int32)  # allowed keys per row
             _lse_chunk(plan, query, logsumexp, scale, q0, q1, e0, e1, a, allowed_n, mass[:, :, q0:q1])
         else:
             p = _chunk_probs(query, key_t, probs, allow, allow_u8, head_allow, scale, q0, q1, k0, k1, cdtype)
@@ -375,9 +375,8 @@ def _lse_chunk(plan: _LsePlan, query, logsumexp, scale, q0, q1, e0, e1, a, allow
     if e1 > e0:
         not_big = plan.not_big[:, e0:e1]  # [B, n]
         a_not_big = a & (not_big[:, None, None] if a.dim() == 4 else not_big[:, None])
-        allowed_n = allowed_n - a_not_big.view(torch.uint8).sum(
-            -1, dtype=torch.int32
-        )  # keys of the big group
+        n_not_big = a_not_big.view(torch.uint8).sum(-1, dtype=torch.int32)
+        allowed_n = allowed_n - n_not_big  # allowed keys of the big group
         rest = torch.matmul(p, not_big[:, None, :, None].to(cdtype)).squeeze(-1)  # [B, H, c]
         big = (1.0 - rest).clamp_(min=0.0)
     else:
