@@ -12,6 +12,12 @@ it chunk by chunk over queries. For c queries:
 4. reduced into the groups: keys of a group usually form a few contiguous runs (BOS, text, one
    image's rows …), so we sum each run; with many runs we fall back to one matmul with a one-hot.
 
+When the model's SDPA kernel handed out its softmax normaliser (``logsumexp``, see
+:func:`owl_lab.models.attention.sdpa_with_logsumexp`) and one group holds most keys (text, in Owl2 /
+LLaVA / Owl3 self-attention), steps 1–3 shrink to the keys outside that group: their probabilities
+are ``exp(scale q·k - logsumexp)`` and the big group's mass is one minus theirs (an exact 0 where a
+row sees none of its keys). At L=4096 that is ~66 score columns instead of ~2048 per query.
+
 Only one chunk tensor is alive at a time. Its default size is the event's own q tensor clamped to
 [1 MB, 8 MB] (small enough to stay in cache, large enough for efficient matmuls), but never fewer
 than 64 query rows (a thin [rows, D] × [D, Lk] matmul runs far below the CPU's peak).
@@ -28,6 +34,7 @@ import torch
 _MIN_AUTO_BYTES = 1 << 20
 _MAX_AUTO_BYTES = 8 << 20
 _MIN_AUTO_ROWS = 64  # (Owl3 with 64 images: 16 rows × 4096 image keys would fill 2 MB)
+_LSE_MAX_EXPLICIT = 0.5  # logsumexp path only when at most this fraction of the keys is outside the big group
 _LOOP_RUNS = 8  # up to this many contiguous runs per sample: one sum per run; else reduceat / one-hot
 REDUCERS = ("auto", "loop", "tiles", "reduceat", "onehot")
 
@@ -122,6 +129,37 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _chunk_probs(query, key_t, probs, allow, allow_u8, head_allow, scale, q0, q1, k0, k1, cdtype):
+    """[B, H, c, k1 - k0] softmax probabilities of query rows q0..q1-1 over keys k0..k1-1 (0 / NaN on
+    disallowed keys / key-less rows): sliced from ``probs`` if given, else recomputed from q·kᵀ."""
+    B, H, _, D = query.shape
+    c = q1 - q0
+    if head_allow is None:
+        sub = allow[..., k0:k1][:, None]  # [B, 1, c, Lk']
+        ragged = (allow_u8[..., k0:k1].amin(1).amin(0) == 0).nonzero()  # columns some query may not see
+    else:
+        sub = head_allow[..., k0:k1]  # [B, H, c, Lk']
+        ragged = (sub.view(torch.uint8).flatten(0, 2).amin(0) == 0).nonzero()
+    if probs is not None:
+        p = probs[:, :, q0:q1, k0:k1].detach().to(cdtype)  # [B, H, c, Lk']
+        if ragged.numel():
+            a, b = int(ragged[0]), int(ragged[-1]) + 1
+            p = p.clone()
+            p[..., a:b].masked_fill_(~sub[..., a:b], 0.0)
+        return p
+    Hkv = key_t.shape[1]
+    qc = query[:, :, q0:q1].detach().to(cdtype).reshape(B, Hkv, H // Hkv * c, D)  # head h = j*rep + r
+    p = torch.matmul(qc * scale, key_t[..., k0:k1].to(cdtype))  # [B, H_kv, rep*c, Lk']
+    p = p.view(B, H, c, k1 - k0)  # [B, H, c, Lk']
+    if ragged.numel():
+        a, b = int(ragged[0]), int(ragged[-1]) + 1
+        p[..., a:b].masked_fill_(~sub[..., a:b], float("-inf"))
+    # In place (out= aliases the input): the row-wise kernel reads a row before writing it;
+    # tests compare against a materialised softmax. Rows without keys become NaN, zeroed by the caller.
+    torch.softmax(p, dim=-1, out=p)
+    return p
+
+
 @torch.no_grad()
 def grouped_mass(
     query: torch.Tensor,
@@ -132,10 +170,12 @@ def grouped_mass(
     n_groups: int,
     *,
     probs: torch.Tensor | None = None,
+    logsumexp: torch.Tensor | None = None,
     row_mask: torch.Tensor | None = None,
     select: torch.Tensor | None = None,
     chunk_bytes: int | None = None,
     reduce: str = "auto",
+    use_logsumexp: bool = True,
 ) -> MassResult:
     """Softmax mass per key group for every query, exact and query-chunked.
 
@@ -148,6 +188,11 @@ def grouped_mass(
         n_groups: G.
         probs: [B, H, Lq, Lk] probabilities the model already materialised (eager); then they are
             reduced directly instead of being recomputed.
+        logsumexp: [B, H, Lq] log of each row's softmax normaliser, from the model's own kernel
+            (:attr:`AttentionEvent.logsumexp`). Then only the scores of keys outside the largest
+            group are computed, as ``exp(scale q·k - logsumexp)``, and the largest group's mass is
+            one minus the rest (see :func:`_lse_plan`). Used unless ``probs``, ``select`` or a
+            ``reduce`` other than ``auto`` is given; ``use_logsumexp=False`` forces the full softmax.
         row_mask: [B, Lq] bool, rows that count (e.g. real, non-pad queries): only they mark keys
             as ``seen``, and the mass of the other rows is set to 0.
         select: [n_sel] long local query rows whose full probability rows are returned in ``maps``.
@@ -198,10 +243,24 @@ def grouped_mass(
     rows = chunk_rows(B, H, Lk, chunk_bytes, torch.finfo(cdtype).bits // 8)
     if auto_chunk:  # at least _MIN_AUTO_ROWS queries per chunk: thin score matmuls run far below peak
         rows = max(rows, min(Lq, _MIN_AUTO_ROWS))
-    if probs is None:
-        Hkv, D = key.shape[1], key.shape[3]
-        rep = H // Hkv
-        key_t = key.detach().transpose(-1, -2)  # [B, H_kv, D, Lk] (view)
+    key_t = None if probs is not None else key.detach().transpose(-1, -2)  # [B, H_kv, D, Lk] (view)
+    plan = None
+    if use_logsumexp and logsumexp is not None and probs is None and sel is None and reduce == "auto":
+        if tuple(logsumexp.shape) != (B, H, Lq):
+            raise ValueError(f"logsumexp must be [B, H, Lq] = {(B, H, Lq)}, got {tuple(logsumexp.shape)}")
+        plan = _lse_plan(key_group, key_t, cdtype)
+        if plan.cols.numel() > Lk * _LSE_MAX_EXPLICIT:
+            plan = None  # no dominant group (e.g. 64 images of equal size): the full softmax is as cheap
+        elif auto_chunk:  # a chunk holds scores of the explicit keys only, plus its bool mask rows
+            mask_heads = H if getattr(allowed, "per_head", True) else 1  # a bare callable may be per head
+            per_row = B * (H * max(1, plan.cols.numel()) * (torch.finfo(cdtype).bits // 8) + mask_heads * Lk)
+            rows = max(rows, min(Lq, chunk_bytes // per_row))
+        fast = getattr(allowed, "fast", None)
+        if plan is not None and fast in ("causal", "all") and Lk >= Lq:  # no mask tensor at all
+            has_keys, seen = _lse_fast(plan, query, logsumexp, scale, fast, Lk, row_mask, rows, mass)
+            kept = has_keys if row_mask is None else has_keys & row_mask.to(device)
+            mass.masked_fill_(~kept[:, None, :, None], 0.0)
+            return MassResult(mass=mass, has_keys=has_keys, seen=seen, maps=None)
 
     for q0 in range(0, Lq, rows):
         q1 = min(Lq, q0 + rows)
@@ -230,45 +289,121 @@ def grouped_mass(
         if cols.numel() == 0:
             continue
         k0, k1 = int(cols[0]), int(cols[-1]) + 1  # contiguous key range (causal ⇒ k1 ≈ q1 + past)
-        if head_allow is None:
-            sub = allow[..., k0:k1][:, None]  # [B, 1, c, Lk']
-            ragged = (allow_u8[..., k0:k1].amin(1).amin(0) == 0).nonzero()  # columns some query may not see
+        if plan is not None:  # scores of the explicit columns only; no softmax pass
+            e0, e1 = (int(i) for i in torch.searchsorted(plan.cols, torch.tensor([k0, k1], device=device)))
+            mask_rows = allow if head_allow is None else head_allow  # [B, (H,) c, Lk]
+            a = mask_rows.index_select(-1, plan.cols[e0:e1])
+            allowed_n = mask_rows.view(torch.uint8).sum(-1, dtype=torch.int32)  # allowed keys per row
+            _lse_chunk(plan, query, logsumexp, scale, q0, q1, e0, e1, a, allowed_n, mass[:, :, q0:q1])
         else:
-            sub = head_allow[..., k0:k1]  # [B, H, c, Lk']
-            ragged = (sub.view(torch.uint8).flatten(0, 2).amin(0) == 0).nonzero()
-        if probs is not None:
-            p = probs[:, :, q0:q1, k0:k1].detach().to(cdtype)  # [B, H, c, Lk']
-            if ragged.numel():
-                a, b = int(ragged[0]), int(ragged[-1]) + 1
-                p = p.clone()
-                p[..., a:b].masked_fill_(~sub[..., a:b], 0.0)
-        else:
-            qc = query[:, :, q0:q1].detach().to(cdtype).reshape(B, Hkv, rep * c, D)  # head h = j*rep + r
-            p = torch.matmul(qc * scale, key_t[..., k0:k1].to(cdtype))  # [B, H_kv, rep*c, Lk']
-            p = p.view(B, H, c, k1 - k0)  # [B, H, c, Lk']
-            if ragged.numel():
-                a, b = int(ragged[0]), int(ragged[-1]) + 1
-                p[..., a:b].masked_fill_(~sub[..., a:b], float("-inf"))
-            # In place (out= aliases the input): the row-wise kernel reads a row before writing it;
-            # tests compare against a materialised softmax. Rows without keys become NaN, zeroed below.
-            torch.softmax(p, dim=-1, out=p)
-        if reduce != "onehot":
-            for b in range(B):
-                _reduce_runs(p[b], runs[b], k0, k1, mass[b, :, q0:q1], reduce)
-        else:
-            sums = torch.matmul(
-                onehot[:, :, k0:k1], p.reshape(B, H * c, k1 - k0).transpose(1, 2)
-            )  # [B, G, H*c]
-            mass[:, :, q0:q1] = sums.view(B, G, H, c).permute(0, 2, 3, 1)
+            p = _chunk_probs(query, key_t, probs, allow, allow_u8, head_allow, scale, q0, q1, k0, k1, cdtype)
+            if reduce != "onehot":
+                for b in range(B):
+                    _reduce_runs(p[b], runs[b], k0, k1, mass[b, :, q0:q1], reduce)
+            else:
+                sums = torch.matmul(
+                    onehot[:, :, k0:k1], p.reshape(B, H * c, k1 - k0).transpose(1, 2)
+                )  # [B, G, H*c]
+                mass[:, :, q0:q1] = sums.view(B, G, H, c).permute(0, 2, 3, 1)
+            if sel is not None:
+                inside = (sel >= q0) & (sel < q1)
+                if inside.any():
+                    maps[:, :, inside.nonzero().squeeze(-1), k0:k1] = p[:, :, sel[inside] - q0]
+            del p
         if head_allow is not None:  # a head row the knockout emptied is no softmax (NaN): mass 0
             mass[:, :, q0:q1].masked_fill_(~head_rows[..., None], 0.0)
-        if sel is not None:
-            inside = (sel >= q0) & (sel < q1)
-            if inside.any():
-                maps[:, :, inside.nonzero().squeeze(-1), k0:k1] = p[:, :, sel[inside] - q0]
-        del p
     kept = has_keys if row_mask is None else has_keys & row_mask.to(device)
     mass.masked_fill_(~kept[:, None, :, None], 0.0)
     if maps is not None:
         maps.nan_to_num_(0.0)
     return MassResult(mass=mass, has_keys=has_keys, seen=seen, maps=maps)
+
+
+# ---- the logsumexp path: scores of the small groups only ------------------------------------------
+
+
+@dataclass
+class _LsePlan:
+    """What :func:`_lse_chunk` needs for every chunk (built once per call).
+
+    big: the group with the most keys (its mass is 1 - the rest), or -1 when no key has a group.
+    cols: [n_e] sorted key columns outside ``big`` in at least one sample (computed explicitly).
+    key_t: [B, H_kv, D, n_e] their keys, in the compute dtype. not_big: [B, n_e] those columns that
+    are outside ``big`` in each sample (their mass is the rest). runs: per sample, the group runs over
+    the explicit columns (in ``cols`` coordinates).
+    """
+
+    big: int
+    cols: torch.Tensor
+    key_t: torch.Tensor
+    not_big: torch.Tensor
+    runs: list
+
+
+def _lse_plan(key_group: torch.Tensor, key_t: torch.Tensor, cdtype: torch.dtype) -> _LsePlan:
+    kg = key_group.to(key_t.device, torch.long)
+    grouped = kg[kg >= 0]
+    big = int(torch.bincount(grouped).argmax()) if grouped.numel() else -1
+    cols = (kg != big).any(0).nonzero().squeeze(-1)  # [n_e]
+    kg_e = kg[:, cols]  # [B, n_e]
+    kt = key_t.index_select(-1, cols).to(cdtype)  # [B, H_kv, D, n_e]
+    return _LsePlan(big, cols, kt, kg_e != big, group_runs(kg_e))
+
+
+def _lse_chunk(plan: _LsePlan, query, logsumexp, scale, q0, q1, e0, e1, a, allowed_n, out) -> None:
+    """out [B, H, c, G] = group masses of query rows q0..q1-1 from the logsumexp.
+
+    e0, e1: the explicit columns ``plan.cols[e0:e1]`` the rows may see; a: bool [B, (H,) c, e1 - e0]
+    which of them each row may see; allowed_n: [B, (H,) c] how many keys each row may see in all.
+    Every explicit column's probability is ``exp(scale q·k - lse)`` (0 where not allowed); the big
+    group gets ``1 - Σ`` of the columns outside it, exact up to rounding because ``lse`` normalises
+    over exactly the allowed keys (and an exact 0 where the row may see none of the big group's keys).
+    """
+    B, H, _, D = query.shape
+    c = q1 - q0
+    cdtype = plan.key_t.dtype
+    if e1 > e0:
+        Hkv = plan.key_t.shape[1]
+        qc = query[:, :, q0:q1].detach().to(cdtype).reshape(B, Hkv, H // Hkv * c, D)
+        p = torch.matmul(qc * scale, plan.key_t[..., e0:e1]).view(B, H, c, e1 - e0)  # [B, H, c, n]
+        p.sub_(logsumexp[:, :, q0:q1, None].to(cdtype)).exp_()
+        p.masked_fill_(~(a if a.dim() == 4 else a[:, None]), 0.0)
+        for b in range(B):
+            _reduce_runs(p[b], plan.runs[b], e0, e1, out[b], "auto")
+    if plan.big < 0:
+        return
+    if e1 > e0:
+        not_big = plan.not_big[:, e0:e1]  # [B, n]
+        a_not_big = a & (not_big[:, None, None] if a.dim() == 4 else not_big[:, None])
+        n_not_big = a_not_big.view(torch.uint8).sum(-1, dtype=torch.int32)
+        allowed_n = allowed_n - n_not_big  # allowed keys of the big group
+        rest = torch.matmul(p, not_big[:, None, :, None].to(cdtype)).squeeze(-1)  # [B, H, c]
+        big = (1.0 - rest).clamp_(min=0.0)
+    else:
+        big = torch.ones(B, H, c, dtype=out.dtype, device=out.device)
+    has_big = allowed_n > 0
+    out[..., plan.big] = big.masked_fill_(~(has_big if has_big.dim() == 3 else has_big[:, None]), 0.0)
+
+
+def _lse_fast(plan: _LsePlan, query, logsumexp, scale, fast: str, Lk: int, row_mask, rows: int, mass):
+    """The logsumexp path for a ``fast`` mask (``causal``: key j visible to query i iff
+    j <= i + Lk - Lq; ``all``), with every mask fact computed from positions instead of bool tensors.
+    Fills ``mass`` [B, H, Lq, G]; returns (has_keys [B, Lq], seen [B, Lk])."""
+    B, H, Lq, _ = query.shape
+    device = mass.device
+    offset = Lk - Lq if fast == "causal" else Lk  # row i sees keys < i + offset + 1 (all: every key)
+    last_key = torch.arange(Lq, device=device) + offset  # [Lq] last visible key of each row
+    last_key = last_key.clamp(max=Lk - 1)
+    has_keys = (last_key >= 0)[None].expand(B, Lq).clone()
+    counted = has_keys if row_mask is None else has_keys & row_mask.to(device)
+    reach = torch.where(counted, last_key[None], -1).amax(-1)  # [B] last key a counted row sees
+    seen = torch.arange(Lk, device=device)[None] <= reach[:, None]
+    cols = plan.cols
+    for q0 in range(0, Lq, rows):
+        q1 = min(Lq, q0 + rows)
+        last = last_key[q0:q1]  # [c]
+        e1 = int(torch.searchsorted(cols, last[-1:].clamp(min=-1) + 1))
+        a = (cols[None, :e1] <= last[:, None])[None].expand(B, -1, -1)  # [B, c, e1]
+        allowed_n = (last + 1).clamp(min=0).to(torch.int32)[None].expand(B, -1)  # [B, c]
+        _lse_chunk(plan, query, logsumexp, scale, q0, q1, 0, e1, a, allowed_n, mass[:, :, q0:q1])
+    return has_keys, seen

@@ -256,7 +256,7 @@ class capture:
         reduced = self._reduce_event(event, valid_q, select)
         if reduced is None:
             return  # no chosen query in this call (e.g. a position slice outside a decode step)
-        query, key, probs, allowed, row_mask, select, mass_rows, query_index, head_ids = reduced
+        query, key, probs, lse, allowed, row_mask, select, mass_rows, query_index, head_ids = reduced
         res = grouped_mass(
             query,
             key,
@@ -265,6 +265,7 @@ class capture:
             kg_used.to(query.device),
             used.numel(),
             probs=probs,
+            logsumexp=lse,
             row_mask=row_mask,
             select=select,
             chunk_bytes=self.chunk_bytes,
@@ -327,16 +328,20 @@ class capture:
     def _reduce_event(self, event, valid_q: torch.Tensor, select: torch.Tensor | None):
         """Apply ``heads`` / ``queries`` to one event before anything is computed.
 
-        Returns None when no row is to be computed, else (query, key, probs, allowed, row_mask [B, n],
+        Returns None when no row is to be computed, else (query, key, probs, logsumexp, allowed,
+        row_mask [B, n],
         select (rows into the computed ones), mass_rows (computed rows kept in the table, None = all),
         query_index [n'] of the kept rows, head_ids [H'] (None = all heads, -1 = mean)).
         """
         query, key, probs, allowed = event.query, event.key, event.probs, event.allowed
+        lse = getattr(event, "logsumexp", None)  # [B, H, Lq] from the SDPA kernel, or None
         query_index = event.query_index.detach().cpu().long()
         row_mask, mass_rows, head_ids = valid_q, None, None
         red = self.reductions
         if isinstance(red.heads, tuple):
             query, key, probs = head_subset(query, key, probs, red.heads)
+            if lse is not None:
+                lse = lse.index_select(1, torch.tensor(red.heads, dtype=torch.long, device=lse.device))
             if getattr(allowed, "per_head", False):  # a per-head knockout's mask: the same heads
                 full, picked = allowed, list(red.heads)
                 allowed = lambda q0, q1: full(q0, q1)[:, picked]  # noqa: E731
@@ -357,9 +362,10 @@ class capture:
             dev_rows = computed.to(query.device)
             query = query.index_select(2, dev_rows)
             probs = None if probs is None else probs.index_select(2, dev_rows)
+            lse = None if lse is None else lse.index_select(2, dev_rows.to(lse.device))
             allowed = allowed_rows(allowed, computed)
             query_index = query_index[rows]
-        return query, key, probs, allowed, row_mask, select, mass_rows, query_index, head_ids
+        return query, key, probs, lse, allowed, row_mask, select, mass_rows, query_index, head_ids
 
     def _hook_gate(self, module, args, output):
         event = args[0]

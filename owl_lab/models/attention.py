@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.attention
 import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import repeat_kv
@@ -207,10 +208,52 @@ def sdpa_attention_forward(
             if mask is None:
                 mask = allowed.additive(query.dtype)  # [B, 1 | H, Lq, Lk]
     gqa = query.shape[1] != key.shape[1]
+    if kwargs.get("want_logsumexp"):
+        return sdpa_with_logsumexp(
+            query, key, value, mask, is_causal=is_causal, scale=scaling, enable_gqa=gqa
+        )
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=gqa
     )
     return out, None
+
+
+def sdpa_with_logsumexp(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``F.scaled_dot_product_attention`` (same arguments, same output) plus the logsumexp [B, H, Lq] or None.
+
+    When SDPA would pick its CPU flash kernel, that kernel is called directly (the op SDPA itself
+    dispatches to), which also returns the log of each row's softmax normaliser — so capture can get
+    a group's mass from that group's scores alone. Anything else (other devices or backends, autograd)
+    goes through SDPA unchanged and yields no logsumexp. ``tests/owl_lab/models/test_attention_lse.py``
+    checks that both calls give bitwise equal outputs.
+    """
+    args = dict(
+        attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
+    )
+    flash = (
+        query.device.type == "cpu"
+        and dropout_p == 0.0
+        and not torch.is_grad_enabled()
+        and torch._fused_sdp_choice(query, key, value, **args) == _FLASH_BACKEND
+    )
+    if not flash:
+        return F.scaled_dot_product_attention(query, key, value, **args), None
+    mask = attn_mask
+    if mask is not None and mask.dtype == torch.bool:  # what SDPA does with a boolean mask
+        mask = torch.where(mask, torch.zeros((), dtype=query.dtype), float("-inf"))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, 0.0, is_causal, attn_mask=mask, scale=scale
+    )
+    return out, lse
 
 
 def _edited_bool(allowed: Allowed) -> torch.Tensor | None:
@@ -222,6 +265,8 @@ def _edited_bool(allowed: Allowed) -> torch.Tensor | None:
     mask = mask if mask.dim() == 4 else mask[:, None]
     return mask if bool(mask.any(-1).all()) else None
 
+
+_FLASH_BACKEND = int(torch.nn.attention.SDPBackend.FLASH_ATTENTION)
 
 ATTENTION_FUNCTIONS = {"eager": eager_attention_forward, "sdpa": sdpa_attention_forward}
 
@@ -373,19 +418,33 @@ def attention(
         # A knockout of a few query rows: the fast (often mask-free) kernel for all rows, the edited
         # mask only for rows r0..r1-1, so a typical knockout (e.g. the last query) costs little.
         r0, r1 = rows
-        ctx, _ = kernel(module, query, key, value, allowed.unedited, scaling)
+        ctx, lse = kernel(module, query, key, value, allowed.unedited, scaling, want_logsumexp=observe)
         edited_rows = Allowed.from_tensor(allowed(r0, r1))
-        ctx_rows, _ = kernel(module, query[:, :, r0:r1], key, value, edited_rows, scaling)
+        ctx_rows, lse_rows = kernel(
+            module, query[:, :, r0:r1], key, value, edited_rows, scaling, want_logsumexp=observe
+        )
         if ctx.requires_grad:  # autograd: SDPA's backward may need its own output unchanged
             ctx = torch.cat([ctx[:, :, :r0], ctx_rows, ctx[:, :, r1:]], dim=2)
         else:  # no second [B, H, Lq, D] buffer
             ctx[:, :, r0:r1] = ctx_rows
+        if lse is not None and lse_rows is not None:
+            lse[:, :, r0:r1] = lse_rows
+        else:
+            lse = None
         probs = None
     else:
-        ctx, probs = kernel(module, query, key, value, kernel_allowed, scaling, softmax_dtype=softmax_dtype)
+        # While observed, the SDPA kernel also hands out its softmax normaliser (same output, see
+        # sdpa_with_logsumexp); the eager kernel returns probabilities instead.
+        extra = {"want_logsumexp": True} if observe and kernel is sdpa_attention_forward else {}
+        ctx, probs = kernel(
+            module, query, key, value, kernel_allowed, scaling, softmax_dtype=softmax_dtype, **extra
+        )
+        lse = None
+        if extra:
+            probs, lse = None, probs
     if probs is not None and no_keys is not None:
         probs = probs * ~(no_keys if no_keys.dim() == 4 else no_keys[:, None])
     if observe:
-        event.probs = probs
+        event.probs, event.logsumexp = probs, lse
         hook(event)
     return ctx, probs, allowed

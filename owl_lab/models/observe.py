@@ -115,6 +115,9 @@ class AttentionEvent:
             key (e.g. Owl3 tokens before the first image in a ``cross`` call) are not a softmax
             and must be skipped.
         probs: [B, H, Lq, Lk] when the model already materialised them (eager path), else None.
+        logsumexp: [B, H, Lq] fp32 (fp64 for fp64 models) log of the softmax normaliser that the SDPA
+            kernel computed along the way, when it could hand it out (CPU flash kernel), else None.
+            With it, the mass of a few keys needs only their scores: ``exp(scale q·k - logsumexp)``.
         image_rope_positions: [B, N] MI-RoPE position of each image slot (-1 = padding slot) for
             Owl3 ``cross``/``joint`` events with image keys and MI-RoPE on; else None.
         grid: (rows, cols) of the patch grid for kind ``abstractor``; else None.
@@ -130,6 +133,7 @@ class AttentionEvent:
     key_image: torch.Tensor
     allowed: Callable[[int, int], torch.Tensor]
     probs: torch.Tensor | None = None
+    logsumexp: torch.Tensor | None = None
     image_rope_positions: torch.Tensor | None = None
     grid: tuple[int, int] | None = None
 

@@ -29,12 +29,14 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
-from owl_lab.models.attention import Allowed
+from owl_lab.models.attention import Allowed, sdpa_with_logsumexp
 from owl_lab.models.attention import _apply_edit as apply_edit  # the core's knockout step, shared
 from owl_lab.models.observe import (
     TOKEN_GENERATED,
@@ -107,9 +109,19 @@ def _observed(name: str):
                 if edited is not None:  # None = the edit keeps every key: the stock call stays untouched
                     event.allowed = edited
                     attention_mask = _kernel_mask(edited, stock, query.dtype)
-        out, weights = _stock_kernel(module, stock)(
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-        )
+        kernel = _stock_kernel(module, stock)
+        if observe and stock == "sdpa":  # the same kernel, its SDPA call also handing out the logsumexp
+            with _LogsumexpMode() as mode:
+                out, weights = kernel(
+                    module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+                )
+            lse = mode.logsumexp
+            if lse is not None and tuple(lse.shape) == tuple(query.shape[:3]):
+                event.logsumexp = lse
+        else:
+            out, weights = kernel(
+                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+            )
         if observe:
             event.probs = weights
             hook(event)
@@ -117,6 +129,23 @@ def _observed(name: str):
 
     attention.__name__ = f"{name}_attention"
     return attention
+
+
+class _LogsumexpMode(TorchFunctionMode):
+    """Routes the stock kernel's ``F.scaled_dot_product_attention`` call, arguments untouched, through
+    :func:`sdpa_with_logsumexp` (the op SDPA dispatches to on CPU: bitwise the same output) and keeps
+    the logsumexp it returns (None when SDPA would use another backend). Every other call passes through."""
+
+    def __init__(self):
+        super().__init__()
+        self.logsumexp: torch.Tensor | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            out, self.logsumexp = sdpa_with_logsumexp(*args, **kwargs)
+            return out
+        return func(*args, **kwargs)
 
 
 def _event(module, query, key, attention_mask, scaling) -> AttentionEvent:
