@@ -154,6 +154,7 @@ def evaluate(model, processor, recipe: dict, progress: bool = False) -> dict:
                 dspec.get("questions", 40),
                 dspec.get("instances", 3),
                 world.get("render_size", 112),
+                frame_tags=world.get("frame_tags", False),
             )
             flat = [e for g in groups for e in g]
             flags = exact_match(model, processor, flat, bs)

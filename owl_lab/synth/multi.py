@@ -64,7 +64,12 @@ def task_multi(
 
 
 def distractor_eval(
-    seed: int, n_images: int, n_questions: int = 40, n_instances: int = 3, render_size: int = NATIVE_SIZE
+    seed: int,
+    n_images: int,
+    n_questions: int = 40,
+    n_instances: int = 3,
+    render_size: int = NATIVE_SIZE,
+    frame_tags: bool = False,
 ) -> list[list[Example]]:
     """Groups of instances, one group per question; with one image there is a single instance.
 
@@ -81,7 +86,15 @@ def distractor_eval(
             vrng = random.Random(f"{seed}/distractor/q{q}/n{n_images}/v{v}")
             instances.append(
                 _instance(
-                    vrng, n_images, scene, question, answer, kind, render_size, {"question": q, "instance": v}
+                    vrng,
+                    n_images,
+                    scene,
+                    question,
+                    answer,
+                    kind,
+                    render_size,
+                    {"question": q, "instance": v},
+                    frame_tags,
                 )
             )
         groups.append(instances)
