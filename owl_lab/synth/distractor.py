@@ -64,6 +64,19 @@ def paper_prompt(n_images: int, target: int, question: str, options: list[str]) 
     return f"{images} In Image {target}, {body[0].lower()}{body[1:]}, {listed}?"
 
 
+def suffix_prompt(n_images: int, target: int, question: str) -> str:
+    """``"Image 1: <|image|> … Image N: <|image|> {question} in Image X?"`` (training only, world option
+    ``binding_suffix_share``): the label sits right before the answer position, so the token that
+    predicts the answer is one step from "X" and a hyper layer's query can name image X's tag at once;
+    the paper's format puts "In Image X," a whole question and option list away from it."""
+    if not 1 <= target <= n_images <= MAX_IMAGES:
+        raise ValueError(
+            f"need 1 <= target <= n_images <= {MAX_IMAGES}; got target {target}, n_images {n_images}"
+        )
+    images = " ".join(f"Image {i}: {IMAGE_PLACEHOLDER}" for i in range(1, n_images + 1))
+    return f"{images} {question.rstrip('?')} in Image {target}?"
+
+
 def choice_question(rng: random.Random, kind: str, balanced_counts: bool = False):
     """(scene, question, answer, options) with the answer among ``options`` at a random slot."""
     if kind not in ANSWER_SPACE:
@@ -101,12 +114,14 @@ def binding_instance(
     pool_seed: str = "pool",
     meta: dict | None = None,
     frame_tags: bool = False,
+    suffix: bool = False,
 ) -> Example:
     """One prompt: the true scene at a random slot among ``n_images - 1`` distractors.
 
     ``pool`` > 0 draws distractors from ``pool`` seeded scenes whose renders are cached (training);
     0 draws fresh scenes (evaluation). ``frame_tags`` tints image k's background with k's tag
-    (:func:`owl_lab.synth.shapes.with_frame_tag`; the world option of the same name).
+    (:func:`owl_lab.synth.shapes.with_frame_tag`; the world option of the same name). ``suffix``
+    asks in :func:`suffix_prompt`'s open form instead of the paper's multiple choice.
     """
     target = rng.randint(1, n_images)
     scenes, images = [], []
@@ -125,7 +140,12 @@ def binding_instance(
     if frame_tags:
         images = [with_frame_tag(im, k) for k, im in enumerate(images, start=1)]
     meta = dict(meta or {}, kind=kind, n_images=n_images, target=target, options=list(options))
-    return Example("binding", paper_prompt(n_images, target, question, options), answer, images, scenes, meta)
+    if suffix:
+        text = suffix_prompt(n_images, target, question)
+        meta["options"], meta["suffix"] = [], True
+    else:
+        text = paper_prompt(n_images, target, question, options)
+    return Example("binding", text, answer, images, scenes, meta)
 
 
 def circular_eval(
@@ -197,13 +217,16 @@ def task_binding(
     balanced_counts: bool = False,
     binding_n: int | None = None,
     frame_tags: bool = False,
+    binding_suffix_share: float = 0.0,
     **_,
 ) -> Example:
     """Training generator for the benchmark's format: 1..``binding_max_images`` images, one named
-    (``binding_n`` fixes N, as :meth:`owl_lab.synth.data.Mixture.binding_batch` does per batch)."""
+    (``binding_n`` fixes N, as :meth:`owl_lab.synth.data.Mixture.binding_batch` does per batch);
+    a ``binding_suffix_share`` of them asked in :func:`suffix_prompt`'s form (a curriculum aid)."""
     kind = rng.choice(CHOICE_KINDS)
     scene, question, answer, options = choice_question(rng, kind, balanced_counts)
     n = binding_n or sample_n_images(rng, binding_max_images, binding_curve)
+    suffix = binding_suffix_share > 0 and rng.random() < binding_suffix_share  # no draw when off
     return binding_instance(
         rng,
         n,
@@ -215,6 +238,7 @@ def task_binding(
         render_size,
         pool=distractor_pool,
         frame_tags=frame_tags,
+        suffix=suffix,
     )
 
 

@@ -66,3 +66,29 @@ def test_option_leaves_the_untagged_streams_and_single_image_tasks_unchanged():
                     (np.asarray(x) == np.asarray(y)).all() for x, y in zip(ea.images, eb.images, strict=True)
                 )
     assert scene_question(random.Random(0), "color") == scene_question(random.Random(0), "color")
+
+
+def test_suffix_prompts_put_the_label_before_the_answer():
+    from owl_lab.synth.distractor import suffix_prompt, task_binding
+    from owl_lab.synth.tokenizer import build_tokenizer
+
+    assert suffix_prompt(2, 2, "What color is the circle?") == (
+        "Image 1: <|image|> Image 2: <|image|> What color is the circle in Image 2?"
+    )
+    with pytest.raises(ValueError, match="target"):
+        suffix_prompt(2, 3, "What?")
+    tok = build_tokenizer("owl3")
+    exs = [
+        task_binding(random.Random(i), render_size=28, binding_n=3, binding_suffix_share=0.5)
+        for i in range(40)
+    ]
+    suffixed = [e for e in exs if e.meta.get("suffix")]
+    assert 5 < len(suffixed) < 35
+    for e in suffixed:
+        assert (
+            e.text.endswith(f"in Image {e.meta['target']}?")
+            and tok.unk_token_id not in tok(e.text)["input_ids"]
+        )
+    # off by default: the stream of the paper-format task is unchanged
+    plain = [task_binding(random.Random(i), render_size=28, binding_n=3) for i in range(10)]
+    assert all(not e.meta.get("suffix") and ", " in e.text for e in plain)
