@@ -154,6 +154,7 @@ def evaluate(model, processor, recipe: dict, progress: bool = False) -> dict:
                 dspec.get("questions", 40),
                 dspec.get("instances", 3),
                 world.get("render_size", 112),
+                frame_tags=world.get("frame_tags", False),
             )
             flat = [e for g in groups for e in g]
             flags = exact_match(model, processor, flat, bs)
@@ -177,6 +178,7 @@ def evaluate(model, processor, recipe: dict, progress: bool = False) -> dict:
             cspec.get("questions", 40),
             world.get("render_size", 112),
             bs,
+            frame_tags=world.get("frame_tags", False),
         )
         metrics["circular"] = {
             "n_images": table["n_images"].tolist(),
@@ -257,6 +259,7 @@ def circular_curve(
     n_questions: int = 40,
     render_size: int = 112,
     batch_size: int = 32,
+    frame_tags: bool = False,
 ) -> pd.DataFrame:
     """The paper's distractor benchmark (:func:`owl_lab.synth.distractor.circular_eval`) at each N.
 
@@ -268,7 +271,7 @@ def circular_curve(
     """
     rows = []
     for n in n_images:
-        groups = circular_eval(seed, n, n_questions, render_size)
+        groups = circular_eval(seed, n, n_questions, render_size, frame_tags=frame_tags)
         score = circular_scores(model, processor, groups, batch_size)
         chance = chance_levels(groups)
         p = score["circular"] / 100.0

@@ -29,7 +29,7 @@ from functools import lru_cache
 
 from PIL import Image
 
-from owl_lab.synth.shapes import NATIVE_SIZE, Scene, render, sample_scene
+from owl_lab.synth.shapes import NATIVE_SIZE, Scene, render, sample_scene, with_frame_tag
 from owl_lab.synth.tasks import N_OBJECTS, Example, scene_question
 from owl_lab.synth.vocab import COLORS, IMAGE_PLACEHOLDER, NUMBERS, POSITIONS, SHAPES
 
@@ -62,6 +62,19 @@ def paper_prompt(n_images: int, target: int, question: str, options: list[str]) 
     body = question.rstrip("?")
     listed = ", ".join(options[:-1]) + f" or {options[-1]}"
     return f"{images} In Image {target}, {body[0].lower()}{body[1:]}, {listed}?"
+
+
+def suffix_prompt(n_images: int, target: int, question: str) -> str:
+    """``"Image 1: <|image|> … Image N: <|image|> {question} in Image X?"`` (training only, world option
+    ``binding_suffix_share``): the label sits right before the answer position, so the token that
+    predicts the answer is one step from "X" and a hyper layer's query can name image X's tag at once;
+    the paper's format puts "In Image X," a whole question and option list away from it."""
+    if not 1 <= target <= n_images <= MAX_IMAGES:
+        raise ValueError(
+            f"need 1 <= target <= n_images <= {MAX_IMAGES}; got target {target}, n_images {n_images}"
+        )
+    images = " ".join(f"Image {i}: {IMAGE_PLACEHOLDER}" for i in range(1, n_images + 1))
+    return f"{images} {question.rstrip('?')} in Image {target}?"
 
 
 def choice_question(rng: random.Random, kind: str, balanced_counts: bool = False):
@@ -100,11 +113,15 @@ def binding_instance(
     pool: int = 0,
     pool_seed: str = "pool",
     meta: dict | None = None,
+    frame_tags: bool = False,
+    suffix: bool = False,
 ) -> Example:
     """One prompt: the true scene at a random slot among ``n_images - 1`` distractors.
 
     ``pool`` > 0 draws distractors from ``pool`` seeded scenes whose renders are cached (training);
-    0 draws fresh scenes (evaluation).
+    0 draws fresh scenes (evaluation). ``frame_tags`` tints image k's background with k's tag
+    (:func:`owl_lab.synth.shapes.with_frame_tag`; the world option of the same name). ``suffix``
+    asks in :func:`suffix_prompt`'s open form instead of the paper's multiple choice.
     """
     target = rng.randint(1, n_images)
     scenes, images = [], []
@@ -120,8 +137,15 @@ def binding_instance(
             s = sample_scene(rng, *N_OBJECTS)
             scenes.append(s)
             images.append(render(s, render_size))
+    if frame_tags:
+        images = [with_frame_tag(im, k) for k, im in enumerate(images, start=1)]
     meta = dict(meta or {}, kind=kind, n_images=n_images, target=target, options=list(options))
-    return Example("binding", paper_prompt(n_images, target, question, options), answer, images, scenes, meta)
+    if suffix:
+        text = suffix_prompt(n_images, target, question)
+        meta["options"], meta["suffix"] = [], True
+    else:
+        text = paper_prompt(n_images, target, question, options)
+    return Example("binding", text, answer, images, scenes, meta)
 
 
 def circular_eval(
@@ -130,6 +154,7 @@ def circular_eval(
     n_questions: int = 40,
     render_size: int = NATIVE_SIZE,
     kinds: tuple[str, ...] = CHOICE_KINDS,
+    frame_tags: bool = False,
 ) -> list[list[Example]]:
     """The benchmark at one N: one group per question, one instance per option rotation.
 
@@ -156,6 +181,7 @@ def circular_eval(
                     kind,
                     render_size,
                     meta={"question": q, "rotation": r},
+                    frame_tags=frame_tags,
                 )
                 for r in range(len(options))
             ]
@@ -190,14 +216,30 @@ def task_binding(
     distractor_pool: int = 4096,
     balanced_counts: bool = False,
     binding_n: int | None = None,
+    frame_tags: bool = False,
+    binding_suffix_share: float = 0.0,
     **_,
 ) -> Example:
     """Training generator for the benchmark's format: 1..``binding_max_images`` images, one named
-    (``binding_n`` fixes N, as :meth:`owl_lab.synth.data.Mixture.binding_batch` does per batch)."""
+    (``binding_n`` fixes N, as :meth:`owl_lab.synth.data.Mixture.binding_batch` does per batch);
+    a ``binding_suffix_share`` of them asked in :func:`suffix_prompt`'s form (a curriculum aid)."""
     kind = rng.choice(CHOICE_KINDS)
     scene, question, answer, options = choice_question(rng, kind, balanced_counts)
     n = binding_n or sample_n_images(rng, binding_max_images, binding_curve)
-    return binding_instance(rng, n, scene, question, answer, options, kind, render_size, pool=distractor_pool)
+    suffix = binding_suffix_share > 0 and rng.random() < binding_suffix_share  # no draw when off
+    return binding_instance(
+        rng,
+        n,
+        scene,
+        question,
+        answer,
+        options,
+        kind,
+        render_size,
+        pool=distractor_pool,
+        frame_tags=frame_tags,
+        suffix=suffix,
+    )
 
 
 def task_find(
@@ -207,6 +249,7 @@ def task_find(
     binding_curve: str = "loguniform",
     distractor_pool: int = 4096,
     binding_n: int | None = None,
+    frame_tags: bool = False,
     **_,
 ) -> Example:
     """The reverse lookup, an auxiliary training task: "… In which image is there a red circle?" → "X".
@@ -229,7 +272,7 @@ def task_find(
                 if not any((o.color, o.shape) == (obj.color, obj.shape) for o in s.objects):
                     break
         scenes.append(s)
-        images.append(im)
+        images.append(with_frame_tag(im, slot) if frame_tags else im)
     labels = " ".join(f"Image {i}: {IMAGE_PLACEHOLDER}" for i in range(1, n + 1))
     return Example(
         "find",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 
-from owl_lab.synth.shapes import NATIVE_SIZE, render, sample_scene
+from owl_lab.synth.shapes import NATIVE_SIZE, render, sample_scene, with_frame_tag
 from owl_lab.synth.tasks import N_OBJECTS, Example, scene_question
 from owl_lab.synth.vocab import IMAGE_PLACEHOLDER
 
@@ -29,7 +29,9 @@ def multi_prompt(n_images: int, target: int, question: str) -> str:
     return f"{images} In image {target}, {question[0].lower()}{question[1:]}"
 
 
-def _instance(rng, n_images, target_scene, question, answer, kind, render_size, meta) -> Example:
+def _instance(
+    rng, n_images, target_scene, question, answer, kind, render_size, meta, frame_tags=False
+) -> Example:
     target = rng.randint(1, n_images)
     scenes = [sample_scene(rng, *N_OBJECTS) for _ in range(n_images)]
     scenes[target - 1] = target_scene
@@ -37,22 +39,37 @@ def _instance(rng, n_images, target_scene, question, answer, kind, render_size, 
         "multi",
         multi_prompt(n_images, target, question),
         answer,
-        [render(s, render_size) for s in scenes],
+        [
+            with_frame_tag(render(s, render_size), k) if frame_tags else render(s, render_size)
+            for k, s in enumerate(scenes, start=1)
+        ],
         scenes,
         dict(meta, kind=kind, n_images=n_images, target=target),
     )
 
 
-def task_multi(rng: random.Random, render_size: int = NATIVE_SIZE, multi_max_images: int = 6, **_) -> Example:
-    """Training generator: 1..multi_max_images images, the question about one of them."""
+def task_multi(
+    rng: random.Random,
+    render_size: int = NATIVE_SIZE,
+    multi_max_images: int = 6,
+    frame_tags: bool = False,
+    **_,
+) -> Example:
+    """Training generator: 1..multi_max_images images, the question about one of them (``frame_tags``:
+    image k's background tinted with k's tag, as in :func:`owl_lab.synth.distractor.binding_instance`)."""
     kind = rng.choice(MULTI_KINDS)
     scene, question, answer = scene_question(rng, kind)
     n = rng.randint(1, multi_max_images)
-    return _instance(rng, n, scene, question, answer, kind, render_size, {})
+    return _instance(rng, n, scene, question, answer, kind, render_size, {}, frame_tags)
 
 
 def distractor_eval(
-    seed: int, n_images: int, n_questions: int = 40, n_instances: int = 3, render_size: int = NATIVE_SIZE
+    seed: int,
+    n_images: int,
+    n_questions: int = 40,
+    n_instances: int = 3,
+    render_size: int = NATIVE_SIZE,
+    frame_tags: bool = False,
 ) -> list[list[Example]]:
     """Groups of instances, one group per question; with one image there is a single instance.
 
@@ -69,7 +86,15 @@ def distractor_eval(
             vrng = random.Random(f"{seed}/distractor/q{q}/n{n_images}/v{v}")
             instances.append(
                 _instance(
-                    vrng, n_images, scene, question, answer, kind, render_size, {"question": q, "instance": v}
+                    vrng,
+                    n_images,
+                    scene,
+                    question,
+                    answer,
+                    kind,
+                    render_size,
+                    {"question": q, "instance": v},
+                    frame_tags,
                 )
             )
         groups.append(instances)

@@ -153,6 +153,36 @@ def render(scene: Scene, size: int = NATIVE_SIZE) -> Image.Image:
     return Image.fromarray(img.clip(0, 255).astype(np.uint8), mode="RGB")
 
 
+# --- numbered frames (world option ``frame_tags``) ---------------------------------------------
+# Issue 18: in a labelled multi-image prompt ("Image k: <|image|> …") image k may be drawn on a
+# background whose tint encodes k. The tint covers every background pixel, so every patch of the
+# image (also the patches holding objects) carries the label: a hyper layer's query built from the
+# question's "Image X" can then select image X by content. 124 tints: 5 dim levels per channel,
+# greys excluded (the default background is grey), in a seeded order so that neighbouring labels get
+# unrelated tints. All levels stay ≤ 72, below every object colour's darkest tone (c − 35 ≥ 25 in
+# one channel only), so objects stay readable.
+_TAG_LEVELS = (0, 18, 36, 54, 72)
+_TAG_TINTS = [(r, g, b) for r in _TAG_LEVELS for g in _TAG_LEVELS for b in _TAG_LEVELS if not r == g == b]
+random.Random("frame-tags").shuffle(_TAG_TINTS)
+FRAME_TAGS: tuple[tuple[int, int, int], ...] = tuple(_TAG_TINTS)
+
+
+def frame_tag_color(label: int) -> tuple[int, int, int]:
+    """The background tint of image ``label`` (1-based) under the ``frame_tags`` world option."""
+    if not 1 <= label <= len(FRAME_TAGS):
+        raise ValueError(f"frame tag label must be in 1..{len(FRAME_TAGS)}; got {label}")
+    return FRAME_TAGS[label - 1]
+
+
+def with_frame_tag(image: Image.Image, label: int) -> Image.Image:
+    """A copy of a rendered image whose background pixels (exactly :data:`BACKGROUND`) take the tint
+    of ``label``; object pixels are untouched (no object tone equals the background)."""
+    array = np.asarray(image.convert("RGB")).copy()
+    background = (array == np.asarray(BACKGROUND, dtype=np.uint8)).all(axis=-1)
+    array[background] = frame_tag_color(label)
+    return Image.fromarray(array, mode="RGB")
+
+
 def caption(scene: Scene) -> str:
     """Reading-order caption, e.g. ``"red circle top left, blue square center"``."""
     return ", ".join(f"{o.color} {o.shape} {o.position}" for o in scene.sorted())

@@ -87,3 +87,51 @@ def test_train_bridge_false_leaves_the_owl3_projector_untouched(bridge):
     assert any(k.startswith("vision_model.") for k in moved)
     assert any(k.startswith("vision2text_model.") for k in moved) == bridge
     assert all(k.startswith(("vision_model.", "vision2text_model.")) for k in moved)
+
+
+def test_tags_objective_trains_on_tagged_images_with_a_per_patch_tag_target(monkeypatch):
+    """Objective ``tags``: half the images carry a frame tag; every patch predicts it (0 = none)."""
+    import random
+
+    import numpy as np
+
+    import owl_lab.pretrain_vision as pv
+    from owl_lab.synth.shapes import BACKGROUND, FRAME_TAGS
+    from owl_lab.train import build
+
+    draws = [pv._draw_tag(random.Random(i)) for i in range(400)]
+    assert 150 < draws.count(0) < 250 and max(draws) <= len(FRAME_TAGS) and len(set(draws)) > 40
+    recipe = load_recipe("smoke-owl3")
+    model, processor = build(recipe)
+    seen, targets = [], []
+    real_processor = processor.__class__.__call__
+
+    def spy(self, text=None, images=None, **k):
+        seen.extend(im for ims in images for im in ims)
+        return real_processor(self, text=text, images=images, **k)
+
+    real_ce = torch.nn.functional.cross_entropy
+
+    def spy_ce(logits, target, *a, **k):
+        targets.append(target.clone())
+        return real_ce(logits, target, *a, **k)
+
+    monkeypatch.setattr(processor.__class__, "__call__", spy)
+    monkeypatch.setattr(pv.nn.functional, "cross_entropy", spy_ce)
+    stage = {"kind": "vision", "steps": 1, "batch_size": 8, "lr": 0.01, "warmup": 1, "objectives": ["tags"]}
+    history = {"step": [], "loss": [], "lr": [], "stage": []}
+    pv.run_vision_stage(model, processor, "owl3", stage, "t", {"render_size": 56}, history, 0, 0, False)
+    batch = seen[-8:]
+
+    def most_common(im):  # the background (or its tint) covers more pixels than any object colour
+        colors, counts = np.unique(np.asarray(im).reshape(-1, 3), axis=0, return_counts=True)
+        return tuple(int(v) for v in colors[counts.argmax()])
+
+    tagged = [most_common(im) != BACKGROUND for im in batch]
+    tag_target = targets[-1].view(8, -1)
+    assert (tag_target == tag_target[:, :1]).all()  # one target per image, on every patch
+    assert [bool(t) for t in tag_target[:, 0].tolist()] == tagged
+    with pytest.raises(ValueError, match="objectives"):
+        pv.run_vision_stage(
+            model, processor, "owl3", {**stage, "objectives": ["frames"]}, "t", {}, history, 0, 0, False
+        )

@@ -1,0 +1,94 @@
+"""World option ``frame_tags`` (issue 18's numbered frames): image k of a labelled multi-image prompt is
+drawn on a background tinted with k's tag; objects and unlabelled (single-image) prompts are unchanged."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from owl_lab.synth.data import Mixture
+from owl_lab.synth.distractor import MAX_IMAGES, circular_eval, task_find
+from owl_lab.synth.multi import task_multi
+from owl_lab.synth.shapes import BACKGROUND, FRAME_TAGS, frame_tag_color, render, sample_scene, with_frame_tag
+from owl_lab.synth.tasks import scene_question
+
+
+def _background_color(image) -> tuple[int, int, int]:
+    """The most common pixel colour (at most 4 of the 9 cells hold an object)."""
+    colors, counts = np.unique(np.asarray(image).reshape(-1, 3), axis=0, return_counts=True)
+    return tuple(int(v) for v in colors[counts.argmax()])
+
+
+def test_tags_are_distinct_dark_and_cover_every_label():
+    assert len(set(FRAME_TAGS)) == len(FRAME_TAGS) >= MAX_IMAGES
+    assert all(max(c) <= 72 and not c[0] == c[1] == c[2] for c in FRAME_TAGS)
+    with pytest.raises(ValueError, match="label"):
+        frame_tag_color(0)
+
+
+def test_with_frame_tag_recolours_only_the_background():
+    scene = sample_scene(random.Random(3), 4, 4)
+    plain = np.asarray(render(scene, 112))
+    tagged = np.asarray(with_frame_tag(render(scene, 112), 7))
+    background = (plain == np.asarray(BACKGROUND, dtype=np.uint8)).all(-1)
+    assert (tagged[background] == frame_tag_color(7)).all()
+    assert (tagged[~background] == plain[~background]).all() and (~background).any()
+
+
+def test_benchmark_and_training_prompts_carry_the_label_tags():
+    for g in circular_eval(4, 5, 5, render_size=28, frame_tags=True):
+        for ex in g:
+            assert [_background_color(im) for im in ex.images] == [frame_tag_color(k) for k in range(1, 6)]
+    untagged = circular_eval(4, 5, 5, render_size=28)
+    assert {_background_color(im) for g in untagged for ex in g for im in ex.images} == {BACKGROUND}
+    ex = task_find(random.Random(1), render_size=28, binding_n=6, frame_tags=True)
+    assert [_background_color(im) for im in ex.images] == [frame_tag_color(k) for k in range(1, 7)]
+    ex = task_multi(random.Random(2), render_size=28, multi_max_images=3, frame_tags=True)
+    assert [_background_color(im) for im in ex.images] == [
+        frame_tag_color(k) for k in range(1, len(ex.images) + 1)
+    ]
+
+
+def test_option_leaves_the_untagged_streams_and_single_image_tasks_unchanged():
+    weights = {"binding": 1, "color": 1}
+    plain, tagged = (
+        Mixture(weights, seed=0, render_size=28),
+        Mixture(weights, seed=0, render_size=28, frame_tags=True),
+    )
+    for step in range(6):
+        a, b = plain.binding_batch(step, 4), tagged.binding_batch(step, 4)
+        assert [e.text for e in a] == [e.text for e in b]
+        for ea, eb in zip(a, b, strict=True):
+            if ea.task == "color":  # single-image questions: pixels identical
+                assert all(
+                    (np.asarray(x) == np.asarray(y)).all() for x, y in zip(ea.images, eb.images, strict=True)
+                )
+    assert scene_question(random.Random(0), "color") == scene_question(random.Random(0), "color")
+
+
+def test_suffix_prompts_put_the_label_before_the_answer():
+    from owl_lab.synth.distractor import suffix_prompt, task_binding
+    from owl_lab.synth.tokenizer import build_tokenizer
+
+    assert suffix_prompt(2, 2, "What color is the circle?") == (
+        "Image 1: <|image|> Image 2: <|image|> What color is the circle in Image 2?"
+    )
+    with pytest.raises(ValueError, match="target"):
+        suffix_prompt(2, 3, "What?")
+    tok = build_tokenizer("owl3")
+    exs = [
+        task_binding(random.Random(i), render_size=28, binding_n=3, binding_suffix_share=0.5)
+        for i in range(40)
+    ]
+    suffixed = [e for e in exs if e.meta.get("suffix")]
+    assert 5 < len(suffixed) < 35
+    for e in suffixed:
+        assert (
+            e.text.endswith(f"in Image {e.meta['target']}?")
+            and tok.unk_token_id not in tok(e.text)["input_ids"]
+        )
+    # off by default: the stream of the paper-format task is unchanged
+    plain = [task_binding(random.Random(i), render_size=28, binding_n=3) for i in range(10)]
+    assert all(not e.meta.get("suffix") and ", " in e.text for e in plain)
