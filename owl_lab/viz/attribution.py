@@ -8,13 +8,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from owl_lab.viz.figures import TEXT, VISUAL
-
-
-def _grid(m) -> np.ndarray:
-    arr = np.asarray(m.detach().float() if hasattr(m, "detach") else m, dtype=np.float64)
-    if arr.ndim != 2:
-        raise ValueError(f"a patch map must be 2-D [grid_h, grid_w]; got shape {arr.shape}.")
-    return arr
+from owl_lab.viz.overlay import heatmap_over_image, patch_grid
 
 
 def patch_attribution_figure(image, maps: dict, *, opacity: float = 0.6, title: str = "") -> go.Figure:
@@ -28,27 +22,11 @@ def patch_attribution_figure(image, maps: dict, *, opacity: float = 0.6, title: 
     fig = make_subplots(rows=1, cols=1 + len(maps), subplot_titles=["image", *maps], horizontal_spacing=0.03)
     fig.add_trace(go.Image(z=rgb), row=1, col=1)
     for col, (name, m) in enumerate(maps.items(), start=2):
-        z = np.abs(_grid(m))
+        z = np.abs(patch_grid(m))
         z = z / z.max() if z.max() > 0 else z
-        gh, gw = z.shape
         fig.add_trace(go.Image(z=rgb), row=1, col=col)
         fig.add_trace(
-            go.Heatmap(
-                z=z,
-                x0=w / gw / 2,
-                dx=w / gw,
-                y0=h / gh / 2,
-                dy=h / gh,
-                zmin=0,
-                zmax=1,
-                colorscale="Inferno",
-                opacity=opacity,
-                showscale=col == 2,
-                colorbar_title="share of max",
-                name=name,
-            ),
-            row=1,
-            col=col,
+            heatmap_over_image(z, w, h, opacity=opacity, show_scale=col == 2, name=name), row=1, col=col
         )
     fig.update_xaxes(showticklabels=False)
     fig.update_yaxes(showticklabels=False, autorange="reversed")

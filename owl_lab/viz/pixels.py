@@ -12,13 +12,7 @@ from PIL import Image
 from plotly.subplots import make_subplots
 
 from owl_lab.viz.figures import TEXT, VISUAL
-
-
-def _grid(m) -> np.ndarray:
-    arr = np.asarray(m.detach().float() if hasattr(m, "detach") else m, dtype=np.float64)
-    if arr.ndim != 2:
-        raise ValueError(f"a pixel map must be 2-D [grid_h, grid_w]; got shape {arr.shape}.")
-    return arr
+from owl_lab.viz.overlay import heatmap_over_image, patch_grid
 
 
 def _png_source(rgb: np.ndarray) -> str:
@@ -45,30 +39,14 @@ def pixel_overlay_figure(
     source = _png_source(rgb)
     fig.add_trace(go.Image(source=source), row=1, col=1)
     for col, (name, m) in enumerate(maps.items(), start=2):
-        z = np.clip(_grid(m), 0, None)
+        z = np.clip(patch_grid(m), 0, None)
         z = z / z.max() if z.max() > 0 else z
-        gh, gw = z.shape
         fig.add_trace(go.Image(source=source), row=1, col=col)
         fig.add_trace(
-            go.Heatmap(
-                z=z,
-                x0=w / gw / 2,
-                dx=w / gw,
-                y0=h / gh / 2,
-                dy=h / gh,
-                zmin=0,
-                zmax=1,
-                colorscale="Inferno",
-                opacity=opacity,
-                showscale=col == 2,
-                colorbar_title="share of max",
-                name=name,
-            ),
-            row=1,
-            col=col,
+            heatmap_over_image(z, w, h, opacity=opacity, show_scale=col == 2, name=name), row=1, col=col
         )
     if cover is not None:
-        c = _grid(cover)
+        c = patch_grid(cover)
         gh, gw = c.shape
         for r, k in zip(*np.nonzero(c > 0), strict=True):
             for col in range(1, 2 + len(maps)):
