@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 import torch
 
-from owl_lab.models.owl2.modeling_owl2 import Owl2Multiway
+from owl_lab.models.owl2.modality_adaptive_owl2 import Owl2Multiway
 
 
 def multiway_modules(model) -> list[tuple[str, Owl2Multiway]]:

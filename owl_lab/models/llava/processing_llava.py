@@ -19,10 +19,9 @@ import torch
 from transformers import AutoTokenizer, BatchFeature
 
 from owl_lab.models.owl2.configuration_owl2 import DEFAULT_IMAGE_TOKEN as IMAGE_PLACEHOLDER
-from owl_lab.models.owl2.processing_owl2 import CLIP_MEAN, CLIP_STD, Owl2Processor, preprocess_image
+from owl_lab.models.owl2.processing_owl2 import CLIP_MEAN, CLIP_STD, preprocess_image
+from owl_lab.models.prompt_batch import batch_feature, encode_prompts, flatten_images
 
-IGNORE_INDEX = -100
-PROMPT_TEMPLATE = "USER: {text} ASSISTANT:"
 PROCESSOR_CONFIG = "processor_config.json"
 
 
@@ -79,41 +78,13 @@ class LlavaProcessor:
     ) -> BatchFeature:
         """Batch of prompts → BatchFeature (see module doc). Image-count errors as in the Owl2 processor."""
         texts = [text] if isinstance(text, str) else list(text)
-        flat = Owl2Processor._flatten_images(images, [t.count(IMAGE_PLACEHOLDER) for t in texts])
-        if answers is not None:
-            answers = [answers] if isinstance(answers, str) else list(answers)
-            if len(answers) != len(texts):
-                raise ValueError(f"Got {len(texts)} prompts but {len(answers)} answers.")
-        rows, label_rows = [], []
-        for i, t in enumerate(texts):
-            ids = self.tokenize_prompt(PROMPT_TEMPLATE.format(text=t) if apply_template else t)
-            labels = [IGNORE_INDEX] * len(ids)
-            if answers is not None:
-                answer = self.tokenizer(answers[i], add_special_tokens=False).input_ids + [
-                    self.tokenizer.eos_token_id
-                ]
-                ids, labels = ids + answer, labels + answer
-            rows.append(ids)
-            label_rows.append(labels)
-        L = max(len(r) for r in rows)
-        data = {
-            "input_ids": [r + [self.pad_token_id] * (L - len(r)) for r in rows],
-            "attention_mask": [[1] * len(r) + [0] * (L - len(r)) for r in rows],
-        }
-        if answers is not None:
-            data["labels"] = [r + [IGNORE_INDEX] * (L - len(r)) for r in label_rows]
+        flat = flatten_images(images, [t.count(IMAGE_PLACEHOLDER) for t in texts], IMAGE_PLACEHOLDER)
+        data = encode_prompts(
+            texts, answers, self.tokenize_prompt, self.tokenizer, self.pad_token_id, apply_template
+        )
         if flat:
             data["pixel_values"] = self.preprocess_images(flat)
-        if return_tensors is None:
-            return BatchFeature(data)
-        if return_tensors != "pt":
-            raise ValueError(f"Only return_tensors='pt' is supported, got {return_tensors!r}.")
-        return BatchFeature(
-            {
-                k: v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.long)
-                for k, v in data.items()
-            }
-        )
+        return batch_feature(data, return_tensors)
 
     def decode(self, ids, **kwargs) -> str:
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)

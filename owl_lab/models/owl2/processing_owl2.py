@@ -33,7 +33,6 @@ from transformers import AutoTokenizer, BatchFeature, ProcessorMixin
 from owl_lab.models.loading import drop_hub_kwargs
 from owl_lab.models.owl2.configuration_owl2 import (
     DEFAULT_IMAGE_TOKEN,
-    IGNORE_INDEX,
     IMAGE_TOKEN_INDEX,
     load_config,
 )
@@ -43,9 +42,9 @@ from owl_lab.models.owl2.image_processing_owl2 import (  # noqa: F401  (preproce
     Owl2ImageProcessor,
     preprocess_image,
 )
+from owl_lab.models.prompt_batch import batch_feature, encode_prompts, flatten_images
 from owl_lab.models.remote_code import AutoMapProcessorMixin
 
-PROMPT_TEMPLATE = "USER: {text} ASSISTANT:"
 PROCESSOR_CONFIG = "processor_config.json"
 IMAGE_PROCESSOR_CONFIG = "preprocessor_config.json"
 
@@ -151,68 +150,13 @@ class Owl2Processor(AutoMapProcessorMixin, ProcessorMixin):
             (when there are images), labels [B, L] (when answers are given). Right-padded.
         """
         texts = [text] if isinstance(text, str) else list(text)
-        counts = [t.count(DEFAULT_IMAGE_TOKEN) for t in texts]
-        flat = self._flatten_images(images, counts)
-        if answers is not None:
-            answers = [answers] if isinstance(answers, str) else list(answers)
-            if len(answers) != len(texts):
-                raise ValueError(f"Got {len(texts)} prompts but {len(answers)} answers.")
-
-        rows, label_rows = [], []
-        for i, t in enumerate(texts):
-            prompt = PROMPT_TEMPLATE.format(text=t) if apply_template else t
-            ids = self.tokenize_prompt(prompt)
-            labels = [IGNORE_INDEX] * len(ids)
-            if answers is not None:
-                answer = self.tokenizer(answers[i], add_special_tokens=False).input_ids
-                answer = answer + [self.tokenizer.eos_token_id]
-                ids, labels = ids + answer, labels + answer
-            rows.append(ids)
-            label_rows.append(labels)
-
-        L = max(len(r) for r in rows)
-        data = {
-            "input_ids": [r + [self.pad_token_id] * (L - len(r)) for r in rows],
-            "attention_mask": [[1] * len(r) + [0] * (L - len(r)) for r in rows],
-        }
-        if answers is not None:
-            data["labels"] = [r + [IGNORE_INDEX] * (L - len(r)) for r in label_rows]
+        flat = flatten_images(images, [t.count(DEFAULT_IMAGE_TOKEN) for t in texts], DEFAULT_IMAGE_TOKEN)
+        data = encode_prompts(
+            texts, answers, self.tokenize_prompt, self.tokenizer, self.pad_token_id, apply_template
+        )
         if flat:
             data["pixel_values"] = self.preprocess_images(flat)
-        if return_tensors is None:
-            return BatchFeature(data)
-        if return_tensors != "pt":
-            raise ValueError(f"Only return_tensors='pt' is supported, got {return_tensors!r}.")
-        data = {
-            k: (v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.long))
-            for k, v in data.items()
-        }
-        return BatchFeature(data)
-
-    @staticmethod
-    def _flatten_images(images, counts: list[int]) -> list:
-        if images is None:
-            images = []
-        if isinstance(images, Image.Image):
-            images = [images]
-        images = list(images)
-        nested = len(images) > 0 and all(isinstance(x, (list, tuple)) for x in images)
-        if nested:
-            if len(images) != len(counts):
-                raise ValueError(f"Got {len(counts)} prompts but {len(images)} per-sample image lists.")
-            for i, (imgs, n) in enumerate(zip(images, counts, strict=True)):
-                if len(imgs) != n:
-                    raise ValueError(
-                        f"Prompt {i} has {n} {DEFAULT_IMAGE_TOKEN} placeholder(s) "
-                        f"but {len(imgs)} image(s) were given."
-                    )
-            return [im for imgs in images for im in imgs]
-        if len(images) != sum(counts):
-            raise ValueError(
-                f"The prompts have {sum(counts)} {DEFAULT_IMAGE_TOKEN} placeholder(s) in total "
-                f"({counts} per prompt) but {len(images)} image(s) were given."
-            )
-        return images
+        return batch_feature(data, return_tensors)
 
     # ---- decoding -----------------------------------------------------------------------------
     @staticmethod

@@ -27,6 +27,8 @@ from collections.abc import Sequence
 
 import torch
 
+from owl_lab.models.observe import TOKEN_GENERATED, TOKEN_PAD, TOKEN_PLACEHOLDER, TOKEN_TEXT, SequenceLayout
+
 NO_IMAGE_MARKER = -1000000
 
 
@@ -180,3 +182,46 @@ def pad_per_sample(
             embeds[b, :n] = features[index[b].to(features.device)]
             padded[b, :n] = starts[b].to(features.device)
     return embeds, padded
+
+
+def owl3_layout(
+    batch: int,
+    length: int,
+    past: int,
+    attention_mask: torch.Tensor | None,
+    image_starts: torch.Tensor | None,
+    input_ids: torch.Tensor | None,
+    device: torch.device,
+) -> SequenceLayout:
+    """The :class:`SequenceLayout` of ``length`` new positions after ``past`` cached ones.
+
+    ``image_starts`` [B, N] (-1 = no image) marks each ``<|image|>`` placeholder row; padding comes
+    from ``attention_mask`` [B, past + length]. Images are not rows of an Owl3 sequence, so
+    ``image_index`` [B, length] names the image a placeholder row stands for (-1 elsewhere).
+    """
+    device = device if input_ids is None else input_ids.device
+    kind = torch.full(
+        (batch, length), TOKEN_GENERATED if past > 0 else TOKEN_TEXT, dtype=torch.long, device=device
+    )
+    image_index = torch.full((batch, length), -1, dtype=torch.long, device=device)
+    counts = []
+    for b in range(batch):
+        s = (
+            image_starts[b][image_starts[b] >= 0]
+            if image_starts is not None
+            else torch.zeros(0, dtype=torch.long)
+        )
+        counts.append(int(s.numel()))
+        for n, pos in enumerate(s.tolist()):
+            if past <= pos < past + length:
+                kind[b, pos - past] = TOKEN_PLACEHOLDER
+                image_index[b, pos - past] = n
+    if attention_mask is not None:
+        kind = torch.where(attention_mask[:, past:].to(device) == 0, TOKEN_PAD, kind)
+    return SequenceLayout(
+        past_length=past,
+        token_kind=kind,
+        image_index=image_index,
+        attention_mask=attention_mask,
+        images_per_sample=counts,
+    )

@@ -11,7 +11,8 @@ Module tree and state-dict keys follow the official ``mPLUGOwl3Model``:
 
 Images never enter the token sequence: image features (SigLIP ``hidden_states[-2]``, no post-norm,
 no head, projected to the LLM width) are handed to every decoder layer and used only by the hyper
-layers (see ``hyper_attention_owl3.py``). Nothing is stored between calls: decode steps get the
+layers (see ``hyper_attention_owl3.py``; the blocks are in ``modeling_owl3_text.py``, the SigLIP tower
+and projector in ``modeling_owl3_vision.py``). Nothing is stored between calls: decode steps get the
 images and their placeholder starts again (``generate`` does this for you, also under beam search).
 """
 
@@ -21,63 +22,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
-from transformers import GenerationMixin, PreTrainedModel, SiglipVisionModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm, Qwen2RotaryEmbedding
-from transformers.models.siglip.modeling_siglip import SiglipAttention
 
-from owl_lab.models.attention import Allowed, attention, check_attn_implementation
+from owl_lab.models.attention import check_attn_implementation
 from owl_lab.models.cache_compat import CACHE_FIELD
 from owl_lab.models.generation_utils import left_align, prepare_cache, restore_prompt
 from owl_lab.models.observe import (
-    TOKEN_GENERATED,
-    TOKEN_PAD,
-    TOKEN_PLACEHOLDER,
-    TOKEN_TEXT,
     HookPoint,
-    SequenceLayout,
 )
-from owl_lab.models.observe_vision import vision_key_facts
 from owl_lab.models.owl3.configuration_owl3 import Owl3Config, complete_config, load_config
-from owl_lab.models.owl3.hyper_attention_owl3 import AttnContext, Owl3Attention, Owl3HyperAttention
-from owl_lab.models.owl3.media_owl3 import pad_per_sample, resolve_media
-
-
-class Owl3VisionAttention(SiglipAttention):
-    """transformers' SigLIP attention (same keys, same projections) run through the attention core.
-
-    q/k/v come from SigLIP's own projections; the softmax is the core's (:func:`attention`, kind
-    ``vision``): SDPA with no mask, or the eager kernel with an fp32 softmax, which are exactly the
-    two kernels transformers' SigLIP calls. So the numbers are unchanged, while the event carries the
-    q/k the kernel used (``hook_attn``) and a knockout can edit the encoder like any other attention.
-    SigLIP has no CLS token. An attention mask (the Owl3 tower never passes one) or attention dropout
-    in training falls back to transformers' own forward.
-    """
-
-    def __init__(self, config, layer_idx: int):
-        super().__init__(config)
-        self.layer_idx = layer_idx
-        self.hook_attn = HookPoint()
-
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        if attention_mask is not None or (self.training and self.dropout > 0):
-            return super().forward(hidden_states, attention_mask, **kwargs)
-        n, t, _ = hidden_states.shape
-        shape = (n, t, -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # [N, h, T, hd]
-        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        grid = self.config.image_size // self.config.patch_size
-        allowed = Allowed((n, t, t), fast="all", device=hidden_states.device)
-
-        def describe() -> dict:
-            return vision_key_facts(n, t, (grid, grid), False, hidden_states.device)
-
-        ctx, probs, _ = attention(self, q, k, v, allowed, self.scale, "vision", describe)
-        ctx = ctx.transpose(1, 2).reshape(n, t, -1)  # [N, T, h*hd]
-        return self.out_proj(ctx), probs
+from owl_lab.models.owl3.hyper_attention_owl3 import Owl3HyperAttention
+from owl_lab.models.owl3.media_owl3 import owl3_layout, pad_per_sample, resolve_media
+from owl_lab.models.owl3.modeling_owl3_text import Owl3LanguageModel
+from owl_lab.models.owl3.modeling_owl3_vision import observed_siglip, penultimate_hidden_states, projector
 
 
 @dataclass
@@ -92,148 +51,6 @@ class Owl3CausalLMOutputWithPast(CausalLMOutputWithPast):
     """
 
     cross_attentions: tuple | None = None
-
-
-class Owl3DecoderLayer(nn.Module):
-    """Pre-norm Qwen2 block; in hyper layers the same ``input_layernorm`` also normalises the images."""
-
-    def __init__(self, config: Owl3Config, layer_idx: int):
-        super().__init__()
-        self.is_hyper = layer_idx in config.hyper_layer_indices
-        attn_cls = Owl3HyperAttention if self.is_hyper else Owl3Attention
-        self.self_attn = attn_cls(config, layer_idx)
-        self.mlp = Qwen2MLP(config)
-        self.input_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        # writable sites, [B, L, H] each
-        self.hook_resid_pre = HookPoint()
-        self.hook_attn_out = HookPoint()
-        self.hook_resid_mid = HookPoint()
-        self.hook_mlp_out = HookPoint()
-        self.hook_resid_post = HookPoint()
-
-    def forward(self, hidden: torch.Tensor, ctx: AttnContext):
-        """hidden [B, L, H] → (hidden [B, L, H], (text probs, image probs))."""
-        hidden = self.hook_resid_pre(hidden)
-        image_normed = None
-        if self.is_hyper and ctx.image_embeds is not None:
-            image_normed = self.input_layernorm(
-                ctx.image_embeds
-            )  # shared input norm, [M, T, H] (real images)
-        attn_out, probs = self.self_attn(self.input_layernorm(hidden), ctx, image_normed)
-        hidden = self.hook_resid_mid(hidden + self.hook_attn_out(attn_out))
-        hidden = hidden + self.hook_mlp_out(self.mlp(self.post_attention_layernorm(hidden)))
-        return self.hook_resid_post(hidden), probs
-
-
-class Owl3TextModel(nn.Module):
-    """The Qwen2 decoder with hyper layers (``language_model.model``)."""
-
-    def __init__(self, config: Owl3Config):
-        super().__init__()
-        self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Owl3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = Qwen2RotaryEmbedding(config=config)
-
-    def mi_rope(self, positions: torch.Tensor):
-        """MI-RoPE cos/sin in fp32 for one position per image: positions [B, N] → [B, N, D] each."""
-        d = self.config.hidden_size // self.config.num_attention_heads
-        theta = self.config.rope_parameters["rope_theta"]
-        inv_freq = 1.0 / (
-            theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=positions.device).float() / d)
-        )
-        freqs = positions.float()[..., None] * inv_freq  # [B, N, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # half-split rotation layout
-        return emb.cos(), emb.sin()
-
-    def build_context(
-        self, embeds, attention_mask, position_ids, cache, image_embeds, image_starts, output_attentions
-    ):
-        b, n, _ = embeds.shape
-        past = cache.get_seq_length() if cache is not None else 0
-        query_index = torch.arange(past, past + n, device=embeds.device)  # raw sequence indices
-        key_valid, lead = None, torch.zeros(b, dtype=torch.long, device=embeds.device)
-        if attention_mask is not None and not bool(attention_mask.all()):
-            key_valid = attention_mask.to(embeds.device).bool()
-            lead = key_valid.int().argmax(dim=1)  # left padding per row
-        # Rotary positions live in the "real token" coordinate (raw index - left padding), the one HF
-        # generate builds as cumsum(mask) - 1; MI-RoPE below uses the same coordinate.
-        if position_ids is None:
-            position_ids = (query_index[None] - lead[:, None]).clamp(min=0)
-        ctx = AttnContext(
-            batch_size=b,
-            past_length=past,
-            query_index=query_index,
-            key_valid=key_valid,
-            position_embeddings=self.rotary_emb(embeds, position_ids),
-            cache=cache,
-            output_attentions=output_attentions,
-        )
-        if image_embeds is not None and image_starts.shape[1] > 0:
-            starts = image_starts.to(embeds.device)
-            valid = starts >= 0  # [B, N]
-            t = query_index[None, :, None]  # [1, L, 1]
-            s = starts[:, None, :]  # [B, 1, N]
-            if self.config.hyper_attention == "fused":
-                visible, offset = t >= s, 0  # 241101: the placeholder token itself sees its image
-            else:
-                visible, offset = s < t, 1  # 240728: strict, MI-RoPE at s_n + 1
-            # Only real images enter the hyper layers ([M, T, H], batch-global order): padding slots
-            # are masked out of every softmax, and with up to N images per sample they would
-            # otherwise multiply the image-side work of a mostly single-image batch by N.
-            ctx.image_embeds = image_embeds[valid].to(embeds.dtype)
-            ctx.image_valid = valid
-            ctx.image_visible = visible & valid[:, None, :]  # [B, L, N]
-            if self.config.mi_rope:
-                ctx.mi_positions = torch.where(valid, starts + offset - lead[:, None], -1)
-                ctx.mi_cos, ctx.mi_sin = self.mi_rope(ctx.mi_positions.clamp(min=0))
-        return ctx
-
-    def forward(
-        self,
-        inputs_embeds,
-        attention_mask=None,
-        position_ids=None,
-        past_key_values=None,
-        image_embeds=None,
-        image_starts=None,
-        output_attentions=False,
-        output_hidden_states=False,
-    ):
-        """inputs_embeds [B, L, H] → final-normed hidden [B, L, H], hidden-state tuple, probs per layer."""
-        ctx = self.build_context(
-            inputs_embeds,
-            attention_mask,
-            position_ids,
-            past_key_values,
-            image_embeds,
-            image_starts,
-            output_attentions,
-        )
-        hidden = inputs_embeds
-        all_hidden = [hidden] if output_hidden_states else None
-        self_probs, image_probs = [], []
-        for i, layer in enumerate(self.layers):
-            hidden, (p_text, p_img) = layer(hidden, ctx)
-            self_probs.append(p_text)
-            image_probs.append(p_img)
-            if output_hidden_states and i < len(self.layers) - 1:
-                all_hidden.append(hidden)  # official tuple: input of layer i+1
-        hidden = self.norm(hidden)
-        if output_hidden_states:
-            all_hidden.append(hidden)  # official tuple ends with the final-norm output
-        return hidden, all_hidden, self_probs, image_probs
-
-
-class Owl3LanguageModel(nn.Module):
-    """Container giving the official ``language_model.model`` / ``language_model.lm_head`` key names."""
-
-    def __init__(self, config: Owl3Config):
-        super().__init__()
-        self.model = Owl3TextModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
 
 class Owl3PreTrainedModel(PreTrainedModel):
@@ -276,15 +93,8 @@ class Owl3ForCausalLM(Owl3PreTrainedModel, GenerationMixin):
                 "or Owl3ForCausalLM.from_pretrained, which detect them from the weight names, or set them."
             )
         self.language_model = Owl3LanguageModel(config)
-        self.vision_model = SiglipVisionModel(config.vision_config)
-        # observation points of kind vision (transformers' SigLIP attention has none)
-        for k, vision_layer in enumerate(self.vision_model.encoder.layers):
-            vision_layer.self_attn = Owl3VisionAttention(config.vision_config, k)
-        v, h = config.vision_config.hidden_size, config.hidden_size
-        if config.projector == "mlp":
-            self.vision2text_model = nn.Sequential(nn.Linear(v, h), nn.GELU(), nn.Linear(h, h))
-        else:
-            self.vision2text_model = nn.Linear(v, h)
+        self.vision_model = observed_siglip(config.vision_config)
+        self.vision2text_model = projector(config)
         self.hook_image_embeds = HookPoint()  # [N, T, H] projected patch features
         self.hook_layout = HookPoint()
         self.post_init()
@@ -323,10 +133,7 @@ class Owl3ForCausalLM(Owl3PreTrainedModel, GenerationMixin):
                 f"pixel_values must be [N_images, 3, {size}, {size}] for this checkpoint; got "
                 f"{tuple(pixel_values.shape)}. Use the Owl3Processor (it resizes to {size} px)."
             )
-        tower = self.vision_model
-        hidden = tower.embeddings(pixel_values.to(tower.embeddings.patch_embedding.weight.dtype))  # [N, T, V]
-        for layer in tower.encoder.layers[:-1]:  # hidden_states[-2]: skip the last layer, post-norm, head
-            hidden = layer(hidden, None)
+        hidden = penultimate_hidden_states(self.vision_model, pixel_values)  # [N, T, V]
         return self.hook_image_embeds(self.vision2text_model(hidden))  # [N, T, H]
 
     def prepare_images(self, pixel_values, media_offset, input_ids_shape, attention_mask=None):
@@ -387,7 +194,9 @@ class Owl3ForCausalLM(Owl3PreTrainedModel, GenerationMixin):
         ):
             raise ValueError("image_embeds [B, N, T, H] needs image_starts [B, N] (-1 for padding slots).")
         if self.hook_layout.active:
-            self.hook_layout(self._layout(batch, length, past, attention_mask, image_starts, input_ids))
+            self.hook_layout(
+                owl3_layout(batch, length, past, attention_mask, image_starts, input_ids, self.device)
+            )
 
         output_attentions = bool(
             self.config.output_attentions if output_attentions is None else output_attentions
@@ -428,34 +237,6 @@ class Owl3ForCausalLM(Owl3PreTrainedModel, GenerationMixin):
                 f"attention_mask must be 2-D [batch, past + new] = [{batch}, {total}]; "
                 f"got {tuple(attention_mask.shape)}."
             )
-
-    def _layout(self, batch, length, past, attention_mask, image_starts, input_ids) -> SequenceLayout:
-        device = self.device if input_ids is None else input_ids.device
-        kind = torch.full(
-            (batch, length), TOKEN_GENERATED if past > 0 else TOKEN_TEXT, dtype=torch.long, device=device
-        )
-        image_index = torch.full((batch, length), -1, dtype=torch.long, device=device)
-        counts = []
-        for b in range(batch):
-            s = (
-                image_starts[b][image_starts[b] >= 0]
-                if image_starts is not None
-                else torch.zeros(0, dtype=torch.long)
-            )
-            counts.append(int(s.numel()))
-            for n, pos in enumerate(s.tolist()):
-                if past <= pos < past + length:
-                    kind[b, pos - past] = TOKEN_PLACEHOLDER
-                    image_index[b, pos - past] = n
-        if attention_mask is not None:
-            kind = torch.where(attention_mask[:, past:].to(device) == 0, TOKEN_PAD, kind)
-        return SequenceLayout(
-            past_length=past,
-            token_kind=kind,
-            image_index=image_index,
-            attention_mask=attention_mask,
-            images_per_sample=counts,
-        )
 
     # ---- generation -------------------------------------------------------------------------------
     def generate(

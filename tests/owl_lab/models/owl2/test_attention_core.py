@@ -32,7 +32,7 @@ def prefill_and_step(model, inputs):
 
 
 def site_modules(model, family: str) -> dict[str, torch.nn.Module]:
-    """Every module named by the family's ``sites`` patterns (families.py)."""
+    """Every module named by the family's ``sites`` patterns (owl_lab.families)."""
     regexes = [
         re.compile("^" + re.escape(p).replace(r"\{i\}", r"\d+") + "$")
         for p in FAMILIES[family].sites.values()
