@@ -15,8 +15,9 @@ from owl_lab.analysis.findings import claims_markdown, notebook_findings
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Which paper claims hold at toy scale"
-#: notebooks that end with a findings table: the paper reproductions 03–11 and the comparison notebook 17
-REPRODUCTION_NUMBERS = [*range(3, 12), 17]
+#: notebooks that end with a findings table: the paper reproductions 03–11, the causal-method notebooks 13–16
+#: (knockout, patching, logit lens and pruning, answer → pixels) and the comparison notebook 17
+REPRODUCTION_NUMBERS = [*range(3, 12), *range(13, 18)]
 REPRODUCTION = [
     p for p in sorted((ROOT / "notebooks").glob("*.ipynb")) if int(p.name[:2]) in REPRODUCTION_NUMBERS
 ]

@@ -26,8 +26,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -195,6 +195,54 @@ def finding(
     return Finding(claim, source, list(effects), verdict, caveats, text, digits, units)
 
 
+#: Sentences that follow the verdict of a claim measured on the training seeds of one model
+#: (:func:`per_model`); a notebook overrides the ones its numbers say more about.
+SEEDS_TEXT = {
+    "reproduced": "Holds beyond 2 SE on every seed of this model.",
+    "opposite": "The opposite holds beyond 2 SE on every seed of this model.",
+    "not reproduced": "No seed of this model shows it beyond 2 SE.",
+    "inconclusive": "The seeds of this model disagree, or the effect is within noise on one of them.",
+}
+
+
+def per_model(
+    claim: str,
+    source: str,
+    checkpoints: Mapping[str, Sequence[str]],
+    measure: Callable[[str], Effect | Sequence[float]],
+    interpretation: str | Mapping[str, str] = SEEDS_TEXT,
+    **kwargs,
+) -> list[Finding]:
+    """One finding per model, each judged on that model's training seeds.
+
+    Args:
+        claim: the claim; each row's claim is ``"{claim} — {model}"``.
+        source: where the claim is from (a paper, "method check", "exploration ...").
+        checkpoints: model label → its checkpoints, one per training seed, e.g.
+            ``{"owl2": ["owl2-tiny", "owl2-tiny-s1"]}``.
+        measure: checkpoint → its per-example values (positive = the claim's direction; mean ± SE by
+            :func:`from_samples`), or a ready :class:`Effect` (e.g. one with a bootstrap SE).
+        interpretation, kwargs: as in :func:`finding` (``expected``, ``digits``, ``units``, ...).
+
+    Returns:
+        one :class:`Finding` per model, effects labelled ``"seed 0"``, ``"seed 1"``, ... in the given order.
+    """
+    if not checkpoints:
+        raise ValueError("per_model needs at least one model with its checkpoints")
+    rows = []
+    for model, names in checkpoints.items():
+        if isinstance(names, str) or not names:
+            raise ValueError(f"checkpoints[{model!r}] must be a list of checkpoint names; got {names!r}")
+        effects = []
+        for seed, name in enumerate(names):
+            measured = measure(name)
+            label = f"seed {seed}"
+            effect = measured if isinstance(measured, Effect) else from_samples(measured, label)
+            effects.append(replace(effect, label=effect.label or label))
+        rows.append(finding(f"{claim} — {model}", source, effects, interpretation, **kwargs))
+    return rows
+
+
 def findings_table(
     rows: Sequence[Finding], *, title: str = "What we found", show: bool = True
 ) -> pd.DataFrame:
@@ -304,6 +352,7 @@ __all__ = [
     "Finding",
     "K",
     "MIN_N",
+    "SEEDS_TEXT",
     "VERDICTS",
     "claims_markdown",
     "findings_table",
@@ -314,4 +363,5 @@ __all__ = [
     "judge",
     "notebook_findings",
     "parse_findings",
+    "per_model",
 ]

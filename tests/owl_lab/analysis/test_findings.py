@@ -124,3 +124,29 @@ def test_printed_findings_parse_back(capsys):
             r["interpretation"],
         )
     assert parsed[0]["verdict"] == "inconclusive" and parsed[0]["caveats"] == "n < 50"
+
+
+def test_per_model_judges_each_model_on_its_own_seeds():
+    from owl_lab.analysis.findings import SEEDS_TEXT, per_model
+
+    values = {"a0": [3.0, 3.1, 2.9], "a1": [2.0, 2.2, 1.8], "b0": [1.0, -1.0, 0.5], "b1": [-3.0, -3.1, -2.9]}
+    rows = per_model("x rises", "method check", {"A": ["a0", "a1"], "B": ["b0", "b1"]}, values.__getitem__)
+    assert [r.claim for r in rows] == ["x rises — A", "x rises — B"]
+    assert [r.verdict for r in rows] == ["reproduced", "inconclusive"]
+    assert [e.label for e in rows[0].effects] == ["seed 0", "seed 1"]
+    assert rows[0].effects[1].value == pytest.approx(2.0) and rows[0].effects[1].n == 3
+    assert rows[0].interpretation == SEEDS_TEXT["reproduced"]
+
+
+def test_per_model_keeps_ready_effects_and_rejects_bad_checkpoints():
+    from owl_lab.analysis.findings import per_model
+
+    rows = per_model("r > 0", "lab", {"A": ["x", "y"]}, lambda name: E(0.5, 0.1, 80), expected=None)
+    assert [(e.value, e.se, e.n, e.label) for e in rows[0].effects] == [
+        (0.5, 0.1, 80, "seed 0"),
+        (0.5, 0.1, 80, "seed 1"),
+    ]
+    with pytest.raises(ValueError):
+        per_model("c", "s", {}, lambda name: [1.0])
+    with pytest.raises(ValueError):
+        per_model("c", "s", {"A": "owl2-tiny"}, lambda name: [1.0])
