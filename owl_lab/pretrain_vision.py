@@ -37,8 +37,8 @@ from owl_lab.families import FamilySpec, family_of, get_family, resolve_path
 from owl_lab.optim import apply_step
 from owl_lab.synth.shapes import (
     CELL_ATTRIBUTES,
-    n_frame_tags,
     cell_targets,
+    n_frame_tags,
     render,
     sample_scene,
     with_frame_tag,
