@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from owl_lab.analysis.probe import probe_cell_attributes
+from owl_lab.analysis.probe import probe_cell_attributes, probe_frame_tags
 from owl_lab.evaluate import collate, evaluate
 from owl_lab.families import FamilySpec, get_family
 from owl_lab.optim import apply_step
@@ -198,6 +198,11 @@ def train(
             stage_seconds.append(round(time.perf_counter() - stage_start, 3))
             _report_stage(progress, si, steps, stage_seconds[-1])
             vision_probes[f"stage{si + 1}"] = _probe_vision(model, processor, world, progress)
+            if "tags" in stage.get("objectives", []):  # the gate of issue 18: the tag in object patches
+                tags = probe_frame_tags(model, processor, world.get("frame_tags") or True)
+                vision_probes[f"stage{si + 1}"].update({f"tag_{k}": round(v, 1) for k, v in tags.items()})
+                if progress:
+                    tqdm.write(f"frame-tag probe (% of patches): {tags}")
             model.train()
             continue
         params = _set_trainable(model, stage_freeze(recipe, stage))
