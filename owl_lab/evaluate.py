@@ -259,7 +259,7 @@ def circular_curve(
     n_questions: int = 40,
     render_size: int = 112,
     batch_size: int = 32,
-    frame_tags: bool = False,
+    frame_tags: bool | str = False,
 ) -> pd.DataFrame:
     """The paper's distractor benchmark (:func:`owl_lab.synth.distractor.circular_eval`) at each N.
 

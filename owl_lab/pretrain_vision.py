@@ -37,8 +37,8 @@ from owl_lab.families import FamilySpec, family_of, get_family, resolve_path
 from owl_lab.optim import apply_step
 from owl_lab.synth.shapes import (
     CELL_ATTRIBUTES,
-    FRAME_TAGS,
     cell_targets,
+    n_frame_tags,
     render,
     sample_scene,
     with_frame_tag,
@@ -137,7 +137,8 @@ def run_vision_stage(
     if "board" in objectives:
         heads["board"] = BoardReadout(token_width, sizes[:-1])
     if "tags" in objectives:
-        heads["tags"] = nn.Linear(width, len(FRAME_TAGS) + 1)  # 0 = untagged
+        tag_mode = world.get("frame_tags") or True  # the world's tag mode; background-only by default
+        heads["tags"] = nn.Linear(width, n_frame_tags(tag_mode) + 1)  # 0 = untagged
     params = vision_parameters(model, board="board" in objectives, bridge=stage.get("train_bridge", True))
     opt = torch.optim.AdamW(
         params + list(heads.parameters()),
@@ -152,8 +153,11 @@ def run_vision_stage(
         scenes = [sample_scene(random.Random(f"{seed}/{step * bs + j}"), lo, hi) for j in range(bs)]
         images = [render(s, size) for s in scenes]
         if "tags" in heads:  # half untagged, half a uniform label
-            tags = [_draw_tag(random.Random(f"{seed}/{step * bs + j}/tag")) for j in range(bs)]
-            images = [with_frame_tag(im, t) if t else im for im, t in zip(images, tags, strict=True)]
+            n_tags = n_frame_tags(tag_mode)
+            tags = [_draw_tag(random.Random(f"{seed}/{step * bs + j}/tag"), n_tags) for j in range(bs)]
+            images = [
+                with_frame_tag(im, t, tag_mode) if t else im for im, t in zip(images, tags, strict=True)
+            ]
         batch = processor(text=[IMAGE_PLACEHOLDER] * bs, images=[[im] for im in images])
         board = torch.tensor([cell_targets(s) for s in scenes])  # [B, GRID², 4]
         loss = 0.0
@@ -178,9 +182,9 @@ def run_vision_stage(
     return global_step
 
 
-def _draw_tag(rng: random.Random) -> int:
-    """0 (untagged) with probability 1/2, else a label in 1..len(FRAME_TAGS)."""
-    return 0 if rng.random() < 0.5 else rng.randint(1, len(FRAME_TAGS))
+def _draw_tag(rng: random.Random, n_tags: int) -> int:
+    """0 (untagged) with probability 1/2, else a label in 1..n_tags."""
+    return 0 if rng.random() < 0.5 else rng.randint(1, n_tags)
 
 
 def attribute_weights(stage: dict) -> list[float]:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from owl_lab.analysis.probe import probe_cell_attributes
+from owl_lab.analysis.probe import probe_cell_attributes, probe_frame_tags
 from owl_lab.evaluate import collate, evaluate
 from owl_lab.families import FamilySpec, get_family
 from owl_lab.optim import apply_step
@@ -196,7 +196,13 @@ def train(
                 progress,
             )
             stage_seconds.append(round(time.perf_counter() - stage_start, 3))
+            _report_stage(progress, si, steps, stage_seconds[-1])
             vision_probes[f"stage{si + 1}"] = _probe_vision(model, processor, world, progress)
+            if "tags" in stage.get("objectives", []):  # the gate of issue 18: the tag in object patches
+                tags = probe_frame_tags(model, processor, world.get("frame_tags") or True)
+                vision_probes[f"stage{si + 1}"].update({f"tag_{k}": round(v, 1) for k, v in tags.items()})
+                if progress:
+                    tqdm.write(f"frame-tag probe (% of patches): {tags}")
             model.train()
             continue
         params = _set_trainable(model, stage_freeze(recipe, stage))
@@ -234,6 +240,7 @@ def train(
             if progress and step % 20 == 0:
                 bar.set_postfix(loss=f"{sum(history['loss'][-20:]) / len(history['loss'][-20:]):.4f}")
         stage_seconds.append(round(time.perf_counter() - stage_start, 3))
+        _report_stage(progress, si, steps, stage_seconds[-1])
     train_seconds = time.perf_counter() - start
     model.eval()
     for p in model.parameters():
@@ -299,6 +306,15 @@ def estimate_seconds(
         "measured_seconds": run["train_seconds"],
         "projected_seconds": round(sum(t * n for t, n in zip(per_step, full, strict=True)) + overhead, 1),
     }
+
+
+def _report_stage(progress: bool, si: int, steps: int, seconds: float) -> None:
+    """One line per finished stage, so a slow run (or ``--estimate`` on a loaded machine) shows its
+    per-stage cost as it goes instead of only at the end."""
+    if progress:
+        tqdm.write(
+            f"stage {si + 1}: {steps} steps in {seconds:.1f} s ({1000 * seconds / max(1, steps):.0f} ms/step)"
+        )
 
 
 def _probe_vision(model, processor, world: dict, progress: bool) -> dict[str, float]:

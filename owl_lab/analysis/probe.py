@@ -17,11 +17,19 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import torch
 from torch import nn
 
 from owl_lab.pretrain_vision import patch_cells, patch_features
-from owl_lab.synth.shapes import CELL_ATTRIBUTES, cell_targets, render, sample_scene
+from owl_lab.synth.shapes import (
+    BACKGROUND,
+    CELL_ATTRIBUTES,
+    cell_targets,
+    render,
+    sample_scene,
+    with_frame_tag,
+)
 from owl_lab.synth.vocab import IMAGE_PLACEHOLDER
 
 ATTRIBUTES = tuple(name for name, _ in CELL_ATTRIBUTES)
@@ -127,3 +135,56 @@ def probe_cell_attributes(
         )
         for a, name in enumerate(ATTRIBUTES)
     }
+
+
+@torch.no_grad()
+def probe_frame_tags(
+    model,
+    processor,
+    frame_tags: bool | str = True,
+    *,
+    n_train: int = 500,
+    n_test: int = 200,
+    n_labels: int = 50,
+    seed: int = 0,
+    render_size: int = 112,
+    n_objects: tuple[int, int] = (1, 4),
+    steps: int = 300,
+) -> dict[str, float]:
+    """Linear-probe accuracy (%) of an image's frame tag (world option ``frame_tags``, labels 1..``n_labels``)
+    from single patch features, split by what the patch shows (issue 18).
+
+    A hyper layer can ask for "the circle of image X" in one look-up only if the patches that hold the
+    circle carry X's tag. Patches are ``background`` (no object pixel in the patch's square of the native
+    render) or ``object`` (at least half of its pixels belong to an object). Chance is 1 / ``n_labels``.
+    Returns ``{"background": ..., "object": ...}``.
+    """
+    splits = {}
+    for part, n in (("train", n_train), ("test", n_test)):
+        rng = random.Random(f"tag-probe/{seed}/{part}")
+        feats, labels, shares = [], [], []
+        for start in range(0, n, 50):
+            scenes = [sample_scene(rng, *n_objects) for _ in range(start, min(start + 50, n))]
+            tags = [rng.randint(1, n_labels) for _ in scenes]
+            plain = [render(s, render_size) for s in scenes]
+            images = [with_frame_tag(im, t, frame_tags) for im, t in zip(plain, tags, strict=True)]
+            batch = processor(text=[IMAGE_PLACEHOLDER] * len(images), images=[[im] for im in images])
+            f = patch_features(model, batch["pixel_values"].to(next(model.parameters()).dtype))  # [B, G², W]
+            grid = int(round(f.shape[1] ** 0.5))
+            feats.append(f.float().flatten(0, 1))
+            labels.append(torch.tensor(tags).repeat_interleave(f.shape[1]) - 1)
+            shares.append(torch.cat([_object_share(im, grid) for im in plain]))
+        splits[part] = torch.cat(feats), torch.cat(labels), torch.cat(shares)
+    (train_x, train_y, _), (test_x, test_y, test_share) = splits["train"], splits["test"]
+    out = {}
+    for name, keep in (("background", test_share == 0), ("object", test_share >= 0.5)):
+        out[name] = linear_probe(train_x, train_y, test_x[keep], test_y[keep], steps=steps, seed=seed)
+    return out
+
+
+def _object_share(image, grid: int) -> torch.Tensor:
+    """[grid²] share of each patch square's native pixels that are not :data:`BACKGROUND` (raster order)."""
+    array = np.asarray(image.convert("RGB"))
+    size = array.shape[0] // grid * grid
+    mask = ~(array[:size, :size] == np.asarray(BACKGROUND, dtype=np.uint8)).all(-1)
+    return torch.tensor(mask.reshape(grid, size // grid, grid, size // grid).mean((1, 3)).reshape(-1))

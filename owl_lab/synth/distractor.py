@@ -47,10 +47,26 @@ ANSWER_SPACE = {
 MAX_IMAGES = len(NUMBERS) - 1  # "Image N" needs N in the number words
 
 
-def paper_prompt(n_images: int, target: int, question: str, options: list[str]) -> str:
+def _labels(n_images: int, labels: list[int] | None) -> list[int]:
+    """The label of each slot: 1..N (the paper's), or ``labels`` (training aid ``binding_sparse_share``)."""
+    if labels is None:
+        return list(range(1, n_images + 1))
+    if (
+        len(labels) != n_images
+        or len(set(labels)) != n_images
+        or not all(1 <= v <= MAX_IMAGES for v in labels)
+    ):
+        raise ValueError(f"need {n_images} distinct labels in 1..{MAX_IMAGES}; got {labels}")
+    return list(labels)
+
+
+def paper_prompt(
+    n_images: int, target: int, question: str, options: list[str], labels: list[int] | None = None
+) -> str:
     """``"Image 1: <|image|> … Image N: <|image|> In Image X, {question}, o1, o2, o3 or o4?"``.
 
-    ``target`` is 1-based; ``question`` is a single-image question ending in "?".
+    ``target`` is the 1-based slot; ``question`` is a single-image question ending in "?". ``labels``
+    (training only) names the slots by other numbers than 1..N, e.g. ``Image 4: … Image 31: …``.
     """
     if not 1 <= target <= n_images <= MAX_IMAGES:
         raise ValueError(
@@ -58,13 +74,14 @@ def paper_prompt(n_images: int, target: int, question: str, options: list[str]) 
         )
     if len(options) < 2:
         raise ValueError(f"a multiple-choice question needs at least 2 options; got {options}")
-    images = " ".join(f"Image {i}: {IMAGE_PLACEHOLDER}" for i in range(1, n_images + 1))
+    names = _labels(n_images, labels)
+    images = " ".join(f"Image {i}: {IMAGE_PLACEHOLDER}" for i in names)
     body = question.rstrip("?")
     listed = ", ".join(options[:-1]) + f" or {options[-1]}"
-    return f"{images} In Image {target}, {body[0].lower()}{body[1:]}, {listed}?"
+    return f"{images} In Image {names[target - 1]}, {body[0].lower()}{body[1:]}, {listed}?"
 
 
-def suffix_prompt(n_images: int, target: int, question: str) -> str:
+def suffix_prompt(n_images: int, target: int, question: str, labels: list[int] | None = None) -> str:
     """``"Image 1: <|image|> … Image N: <|image|> {question} in Image X?"`` (training only, world option
     ``binding_suffix_share``): the label sits right before the answer position, so the token that
     predicts the answer is one step from "X" and a hyper layer's query can name image X's tag at once;
@@ -73,8 +90,9 @@ def suffix_prompt(n_images: int, target: int, question: str) -> str:
         raise ValueError(
             f"need 1 <= target <= n_images <= {MAX_IMAGES}; got target {target}, n_images {n_images}"
         )
-    images = " ".join(f"Image {i}: {IMAGE_PLACEHOLDER}" for i in range(1, n_images + 1))
-    return f"{images} {question.rstrip('?')} in Image {target}?"
+    names = _labels(n_images, labels)
+    images = " ".join(f"Image {i}: {IMAGE_PLACEHOLDER}" for i in names)
+    return f"{images} {question.rstrip('?')} in Image {names[target - 1]}?"
 
 
 def choice_question(rng: random.Random, kind: str, balanced_counts: bool = False):
@@ -113,16 +131,19 @@ def binding_instance(
     pool: int = 0,
     pool_seed: str = "pool",
     meta: dict | None = None,
-    frame_tags: bool = False,
+    frame_tags: bool | str = False,
     suffix: bool = False,
+    labels: list[int] | None = None,
 ) -> Example:
     """One prompt: the true scene at a random slot among ``n_images - 1`` distractors.
 
     ``pool`` > 0 draws distractors from ``pool`` seeded scenes whose renders are cached (training);
     0 draws fresh scenes (evaluation). ``frame_tags`` tints image k's background with k's tag
     (:func:`owl_lab.synth.shapes.with_frame_tag`; the world option of the same name). ``suffix``
-    asks in :func:`suffix_prompt`'s open form instead of the paper's multiple choice.
+    asks in :func:`suffix_prompt`'s open form instead of the paper's multiple choice. ``labels`` names
+    the slots (default 1..N; the frame tags follow the labels).
     """
+    names = _labels(n_images, labels)
     target = rng.randint(1, n_images)
     scenes, images = [], []
     for slot in range(1, n_images + 1):
@@ -138,13 +159,15 @@ def binding_instance(
             scenes.append(s)
             images.append(render(s, render_size))
     if frame_tags:
-        images = [with_frame_tag(im, k) for k, im in enumerate(images, start=1)]
+        images = [with_frame_tag(im, k, frame_tags) for k, im in zip(names, images, strict=True)]
     meta = dict(meta or {}, kind=kind, n_images=n_images, target=target, options=list(options))
+    if labels is not None:
+        meta["labels"] = names
     if suffix:
-        text = suffix_prompt(n_images, target, question)
+        text = suffix_prompt(n_images, target, question, labels)
         meta["options"], meta["suffix"] = [], True
     else:
-        text = paper_prompt(n_images, target, question, options)
+        text = paper_prompt(n_images, target, question, options, labels)
     return Example("binding", text, answer, images, scenes, meta)
 
 
@@ -154,7 +177,7 @@ def circular_eval(
     n_questions: int = 40,
     render_size: int = NATIVE_SIZE,
     kinds: tuple[str, ...] = CHOICE_KINDS,
-    frame_tags: bool = False,
+    frame_tags: bool | str = False,
 ) -> list[list[Example]]:
     """The benchmark at one N: one group per question, one instance per option rotation.
 
@@ -216,17 +239,25 @@ def task_binding(
     distractor_pool: int = 4096,
     balanced_counts: bool = False,
     binding_n: int | None = None,
-    frame_tags: bool = False,
+    frame_tags: bool | str = False,
     binding_suffix_share: float = 0.0,
+    binding_sparse_share: float = 0.0,
+    binding_label_max: int = 50,
     **_,
 ) -> Example:
     """Training generator for the benchmark's format: 1..``binding_max_images`` images, one named
     (``binding_n`` fixes N, as :meth:`owl_lab.synth.data.Mixture.binding_batch` does per batch);
-    a ``binding_suffix_share`` of them asked in :func:`suffix_prompt`'s form (a curriculum aid)."""
+    a ``binding_suffix_share`` of them asked in :func:`suffix_prompt`'s form (a curriculum aid).
+
+    ``binding_sparse_share`` of them (training aid, issue 18) label the N slots with a sorted random
+    sample of 1..``binding_label_max`` instead of 1..N, so every label up to 50 is trained at small N:
+    with frame tags the lookup "Image X" → X's tag is by content, and a model trained only on
+    1..N at N ≤ 10 would never have seen "Image 37"."""
     kind = rng.choice(CHOICE_KINDS)
     scene, question, answer, options = choice_question(rng, kind, balanced_counts)
     n = binding_n or sample_n_images(rng, binding_max_images, binding_curve)
     suffix = binding_suffix_share > 0 and rng.random() < binding_suffix_share  # no draw when off
+    labels = _sparse_labels(rng, n, binding_sparse_share, binding_label_max)
     return binding_instance(
         rng,
         n,
@@ -239,7 +270,16 @@ def task_binding(
         pool=distractor_pool,
         frame_tags=frame_tags,
         suffix=suffix,
+        labels=labels,
     )
+
+
+def _sparse_labels(rng: random.Random, n: int, share: float, label_max: int) -> list[int] | None:
+    """None (labels 1..n) or, with probability ``share``, n sorted distinct labels from 1..label_max.
+    Draws nothing when ``share`` is 0, so streams without the option are unchanged."""
+    if share <= 0 or rng.random() >= share:
+        return None
+    return sorted(rng.sample(range(1, max(n, min(label_max, MAX_IMAGES)) + 1), n))
 
 
 def task_find(
@@ -249,7 +289,9 @@ def task_find(
     binding_curve: str = "loguniform",
     distractor_pool: int = 4096,
     binding_n: int | None = None,
-    frame_tags: bool = False,
+    frame_tags: bool | str = False,
+    binding_sparse_share: float = 0.0,
+    binding_label_max: int = 50,
     **_,
 ) -> Example:
     """The reverse lookup, an auxiliary training task: "… In which image is there a red circle?" → "X".
@@ -262,6 +304,7 @@ def task_find(
     obj = rng.choice(scene.objects)
     n = binding_n or sample_n_images(rng, binding_max_images, binding_curve)
     target = rng.randint(1, n)
+    names = _sparse_labels(rng, n, binding_sparse_share, binding_label_max) or list(range(1, n + 1))
     scenes, images = [], []
     for slot in range(1, n + 1):
         if slot == target:
@@ -272,12 +315,12 @@ def task_find(
                 if not any((o.color, o.shape) == (obj.color, obj.shape) for o in s.objects):
                     break
         scenes.append(s)
-        images.append(with_frame_tag(im, slot) if frame_tags else im)
-    labels = " ".join(f"Image {i}: {IMAGE_PLACEHOLDER}" for i in range(1, n + 1))
+        images.append(with_frame_tag(im, names[slot - 1], frame_tags) if frame_tags else im)
+    labels = " ".join(f"Image {i}: {IMAGE_PLACEHOLDER}" for i in names)
     return Example(
         "find",
         f"{labels} In which image is there a {obj.color} {obj.shape}?",
-        str(target),
+        str(names[target - 1]),
         images,
         scenes,
         {"kind": "find", "n_images": n, "target": target},

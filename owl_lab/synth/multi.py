@@ -30,7 +30,7 @@ def multi_prompt(n_images: int, target: int, question: str) -> str:
 
 
 def _instance(
-    rng, n_images, target_scene, question, answer, kind, render_size, meta, frame_tags=False
+    rng, n_images, target_scene, question, answer, kind, render_size, meta, frame_tags: bool | str = False
 ) -> Example:
     target = rng.randint(1, n_images)
     scenes = [sample_scene(rng, *N_OBJECTS) for _ in range(n_images)]
@@ -40,7 +40,7 @@ def _instance(
         multi_prompt(n_images, target, question),
         answer,
         [
-            with_frame_tag(render(s, render_size), k) if frame_tags else render(s, render_size)
+            with_frame_tag(render(s, render_size), k, frame_tags) if frame_tags else render(s, render_size)
             for k, s in enumerate(scenes, start=1)
         ],
         scenes,
@@ -52,7 +52,7 @@ def task_multi(
     rng: random.Random,
     render_size: int = NATIVE_SIZE,
     multi_max_images: int = 6,
-    frame_tags: bool = False,
+    frame_tags: bool | str = False,
     **_,
 ) -> Example:
     """Training generator: 1..multi_max_images images, the question about one of them (``frame_tags``:
@@ -69,7 +69,7 @@ def distractor_eval(
     n_questions: int = 40,
     n_instances: int = 3,
     render_size: int = NATIVE_SIZE,
-    frame_tags: bool = False,
+    frame_tags: bool | str = False,
 ) -> list[list[Example]]:
     """Groups of instances, one group per question; with one image there is a single instance.
 

@@ -174,11 +174,56 @@ def frame_tag_color(label: int) -> tuple[int, int, int]:
     return FRAME_TAGS[label - 1]
 
 
-def with_frame_tag(image: Image.Image, label: int) -> Image.Image:
+# Mode ``"all"`` (issue 18, second session): the tint of the background alone reaches only the
+# patches that show background; a frozen or briefly trained encoder does not copy it into the patches
+# that hold an object (linear probe 3–13 %), so "the circle of image X" cannot be found in one look-up.
+# In this mode every object pixel of image k is also shifted by a small per-label offset, so every
+# patch carries the label in its own pixels. 64 offsets (≥ MAX_IMAGES labels): 4 levels per channel,
+# ±6 / ±18 — small against the gaps between object colours (≥ 60 in some channel), so a colour
+# stays nearest to its own name under every offset (tests/owl_lab/synth/test_frame_tags.py checks it).
+_OBJECT_LEVELS = (-18, -6, 6, 18)
+_OBJECT_OFFSETS = [(r, g, b) for r in _OBJECT_LEVELS for g in _OBJECT_LEVELS for b in _OBJECT_LEVELS]
+random.Random("frame-tags/objects").shuffle(_OBJECT_OFFSETS)
+OBJECT_TAG_OFFSETS: tuple[tuple[int, int, int], ...] = tuple(_OBJECT_OFFSETS)
+FRAME_TAG_MODES = ("background", "all")
+
+
+def frame_tag_mode(frame_tags: bool | str) -> str | None:
+    """The mode a ``frame_tags`` world value names: ``False``/``None`` → None (untagged), ``True`` or
+    ``"background"`` → ``"background"``, ``"all"`` → ``"all"``; anything else raises ValueError."""
+    if frame_tags is False or frame_tags is None:
+        return None
+    if frame_tags is True:
+        return "background"
+    if frame_tags in FRAME_TAG_MODES:
+        return frame_tags
+    raise ValueError(f"frame_tags must be false, true or one of {FRAME_TAG_MODES}; got {frame_tags!r}")
+
+
+def n_frame_tags(frame_tags: bool | str = True) -> int:
+    """How many distinct labels the mode can draw (the vision ``tags`` objective's classes)."""
+    return len(OBJECT_TAG_OFFSETS) if frame_tag_mode(frame_tags) == "all" else len(FRAME_TAGS)
+
+
+def object_tag_offset(label: int) -> tuple[int, int, int]:
+    """The RGB shift of image ``label``'s object pixels under ``frame_tags: "all"`` (1-based)."""
+    if not 1 <= label <= len(OBJECT_TAG_OFFSETS):
+        raise ValueError(f"object tag label must be in 1..{len(OBJECT_TAG_OFFSETS)}; got {label}")
+    return OBJECT_TAG_OFFSETS[label - 1]
+
+
+def with_frame_tag(image: Image.Image, label: int, frame_tags: bool | str = True) -> Image.Image:
     """A copy of a rendered image whose background pixels (exactly :data:`BACKGROUND`) take the tint
-    of ``label``; object pixels are untouched (no object tone equals the background)."""
+    of ``label``; object pixels are untouched (no object tone equals the background), unless
+    ``frame_tags == "all"``: then they are shifted by :func:`object_tag_offset` (clipped to 0..255)."""
+    mode = frame_tag_mode(frame_tags)
     array = np.asarray(image.convert("RGB")).copy()
+    if mode is None:
+        return Image.fromarray(array, mode="RGB")
     background = (array == np.asarray(BACKGROUND, dtype=np.uint8)).all(axis=-1)
+    if mode == "all":
+        shifted = array.astype(np.int32) + np.asarray(object_tag_offset(label), dtype=np.int32)
+        array[~background] = shifted[~background].clip(0, 255).astype(np.uint8)
     array[background] = frame_tag_color(label)
     return Image.fromarray(array, mode="RGB")
 

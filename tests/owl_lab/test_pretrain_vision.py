@@ -99,7 +99,7 @@ def test_tags_objective_trains_on_tagged_images_with_a_per_patch_tag_target(monk
     from owl_lab.synth.shapes import BACKGROUND, FRAME_TAGS
     from owl_lab.train import build
 
-    draws = [pv._draw_tag(random.Random(i)) for i in range(400)]
+    draws = [pv._draw_tag(random.Random(i), len(FRAME_TAGS)) for i in range(400)]
     assert 150 < draws.count(0) < 250 and max(draws) <= len(FRAME_TAGS) and len(set(draws)) > 40
     recipe = load_recipe("smoke-owl3")
     model, processor = build(recipe)

@@ -45,3 +45,26 @@ def test_the_shipped_owl2_vit_carries_every_attribute(single_thread):
     accuracy = probe_cell_attributes(model.eval(), processor, n_train=300, n_test=150)
     assert set(accuracy) == set(ATTRIBUTES)
     assert min(accuracy.values()) > 90, accuracy
+
+
+def test_object_share_marks_object_pixels_per_patch():
+
+    from owl_lab.analysis.probe import _object_share
+    from owl_lab.synth.shapes import Obj, Scene, render
+
+    empty = _object_share(render(Scene(()), 112), 8)
+    assert empty.shape == (64,) and float(empty.max()) == 0.0
+    big = Scene((Obj("square", "red", "large", "plain", 1, 1),))  # the centre cell, most of it covered
+    share = _object_share(render(big, 112), 8).view(8, 8)
+    assert float(share[3:5, 3:5].min()) > 0.8 and float(share[0].max()) == 0.0 and float(share.sum()) > 3
+
+
+def test_the_shipped_owl3_encoder_has_the_frame_tag_only_in_background_patches(single_thread):
+    """Issue 18's finding, as a check of the probe: owl3-tiny's encoder was never trained on frame tags;
+    the tint is readable where the patch shows background and not where it shows an object."""
+    from owl_lab.analysis.probe import probe_frame_tags
+
+    model, processor = load_owl("owl3-tiny")
+    accuracy = probe_frame_tags(model.eval(), processor, n_train=150, n_test=60)
+    assert set(accuracy) == {"background", "object"}
+    assert accuracy["background"] > 50 and accuracy["object"] < 20, accuracy

@@ -92,3 +92,74 @@ def test_suffix_prompts_put_the_label_before_the_answer():
     # off by default: the stream of the paper-format task is unchanged
     plain = [task_binding(random.Random(i), render_size=28, binding_n=3) for i in range(10)]
     assert all(not e.meta.get("suffix") and ", " in e.text for e in plain)
+
+
+# --- mode "all": the label also shifts every object pixel (issue 18, second session) ---------------
+
+
+def test_all_mode_shifts_object_pixels_by_the_label_offset_and_tints_the_background():
+    from owl_lab.synth.shapes import OBJECT_TAG_OFFSETS, object_tag_offset
+
+    assert len(set(OBJECT_TAG_OFFSETS)) == len(OBJECT_TAG_OFFSETS) >= MAX_IMAGES
+    scene = sample_scene(random.Random(5), 4, 4)
+    plain = np.asarray(render(scene, 112)).astype(int)
+    tagged = np.asarray(with_frame_tag(render(scene, 112), 9, "all")).astype(int)
+    background = (plain == np.asarray(BACKGROUND)).all(-1)
+    assert (tagged[background] == frame_tag_color(9)).all()
+    expected = (plain[~background] + np.asarray(object_tag_offset(9))).clip(0, 255)
+    assert (tagged[~background] == expected).all() and (tagged[~background] != plain[~background]).any()
+    # the background-only mode (true) is unchanged by the new argument
+    assert (
+        np.asarray(with_frame_tag(render(scene, 112), 9, True))
+        == np.asarray(with_frame_tag(render(scene, 112), 9))
+    ).all()
+    with pytest.raises(ValueError, match="frame_tags"):
+        with_frame_tag(render(scene, 112), 9, "objects")
+
+
+def test_all_mode_keeps_every_colour_nearest_to_its_own_name_under_every_offset():
+    """Colour answers stay unambiguous: an object's mean colour plus any label's offset is still nearer
+    to its own RGB than to any other colour's (with a margin), and so is each pattern tone's."""
+    from owl_lab.synth.shapes import OBJECT_TAG_OFFSETS, PATTERN_DELTA, RGB
+
+    names = list(RGB)
+    for name in names:
+        for offset in OBJECT_TAG_OFFSETS:
+            shifted = np.asarray(RGB[name]) + np.asarray(offset)
+            dist = {other: np.abs(shifted - np.asarray(RGB[other])).max() for other in names}
+            nearest = min(dist, key=dist.get)
+            assert nearest == name and min(d for o, d in dist.items() if o != name) - dist[name] >= 20, (
+                name,
+                offset,
+            )
+    assert max(max(abs(v) for v in o) for o in OBJECT_TAG_OFFSETS) < PATTERN_DELTA
+
+
+def test_sparse_labels_name_slots_by_other_numbers_and_the_tags_follow_the_labels():
+    from owl_lab.synth.distractor import task_binding
+
+    exs = [
+        task_binding(
+            random.Random(i), render_size=28, binding_n=4, binding_sparse_share=0.5, frame_tags="all"
+        )
+        for i in range(30)
+    ]
+    sparse = [e for e in exs if "labels" in e.meta]
+    assert 5 < len(sparse) < 25
+    for e in sparse:
+        labels = e.meta["labels"]
+        assert labels == sorted(set(labels)) and len(labels) == 4 and max(labels) <= 50
+        assert e.text.startswith(" ".join(f"Image {k}: <|image|>" for k in labels))
+        assert f"In Image {labels[e.meta['target'] - 1]}," in e.text
+        assert [_background_color(im) for im in e.images] == [frame_tag_color(k) for k in labels]
+    ex = task_find(random.Random(3), render_size=28, binding_n=5, frame_tags=True, binding_sparse_share=1.0)
+    shown = [int(w.rstrip(":")) for w in ex.text.split() if w.endswith(":")]  # "Image 34:" → 34
+    assert shown != [1, 2, 3, 4, 5] and ex.answer == str(shown[ex.meta["target"] - 1])
+    assert _background_color(ex.images[ex.meta["target"] - 1]) == frame_tag_color(int(ex.answer))
+    # off by default: the stream is unchanged
+    a = [task_binding(random.Random(i), render_size=28, binding_n=3) for i in range(8)]
+    b = [
+        task_binding(random.Random(i), render_size=28, binding_n=3, binding_sparse_share=0.0)
+        for i in range(8)
+    ]
+    assert [e.text for e in a] == [e.text for e in b]
