@@ -125,7 +125,9 @@ def test_each_logsumexp_path_is_taken_for_its_kind_of_groups(monkeypatch):
     tiles.clear()
     grouped_mass(q, k, 0.5, allowed, (torch.arange(64)[None] < 4).long(), 2, logsumexp=lse)
     assert dominant and not tiles
-    grouped_mass(q, k, 0.5, lambda a, b: torch.ones(1, b - a, 64, dtype=torch.bool), torch.arange(64)[None] // 4, 16)
+    grouped_mass(
+        q, k, 0.5, lambda a, b: torch.ones(1, b - a, 64, dtype=torch.bool), torch.arange(64)[None] // 4, 16
+    )
     assert not tiles
 
 
@@ -175,7 +177,9 @@ def test_tiled_logsumexp_path_equals_materialised_softmax(c):
         m.setattr(hl, "_TILE_BYTES", tile)
         m.setattr(hl, "_MIN_TILE_KEYS", 1)
         tiles = spy(m, ha, "lse_tiles")
-        fast = grouped_mass(q, k, 0.4, lambda a, b: allow[..., a:b, :], group, G, logsumexp=lse, chunk_bytes=64)
+        fast = grouped_mass(
+            q, k, 0.4, lambda a, b: allow[..., a:b, :], group, G, logsumexp=lse, chunk_bytes=64
+        )
     full = grouped_mass(q, k, 0.4, lambda a, b: allow[..., a:b, :], group, G, use_logsumexp=False)
     grouped = group[group >= 0]
     big = int(torch.bincount(grouped).argmax()) if grouped.numel() else -1

@@ -39,7 +39,11 @@ def counting(monkeypatch) -> dict[str, list]:
     """Count the calls of both logsumexp paths (dominant group: lse_chunk, from grouped_mass and from
     lse_fast; no dominant group: lse_tiles)."""
     calls = {"dominant": [], "tiles": []}
-    for module, name, path in ((ha, "lse_chunk", "dominant"), (hl, "lse_chunk", "dominant"), (ha, "lse_tiles", "tiles")):
+    for module, name, path in (
+        (ha, "lse_chunk", "dominant"),
+        (hl, "lse_chunk", "dominant"),
+        (ha, "lse_tiles", "tiles"),
+    ):
         real = getattr(module, name)
         monkeypatch.setattr(
             module, name, lambda *a, _real=real, _path=path, **k: (calls[_path].append(1), _real(*a, **k))[1]
