@@ -13,10 +13,11 @@ it chunk by chunk over queries. For c queries:
    image's rows …), so we sum each run; with many runs we fall back to one matmul with a one-hot.
 
 When the model's SDPA kernel handed out its softmax normaliser (``logsumexp``, see
-:func:`owl_lab.models.attention.sdpa_with_logsumexp`) and one group holds most keys (text, in Owl2 /
-LLaVA / Owl3 self-attention), steps 1–3 shrink to the keys outside that group: their probabilities
-are ``exp(scale q·k - logsumexp)`` and the big group's mass is one minus theirs (an exact 0 where a
-row sees none of its keys). At L=4096 that is ~66 score columns instead of ~2048 per query.
+:func:`owl_lab.models.attention.sdpa_with_logsumexp`), steps 2–3 need no second softmax
+(:mod:`hooks.attention_lse`): with one dominant group (text, in Owl2 / LLaVA / Owl3 self-attention)
+only the keys outside it are scored and its mass is one minus theirs; without one (Owl3's cross
+attention over equal images) every allowed key is scored key tile by key tile, exponentiated against
+the logsumexp and each row divided by its own total.
 
 Only one chunk tensor is alive at a time. Its default size is the event's own q tensor clamped to
 [1 MB, 8 MB] (small enough to stay in cache, large enough for efficient matmuls), but never fewer
@@ -28,14 +29,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
+
+from hooks.attention_lse import lse_chunk, lse_fast, lse_plan, lse_tiles
+from hooks.attention_runs import group_runs, reduce_runs, uniform_run_length
+
+__all__ = ["REDUCERS", "MassResult", "chunk_rows", "group_runs", "grouped_mass"]
 
 _MIN_AUTO_BYTES = 1 << 20
 _MAX_AUTO_BYTES = 8 << 20
 _MIN_AUTO_ROWS = 64  # (Owl3 with 64 images: 16 rows × 4096 image keys would fill 2 MB)
-_LSE_MAX_EXPLICIT = 0.5  # logsumexp path only when at most this fraction of the keys is outside the big group
-_LOOP_RUNS = 8  # up to this many contiguous runs per sample: one sum per run; else reduceat / one-hot
+_LSE_MAX_EXPLICIT = 0.5  # dominant-group path only when at most this fraction of the keys is outside it
+_LSE_TILES = True  # without a dominant group: the tiled logsumexp path (False: the full softmax)
 REDUCERS = ("auto", "loop", "tiles", "reduceat", "onehot")
 
 
@@ -61,67 +66,6 @@ def chunk_rows(batch: int, heads: int, n_keys: int, budget_bytes: int, elem_byte
     """Queries per chunk so that one [batch, heads, rows, n_keys] score tensor fits ``budget_bytes``."""
     per_row = max(1, batch * heads * n_keys * elem_bytes)
     return max(1, budget_bytes // per_row)
-
-
-def group_runs(key_group: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Per sample, the maximal runs of equal group id (group ≥ 0 only) as arrays (start, end, group)."""
-    runs = []
-    for row in key_group.cpu().numpy():
-        change = np.flatnonzero(np.diff(row)) + 1
-        starts = np.concatenate([[0], change])
-        ends = np.concatenate([change, [row.size]])
-        keep = row[starts] >= 0 if row.size else np.zeros(0, dtype=bool)
-        runs.append((starts[keep], ends[keep], row[starts[keep]]))
-    return runs
-
-
-def _tiled(s: np.ndarray, e: np.ndarray) -> bool:
-    """True when the runs are back to back and all of one length (e.g. Owl3's image keys: T each)."""
-    return s.size > 1 and bool((s[1:] == e[:-1]).all()) and bool(((e - s) == (e[0] - s[0])).all())
-
-
-def _reduce_runs(p, runs_b, k0, k1, out_b, reducer: str) -> None:
-    """out_b [H, c, G] += Σ over each run of p [H, c, Lk'] (p holds key columns k0..k1-1).
-
-    ``loop``: one vectorised sum per run (best for a handful of runs). ``tiles``: runs back to back
-    and of one length T (Owl3 image keys) are one ``view(..., n, T).sum(-1)``; runs clipped by the
-    chunk's key range at either end are looped. ``reduceat``: all runs in one pass with numpy's
-    ``add.reduceat`` over the run boundaries (CPU; many irregular runs, e.g. 64 placeholders).
-    """
-    starts, ends, groups = runs_b
-    s, e = np.maximum(starts, k0) - k0, np.minimum(ends, k1) - k0  # clip the runs to the chunk's keys
-    inside = s < e
-    s, e, groups = s[inside], e[inside], groups[inside]
-    if reducer in ("auto", "tiles") and s.size > _LOOP_RUNS:
-        for lo, hi in ((0, s.size), (1, s.size), (0, s.size - 1), (1, s.size - 1)):  # clipped ends looped
-            if _tiled(s[lo:hi], e[lo:hi]):
-                H, c, _ = p.shape
-                n, T = hi - lo, int(e[lo] - s[lo])
-                sums = p[..., int(s[lo]) : int(e[hi - 1])].view(H, c, n, T).sum(-1)  # [H, c, n]
-                g = groups[lo:hi]
-                if bool((np.diff(g) == 1).all()):  # images in order: one slice, no scatter
-                    out_b[..., int(g[0]) : int(g[0]) + n] += sums
-                else:
-                    out_b.index_add_(-1, torch.from_numpy(g).to(out_b.device), sums)
-                edges = [i for i in (0, s.size - 1) if not lo <= i < hi]
-                for i in edges:
-                    out_b[..., int(groups[i])] += p[..., int(s[i]) : int(e[i])].sum(-1)
-                return
-    if reducer == "tiles":
-        reducer = "loop" if s.size <= _LOOP_RUNS else "reduceat"
-    if reducer == "auto":
-        reducer = "loop" if s.size <= _LOOP_RUNS else "reduceat"
-    if reducer == "loop":
-        for si, ei, gi in zip(s.tolist(), e.tolist(), groups.tolist(), strict=True):
-            out_b[..., gi] += p[..., si:ei].sum(-1)
-        return
-    if s.size == 0:
-        return
-    H, c, width = p.shape
-    bounds = np.unique(np.concatenate([s, e[e < width]]))  # every run starts a segment
-    sums = np.add.reduceat(p.reshape(H * c, width).numpy(), bounds, axis=1)  # [H*c, n_segments]
-    picked = torch.from_numpy(sums[:, np.searchsorted(bounds, s)])  # [H*c, n_runs]
-    out_b.index_add_(-1, torch.from_numpy(groups), picked.view(H, c, -1))
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -191,7 +135,8 @@ def grouped_mass(
         logsumexp: [B, H, Lq] log of each row's softmax normaliser, from the model's own kernel
             (:attr:`AttentionEvent.logsumexp`). Then only the scores of keys outside the largest
             group are computed, as ``exp(scale q·k - logsumexp)``, and the largest group's mass is
-            one minus the rest (see :func:`_lse_plan`). Used unless ``probs``, ``select`` or a
+            one minus the rest; without a dominant group every allowed key is scored against it (see
+            :mod:`hooks.attention_lse`). Used unless ``probs``, ``select`` or a
             ``reduce`` other than ``auto`` is given; ``use_logsumexp=False`` forces the full softmax.
         row_mask: [B, Lq] bool, rows that count (e.g. real, non-pad queries): only they mark keys
             as ``seen``, and the mass of the other rows is set to 0.
@@ -244,23 +189,35 @@ def grouped_mass(
     if auto_chunk:  # at least _MIN_AUTO_ROWS queries per chunk: thin score matmuls run far below peak
         rows = max(rows, min(Lq, _MIN_AUTO_ROWS))
     key_t = None if probs is not None else key.detach().transpose(-1, -2)  # [B, H_kv, D, Lk] (view)
-    plan = None
+    path = "softmax"  # or "dominant" / "tiles": the two logsumexp paths of hooks.attention_lse
     if use_logsumexp and logsumexp is not None and probs is None and sel is None and reduce == "auto":
         if tuple(logsumexp.shape) != (B, H, Lq):
             raise ValueError(f"logsumexp must be [B, H, Lq] = {(B, H, Lq)}, got {tuple(logsumexp.shape)}")
-        plan = _lse_plan(key_group, key_t, cdtype)
-        if plan.cols.numel() > Lk * _LSE_MAX_EXPLICIT:
-            plan = None  # no dominant group (e.g. 64 images of equal size): the full softmax is as cheap
-        elif auto_chunk:  # a chunk holds scores of the explicit keys only, plus its bool mask rows
+        kg = key_group.to(device, torch.long)
+        grouped = kg[kg >= 0]
+        big = int(torch.bincount(grouped).argmax()) if grouped.numel() else -1
+        if int((kg != big).any(0).sum()) <= Lk * _LSE_MAX_EXPLICIT:
+            path = "dominant"
+        elif _LSE_TILES:
+            path = "tiles"
+    if path == "dominant":
+        plan = lse_plan(key_group, key_t, cdtype)
+        if auto_chunk:  # a chunk holds scores of the explicit keys only, plus its bool mask rows
             mask_heads = H if getattr(allowed, "per_head", True) else 1  # a bare callable may be per head
             per_row = B * (H * max(1, plan.cols.numel()) * (torch.finfo(cdtype).bits // 8) + mask_heads * Lk)
             rows = max(rows, min(Lq, chunk_bytes // per_row))
         fast = getattr(allowed, "fast", None)
-        if plan is not None and fast in ("causal", "all") and Lk >= Lq:  # no mask tensor at all
-            has_keys, seen = _lse_fast(plan, query, logsumexp, scale, fast, Lk, row_mask, rows, mass)
+        if fast in ("causal", "all") and Lk >= Lq:  # no mask tensor at all
+            has_keys, seen = lse_fast(plan, query, logsumexp, scale, fast, Lk, row_mask, rows, mass)
             kept = has_keys if row_mask is None else has_keys & row_mask.to(device)
             mass.masked_fill_(~kept[:, None, :, None], 0.0)
             return MassResult(mass=mass, has_keys=has_keys, seen=seen, maps=None)
+    elif path == "tiles":  # sums per group plus one column for keys in no group: every row's total
+        key_t = key.detach().to(cdtype).transpose(-1, -2)  # cast once, not per tile
+        sums = torch.zeros(B, H, Lq, G + 1, dtype=cdtype, device=device)
+        mass = sums[..., :G]  # [B, H, Lq, G] (view)
+        key_group = torch.where(key_group < 0, G, key_group)  # [B, Lk]: keys in no group in column G
+        runs, run_length = group_runs(key_group), uniform_run_length(key_group)
 
     for q0 in range(0, Lq, rows):
         q1 = min(Lq, q0 + rows)
@@ -289,17 +246,22 @@ def grouped_mass(
         if cols.numel() == 0:
             continue
         k0, k1 = int(cols[0]), int(cols[-1]) + 1  # contiguous key range (causal ⇒ k1 ≈ q1 + past)
-        if plan is not None:  # scores of the explicit columns only; no softmax pass
+        if path == "dominant":  # scores of the explicit columns only; no softmax pass
             e0, e1 = (int(i) for i in torch.searchsorted(plan.cols, torch.tensor([k0, k1], device=device)))
             mask_rows = allow if head_allow is None else head_allow  # [B, (H,) c, Lk]
             a = mask_rows.index_select(-1, plan.cols[e0:e1])
             allowed_n = mask_rows.view(torch.uint8).sum(-1, dtype=torch.int32)  # allowed keys per row
-            _lse_chunk(plan, query, logsumexp, scale, q0, q1, e0, e1, a, allowed_n, mass[:, :, q0:q1])
+            lse_chunk(plan, query, logsumexp, scale, q0, q1, e0, e1, a, allowed_n, mass[:, :, q0:q1])
+        elif path == "tiles":  # every allowed key, exp against the logsumexp; normalised below
+            mask_rows = allow if head_allow is None else head_allow  # [B, (H,) c, Lk]
+            lse_tiles(
+                query, key_t, logsumexp, scale, q0, q1, k0, k1, mask_rows, runs, sums[:, :, q0:q1], run_length
+            )
         else:
             p = _chunk_probs(query, key_t, probs, allow, allow_u8, head_allow, scale, q0, q1, k0, k1, cdtype)
             if reduce != "onehot":
                 for b in range(B):
-                    _reduce_runs(p[b], runs[b], k0, k1, mass[b, :, q0:q1], reduce)
+                    reduce_runs(p[b], runs[b], k0, k1, mass[b, :, q0:q1], reduce)
             else:
                 sums = torch.matmul(
                     onehot[:, :, k0:k1], p.reshape(B, H * c, k1 - k0).transpose(1, 2)
@@ -312,98 +274,11 @@ def grouped_mass(
             del p
         if head_allow is not None:  # a head row the knockout emptied is no softmax (NaN): mass 0
             mass[:, :, q0:q1].masked_fill_(~head_rows[..., None], 0.0)
+    if path == "tiles":  # divide by each row's own total: the logsumexp only shifted the exponent
+        total = sums.sum(-1, keepdim=True)  # [B, H, Lq, 1]; 0 on rows (or head rows) without keys
+        mass = torch.where(total > 0, mass / total, 0.0)
     kept = has_keys if row_mask is None else has_keys & row_mask.to(device)
     mass.masked_fill_(~kept[:, None, :, None], 0.0)
     if maps is not None:
         maps.nan_to_num_(0.0)
     return MassResult(mass=mass, has_keys=has_keys, seen=seen, maps=maps)
-
-
-# ---- the logsumexp path: scores of the small groups only ------------------------------------------
-
-
-@dataclass
-class _LsePlan:
-    """What :func:`_lse_chunk` needs for every chunk (built once per call).
-
-    big: the group with the most keys (its mass is 1 - the rest), or -1 when no key has a group.
-    cols: [n_e] sorted key columns outside ``big`` in at least one sample (computed explicitly).
-    key_t: [B, H_kv, D, n_e] their keys, in the compute dtype. not_big: [B, n_e] those columns that
-    are outside ``big`` in each sample (their mass is the rest). runs: per sample, the group runs over
-    the explicit columns (in ``cols`` coordinates).
-    """
-
-    big: int
-    cols: torch.Tensor
-    key_t: torch.Tensor
-    not_big: torch.Tensor
-    runs: list
-
-
-def _lse_plan(key_group: torch.Tensor, key_t: torch.Tensor, cdtype: torch.dtype) -> _LsePlan:
-    kg = key_group.to(key_t.device, torch.long)
-    grouped = kg[kg >= 0]
-    big = int(torch.bincount(grouped).argmax()) if grouped.numel() else -1
-    cols = (kg != big).any(0).nonzero().squeeze(-1)  # [n_e]
-    kg_e = kg[:, cols]  # [B, n_e]
-    kt = key_t.index_select(-1, cols).to(cdtype)  # [B, H_kv, D, n_e]
-    return _LsePlan(big, cols, kt, kg_e != big, group_runs(kg_e))
-
-
-def _lse_chunk(plan: _LsePlan, query, logsumexp, scale, q0, q1, e0, e1, a, allowed_n, out) -> None:
-    """out [B, H, c, G] = group masses of query rows q0..q1-1 from the logsumexp.
-
-    e0, e1: the explicit columns ``plan.cols[e0:e1]`` the rows may see; a: bool [B, (H,) c, e1 - e0]
-    which of them each row may see; allowed_n: [B, (H,) c] how many keys each row may see in all.
-    Every explicit column's probability is ``exp(scale q·k - lse)`` (0 where not allowed); the big
-    group gets ``1 - Σ`` of the columns outside it, exact up to rounding because ``lse`` normalises
-    over exactly the allowed keys (and an exact 0 where the row may see none of the big group's keys).
-    """
-    B, H, _, D = query.shape
-    c = q1 - q0
-    cdtype = plan.key_t.dtype
-    if e1 > e0:
-        Hkv = plan.key_t.shape[1]
-        qc = query[:, :, q0:q1].detach().to(cdtype).reshape(B, Hkv, H // Hkv * c, D)
-        p = torch.matmul(qc * scale, plan.key_t[..., e0:e1]).view(B, H, c, e1 - e0)  # [B, H, c, n]
-        p.sub_(logsumexp[:, :, q0:q1, None].to(cdtype)).exp_()
-        p.masked_fill_(~(a if a.dim() == 4 else a[:, None]), 0.0)
-        for b in range(B):
-            _reduce_runs(p[b], plan.runs[b], e0, e1, out[b], "auto")
-    if plan.big < 0:
-        return
-    if e1 > e0:
-        not_big = plan.not_big[:, e0:e1]  # [B, n]
-        a_not_big = a & (not_big[:, None, None] if a.dim() == 4 else not_big[:, None])
-        n_not_big = a_not_big.view(torch.uint8).sum(-1, dtype=torch.int32)
-        allowed_n = allowed_n - n_not_big  # allowed keys of the big group
-        rest = torch.matmul(p, not_big[:, None, :, None].to(cdtype)).squeeze(-1)  # [B, H, c]
-        big = (1.0 - rest).clamp_(min=0.0)
-    else:
-        big = torch.ones(B, H, c, dtype=out.dtype, device=out.device)
-    has_big = allowed_n > 0
-    out[..., plan.big] = big.masked_fill_(~(has_big if has_big.dim() == 3 else has_big[:, None]), 0.0)
-
-
-def _lse_fast(plan: _LsePlan, query, logsumexp, scale, fast: str, Lk: int, row_mask, rows: int, mass):
-    """The logsumexp path for a ``fast`` mask (``causal``: key j visible to query i iff
-    j <= i + Lk - Lq; ``all``), with every mask fact computed from positions instead of bool tensors.
-    Fills ``mass`` [B, H, Lq, G]; returns (has_keys [B, Lq], seen [B, Lk])."""
-    B, H, Lq, _ = query.shape
-    device = mass.device
-    offset = Lk - Lq if fast == "causal" else Lk  # row i sees keys < i + offset + 1 (all: every key)
-    last_key = torch.arange(Lq, device=device) + offset  # [Lq] last visible key of each row
-    last_key = last_key.clamp(max=Lk - 1)
-    has_keys = (last_key >= 0)[None].expand(B, Lq).clone()
-    counted = has_keys if row_mask is None else has_keys & row_mask.to(device)
-    reach = torch.where(counted, last_key[None], -1).amax(-1)  # [B] last key a counted row sees
-    seen = torch.arange(Lk, device=device)[None] <= reach[:, None]
-    cols = plan.cols
-    for q0 in range(0, Lq, rows):
-        q1 = min(Lq, q0 + rows)
-        last = last_key[q0:q1]  # [c]
-        e1 = int(torch.searchsorted(cols, last[-1:].clamp(min=-1) + 1))
-        a = (cols[None, :e1] <= last[:, None])[None].expand(B, -1, -1)  # [B, c, e1]
-        allowed_n = (last + 1).clamp(min=0).to(torch.int32)[None].expand(B, -1)  # [B, c]
-        _lse_chunk(plan, query, logsumexp, scale, q0, q1, 0, e1, a, allowed_n, mass[:, :, q0:q1])
-    return has_keys, seen

@@ -63,8 +63,9 @@ def summarize_gate(
         valid: [B, L] bool real rows (from the layout).
         keep_vectors: also keep the full gate [B, L, H, D] and both output parts [B, L, hidden].
     """
-    g = event.gate.detach().float()  # [B, L, H, D]
+    g = event.gate.detach().float()  # [B, L, H, D] (often a transposed view of the model's [B, H, L, D])
     B, L, H, D = g.shape
+    self_ctx, cross_ctx = event.self_context.detach().float(), event.cross_context.detach().float()
     applied = event.applied.detach().bool()  # [B, L], or [B, H, L] under a per-head knockout
     head_applied = None
     if applied.dim() == 3:
@@ -73,15 +74,15 @@ def summarize_gate(
         applied = head_applied.any(-1)  # [B, L]
     else:
         skip = ~applied[..., None, None]  # [B, L, 1, 1] rows where the fusion was not applied
-    # One part at a time, in place, so at most two [B, L, hidden] temporaries are alive.
-    part = torch.sub(1.0, g).mul_(event.self_context.detach().float())  # self ⊙ (1 − g)
-    part = torch.where(skip, event.self_context.detach().float(), part).reshape(B, L, H * D)
-    text_out = _o_proj_linear(event.o_proj_weight, part)  # [B, L, hidden]
-    del part
-    part = (
-        (event.cross_context.detach().float() * g).masked_fill_(skip, 0.0).reshape(B, L, H * D)
-    )  # cross ⊙ g
-    vision_out = _o_proj_linear(event.o_proj_weight, part)  # [B, L, hidden]
+    # Each o_proj input is written once into a contiguous [B, L, H, D] buffer (the GEMM's rows), so no
+    # strided temporaries or reshape copies; one part at a time, at most two [B, L, hidden] alive.
+    part = torch.empty(B, L, H, D, dtype=g.dtype, device=g.device)
+    torch.sub(1.0, g, out=part).mul_(self_ctx)  # self ⊙ (1 − g)
+    if bool(skip.any()):
+        torch.where(skip, self_ctx, part, out=part)  # rows without fusion: the self context
+    text_out = _o_proj_linear(event.o_proj_weight, part.view(B, L, H * D))  # [B, L, hidden]
+    torch.mul(cross_ctx, g, out=part).masked_fill_(skip, 0.0)  # cross ⊙ g
+    vision_out = _o_proj_linear(event.o_proj_weight, part.view(B, L, H * D))  # [B, L, hidden]
     del part
     return GateRecord(
         step=step,
