@@ -82,8 +82,8 @@ def _attention_modules(model) -> dict[int, torch.nn.Module]:
 def _last_row_probs(event, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Image-key probabilities of each sample's last real query, renormalised over image keys.
 
-    Returns probs [B, H, K_img] (zeros on keys the query may not see) and the image index of each
-    image key [B, K_img] (one layout for the batch: image keys are the same columns in every row).
+    Returns probs [B, H, K_img] (zeros on keys the query may not see) and which image keys it may see
+    [B, K_img] (one layout for the batch: image keys are the same columns in every row).
     """
     rows = event.query_index.tolist()
     b = event.query.shape[0]
@@ -101,7 +101,7 @@ def _last_row_probs(event, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     scores = scores.masked_fill(~keep, float("-inf"))
     probs = torch.softmax(scores, -1).nan_to_num(0.0)  # rows with no visible image key: all zero
     cols = image[0].nonzero().squeeze(-1)
-    return probs[..., cols], event.key_image[:, cols]
+    return probs[..., cols], keep.any(1)[:, cols]
 
 
 @torch.no_grad()
@@ -113,12 +113,13 @@ def cross_focus(
     Columns: ``example``, ``layer``, ``head``, ``n_keys`` (image keys visible), ``entropy`` (nats, of
     the attention renormalised over image keys), ``norm_entropy`` (entropy / ln n_keys; 1 = uniform),
     ``max_weight``, ``argmax`` (index of the heaviest visible key) and ``uniform_weight`` (1 / n_keys);
-    for a single-image example whose scene is known and when the image keys form a square patch grid:
-    ``object_mass`` (mass on patches holding any
-    object, i.e. at least ``min_share`` of their pixels) with ``object_chance`` (their fraction of the
-    patches), and ``asked_mass`` / ``asked_chance`` for the object the question names (:func:`asked_object`).
-    These four are NaN where they do not apply (several images, no named object, or no patch reaching
-    ``min_share``). Chance columns are what a uniform pattern gives.
+    about the *focus image* (the only image, or ``meta["target"]`` of a multi-image example whose images
+    are all visible), when its scene is known and its keys form a square patch grid: ``target_mass`` (mass
+    on the focus image; chance T / n_keys), ``object_mass`` (mass on its patches holding any object, i.e.
+    at least ``min_share`` of their pixels) and ``asked_mass`` (on the patches of the object the question
+    names, :func:`asked_object`), each with its ``*_chance`` (the share of keys, what a uniform pattern
+    gives). These are NaN where they do not apply (no scene, no named object, no patch reaching
+    ``min_share``).
     """
     layers, kind = _image_layers(model)
     modules = _attention_modules(model)
@@ -143,17 +144,18 @@ def cross_focus(
         finally:
             for h in handles:
                 h.remove()
-        for layer, (probs, _) in sorted(seen.items()):
+        for layer, (probs, visible) in sorted(seen.items()):
             for b, ex in enumerate(chunk):
-                rows += _rows_of(start + b, layer, probs[b], ex, min_share)
+                rows += _rows_of(start + b, layer, probs[b], visible[b], ex, min_share)
     if not rows:
         raise ValueError("no image attention at the last prompt positions; do the prompts hold images?")
     return pd.DataFrame(rows)
 
 
-def _rows_of(example: int, layer: int, probs: torch.Tensor, ex, min_share: float) -> list[dict]:
-    """probs [H, K] over image keys (0 on hidden ones) → one dict per head."""
-    visible = probs.sum(0) > 0  # [K]
+def _rows_of(
+    example: int, layer: int, probs: torch.Tensor, visible: torch.Tensor, ex, min_share: float
+) -> list[dict]:
+    """probs [H, K] over image keys (0 on hidden ones), visible [K] bool → one dict per head."""
     n = int(visible.sum())
     p = probs[:, visible]  # [H, n]
     entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
@@ -173,22 +175,30 @@ def _rows_of(example: int, layer: int, probs: torch.Tensor, ex, min_share: float
             object_chance=nan,
             asked_mass=nan,
             asked_chance=nan,
+            target_mass=nan,
+            target_chance=nan,
         )
         for h in range(p.shape[0])
     ]
-    grid = math.isqrt(n)
     scenes = getattr(ex, "scenes", None) or []
-    if len(ex.images) == 1 and len(scenes) == 1 and grid * grid == n:
-        on_object = patch_object_share(scenes[0], grid) >= min_share  # [n]
-        target = asked_object(ex.text, scenes[0])
-        asked = patch_object_share(scenes[0], grid, only=target) >= min_share if target else None
-        for h, row in enumerate(out):
-            if bool(on_object.any()):
-                row["object_mass"] = float(p[h][on_object].sum())
-                row["object_chance"] = float(on_object.float().mean())
-            if asked is not None and bool(asked.any()):
-                row["asked_mass"] = float(p[h][asked].sum())
-                row["asked_chance"] = float(asked.float().mean())
+    n_images = len(ex.images)
+    focus = 0 if n_images == 1 else int((getattr(ex, "meta", None) or {}).get("target", 0)) - 1
+    t = n // n_images if n_images and n % n_images == 0 else 0  # all images visible: N blocks of T keys
+    grid = math.isqrt(t)
+    if len(scenes) != n_images or focus < 0 or grid * grid != t or t == 0:
+        return out
+    block = slice(focus * t, (focus + 1) * t)  # the focus image's keys
+    on_object = patch_object_share(scenes[focus], grid) >= min_share  # [T]
+    target = asked_object(ex.text, scenes[focus])
+    asked = patch_object_share(scenes[focus], grid, only=target) >= min_share if target else None
+    for h, row in enumerate(out):
+        row["target_mass"], row["target_chance"] = float(p[h][block].sum()), t / n
+        if bool(on_object.any()):
+            row["object_mass"] = float(p[h][block][on_object].sum())
+            row["object_chance"] = float(on_object.sum()) / n
+        if asked is not None and bool(asked.any()):
+            row["asked_mass"] = float(p[h][block][asked].sum())
+            row["asked_chance"] = float(asked.sum()) / n
     return out
 
 

@@ -126,3 +126,29 @@ def test_bad_input(owl3, build_tiny_owl):
     owl2, processor2 = build_tiny_owl("owl2")
     with pytest.raises(ValueError, match="Owl3"):
         cross_focus(owl2, processor2, eval_set("color", 1, seed=0))
+
+
+def test_cross_focus_multi_image_focus_is_the_target(owl3):
+    import random
+
+    from owl_lab.synth.distractor import task_find
+
+    model, processor = owl3
+    exs = [task_find(random.Random(i), render_size=112, binding_n=3, distractor_pool=16) for i in range(3)]
+    focus = cross_focus(model, processor, exs, min_share=0.01)
+    batch = processor(text=[e.text for e in exs], images=[list(e.images) for e in exs])
+    last = batch["attention_mask"].sum(1) - 1
+    layer = model.config.hyper_layer_indices[0]
+    with torch.no_grad():
+        probs = model(**batch, output_attentions=True).cross_attentions[layer]  # [B, H, L, 3*16]
+    p = probs[torch.arange(3), :, last]
+    for row in focus.itertuples():
+        t = exs[row.example].meta["target"] - 1
+        assert row.n_keys == 48 and row.target_chance == pytest.approx(1 / 3)
+        assert row.target_mass == pytest.approx(
+            float(p[row.example, row.head, 16 * t : 16 * t + 16].sum()), abs=1e-5
+        )
+        assert row.object_mass <= row.target_mass + 1e-6
+        if not math.isnan(row.asked_mass):  # NaN when the target scene holds two such objects
+            assert row.asked_mass <= row.object_mass + 1e-6
+    assert focus["asked_mass"].notna().any()
