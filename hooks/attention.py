@@ -39,6 +39,7 @@ __all__ = ["REDUCERS", "MassResult", "chunk_rows", "group_runs", "grouped_mass"]
 _MIN_AUTO_BYTES = 1 << 20
 _MAX_AUTO_BYTES = 8 << 20
 _MIN_AUTO_ROWS = 64  # (Owl3 with 64 images: 16 rows × 4096 image keys would fill 2 MB)
+_MIN_TILE_ROWS = 128  # tiled path: 128 queries × 512-key tiles beat 64 × 1024 (same 2 MB) by ~5 % (64 images)
 _LSE_MAX_EXPLICIT = 0.5  # dominant-group path only when at most this fraction of the keys is outside it
 _LSE_TILES = True  # without a dominant group: the tiled logsumexp path (False: the full softmax)
 REDUCERS = ("auto", "loop", "tiles", "reduceat", "onehot")
@@ -218,6 +219,8 @@ def grouped_mass(
         mass = sums[..., :G]  # [B, H, Lq, G] (view)
         key_group = torch.where(key_group < 0, G, key_group)  # [B, Lk]: keys in no group in column G
         runs, run_length = group_runs(key_group), uniform_run_length(key_group)
+        if auto_chunk:  # the tiles bound the score buffer, not the chunk: taller tiles, faster GEMMs
+            rows = max(rows, min(Lq, _MIN_TILE_ROWS))
 
     for q0 in range(0, Lq, rows):
         q1 = min(Lq, q0 + rows)

@@ -4,6 +4,12 @@ A gated hyper layer fuses, before ``o_proj``, ``fused = self ⊙ (1 − g) + cro
 an image (``applied``), and keeps ``fused = self`` elsewhere. ``o_proj`` is linear without bias, so
 the attention output splits exactly into a text part ``o_proj(self ⊙ (1 − g))`` and a vision part
 ``o_proj(cross ⊙ g)`` (on non-applied rows: ``o_proj(self)`` and 0), in residual-stream units.
+
+The event carries the layer's fp32 output ``o_proj(fused)``, so only one part per row needs a product:
+the one whose input is smaller (in norm) is computed, the other is the output minus it. Its absolute
+error is that of the output's rounding, a few eps of ``|output| ≤ |text| + |vision|``, i.e. a few eps
+relative to the larger part. Without the output, or when the model runs in a low-precision dtype (its
+output is then bf16-rounded), both parts are computed directly in fp32.
 """
 
 from __future__ import annotations
@@ -51,6 +57,16 @@ def _o_proj_linear(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight.detach().to(x.dtype))
 
 
+def _usable_output(event: GateEvent, shape: tuple[int, int, int]) -> torch.Tensor | None:
+    """The event's attention output [B, L, hidden] when "output − one part" is as exact as a direct
+    product: an fp32 output of the expected shape (bf16 / fp16 outputs carry their own rounding of
+    ~1e-3 relative; an fp64 output is split by the two direct fp32 products as before)."""
+    out = getattr(event, "output", None)
+    if out is None or out.dtype != torch.float32 or tuple(out.shape) != shape:
+        return None
+    return out.detach()
+
+
 @torch.no_grad()
 def summarize_gate(
     event: GateEvent, step: int, valid: torch.Tensor, keep_vectors: bool = False, call: int = 0
@@ -75,15 +91,34 @@ def summarize_gate(
     else:
         skip = ~applied[..., None, None]  # [B, L, 1, 1] rows where the fusion was not applied
     # Each o_proj input is written once into a contiguous [B, L, H, D] buffer (the GEMM's rows), so no
-    # strided temporaries or reshape copies; one part at a time, at most two [B, L, hidden] alive.
-    part = torch.empty(B, L, H, D, dtype=g.dtype, device=g.device)
-    torch.sub(1.0, g, out=part).mul_(self_ctx)  # self ⊙ (1 − g)
+    # strided temporaries or reshape copies; at most two [B, L, hidden] alive.
+    text_in = torch.empty(B, L, H, D, dtype=g.dtype, device=g.device)
+    torch.sub(1.0, g, out=text_in).mul_(self_ctx)  # self ⊙ (1 − g)
     if bool(skip.any()):
-        torch.where(skip, self_ctx, part, out=part)  # rows without fusion: the self context
-    text_out = _o_proj_linear(event.o_proj_weight, part.view(B, L, H * D))  # [B, L, hidden]
-    torch.mul(cross_ctx, g, out=part).masked_fill_(skip, 0.0)  # cross ⊙ g
-    vision_out = _o_proj_linear(event.o_proj_weight, part.view(B, L, H * D))  # [B, L, hidden]
-    del part
+        torch.where(skip, self_ctx, text_in, out=text_in)  # rows without fusion: the self context
+    vision_in = torch.empty_like(text_in)
+    torch.mul(cross_ctx, g, out=vision_in).masked_fill_(skip, 0.0)  # cross ⊙ g
+    output = _usable_output(event, (B, L, event.o_proj_weight.shape[0]))
+    if output is None:
+        text_out = _o_proj_linear(event.o_proj_weight, text_in.view(B, L, H * D))  # [B, L, hidden]
+        vision_out = _o_proj_linear(event.o_proj_weight, vision_in.view(B, L, H * D))
+    else:  # one product: the smaller part per row, the larger one = output − smaller
+        vision_small = (vision_in.flatten(2).norm(dim=-1) <= text_in.flatten(2).norm(dim=-1))[..., None]
+        small_in = torch.where(vision_small[..., None], vision_in, text_in, out=text_in)  # [B, L, H, D]
+        small = _o_proj_linear(event.o_proj_weight, small_in.view(B, L, H * D))  # [B, L, hidden]
+        large = torch.sub(output, small)
+        if keep_vectors:
+            text_out = torch.where(vision_small, large, small)
+            vision_out = torch.where(vision_small, small, large)
+        else:  # only the norms are kept: select them, not the [B, L, hidden] parts
+            text_out = vision_out = None
+            small_norm, large_norm = small.norm(dim=-1), large.norm(dim=-1)
+            vision_small = vision_small[..., 0]
+            text_norm = torch.where(vision_small, large_norm, small_norm)
+            vision_norm = torch.where(vision_small, small_norm, large_norm)
+    del text_in, vision_in
+    if text_out is not None:
+        text_norm, vision_norm = text_out.norm(dim=-1), vision_out.norm(dim=-1)
     return GateRecord(
         step=step,
         call=call,
@@ -93,8 +128,8 @@ def summarize_gate(
         applied=applied.cpu(),
         head_applied=None if head_applied is None else head_applied.cpu(),
         mean=g.mean(-1).cpu(),
-        text_norm=text_out.norm(dim=-1).cpu(),
-        vision_norm=vision_out.norm(dim=-1).cpu(),
+        text_norm=text_norm.cpu(),
+        vision_norm=vision_norm.cpu(),
         gate=g.cpu().clone() if keep_vectors else None,
         text_out=text_out.cpu() if keep_vectors else None,
         vision_out=vision_out.cpu() if keep_vectors else None,

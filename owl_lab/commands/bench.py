@@ -4,9 +4,12 @@
 How it measures (so the numbers mean something on a shared CPU):
 
 * **time** — process CPU time of one forward call (one intra-op thread by default, so CPU time is
-  compute time and does not count the moments another process has the core), best of
-  ``--repeats``; the three modes are interleaved round by round after a warm-up round. The CSV also
-  has the wall time.
+  compute time and does not count the moments another process has the core). The modes are
+  interleaved round by round after a warm-up round (plain and capture swap places every round, eager
+  runs last), so a change of machine load hits every mode alike. Two ratios to plain: ``time_ratio``
+  = best of ``--repeats`` over best of plain, and the **paired ratio**: each round's time over the
+  same round's plain time, reported as the median with its min and max over the rounds (a drift of
+  load between rounds cancels in each pair). The CSV also has the wall time.
 * **memory** — peak resident-set growth during one forward call, measured in a fresh child process
   per (config, mode): glibc is told to return freed blocks to the OS (so RSS follows the live
   tensors), the peak is reset through ``/proc/self/clear_refs`` after a warm-up call and read from
@@ -96,12 +99,33 @@ def measure_memory(spec: dict) -> tuple[float, str]:
     return _measure_memory("owl_lab.commands.bench", spec)
 
 
+def round_order(modes: list[str], round_: int) -> list[str]:
+    """The modes in the order of one round: plain and capture swap places every other round (so neither
+    always runs right after eager or first in a round); the other modes keep their place after them."""
+    pair = [m for m in ("plain", "capture") if m in modes]
+    rest = [m for m in modes if m not in pair]
+    return (pair[::-1] if round_ % 2 else pair) + rest
+
+
+def paired_ratios(times: list[float], base: list[float]) -> dict:
+    """Median, min and max over rounds of ``times[i] / base[i]`` (one mode vs plain, same round).
+
+    NaN when no round has both times (a failed mode)."""
+    ratios = sorted(t / b for t, b in zip(times, base, strict=False) if b > 0 and math.isfinite(t))
+    if not ratios:
+        return {"ratio_median": math.nan, "ratio_min": math.nan, "ratio_max": math.nan}
+    n = len(ratios)
+    median = ratios[n // 2] if n % 2 else (ratios[n // 2 - 1] + ratios[n // 2]) / 2
+    return {"ratio_median": median, "ratio_min": ratios[0], "ratio_max": ratios[-1]}
+
+
 def bench_row(spec: dict, repeats: int, modes: list[str]) -> list[dict]:
     model, batch = build(spec)
     fns = {m: runner(model, batch, m) for m in modes}
     best = {m: {"seconds": math.inf, "wall_seconds": math.inf, "status": "ok"} for m in modes}
+    rounds: dict[str, list[float]] = {m: [] for m in modes}  # CPU seconds of every timed round
     for round_ in range(repeats + 1):  # round 0 = warm-up; modes interleaved so load drift hits all
-        for mode in modes:
+        for mode in round_order(modes, round_):
             if best[mode]["status"] != "ok":
                 continue
             gc.collect()
@@ -118,6 +142,7 @@ def bench_row(spec: dict, repeats: int, modes: list[str]) -> list[dict]:
             cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
             del out
             if round_:
+                rounds[mode].append(cpu)
                 best[mode]["seconds"] = min(best[mode]["seconds"], cpu)
                 best[mode]["wall_seconds"] = min(best[mode]["wall_seconds"], wall)
     del model, batch, fns
@@ -136,6 +161,7 @@ def bench_row(spec: dict, repeats: int, modes: list[str]) -> list[dict]:
                 "wall_seconds": best[mode]["wall_seconds"],
                 "peak_mb": peak,
                 "status": status,
+                **paired_ratios(rounds[mode] if status == "ok" else [], rounds[modes[0]]),
             }
         )
     base = rows[0]
@@ -148,9 +174,10 @@ def bench_row(spec: dict, repeats: int, modes: list[str]) -> list[dict]:
 # ---------------------------------------------------------------------------------- command
 def _print(rows: list[dict]) -> None:
     for r in rows:
+        paired = f"{r['ratio_median']:.2f} [{r['ratio_min']:.2f}-{r['ratio_max']:.2f}]"
         print(
             f"{r['family']:6s} {r['L']:5d} {r['images']:6d} {r['mode']:8s} {r['seconds']:8.3f} "
-            f"{r['peak_mb']:9.1f} {r['time_ratio']:7.2f} {r['mem_ratio']:7.2f}  {r['status']}",
+            f"{r['peak_mb']:9.1f} {r['time_ratio']:7.2f} {paired:>17s} {r['mem_ratio']:7.2f}  {r['status']}",
             flush=True,
         )
 
@@ -175,11 +202,12 @@ def run(args) -> int:
         f"owl-lab bench: torch {torch.__version__}, {args.threads} thread(s); decoder hidden {hidden}, "
         f"{heads} heads, {layers} layers. time = CPU seconds (best of "
         f"{1 if args.quick else args.repeats}), memory = peak RSS "
-        "growth of one forward (child process); ratios vs the plain SDPA forward of the same row"
+        "growth of one forward (child process); ratios vs the plain SDPA forward of the same row: "
+        "time x = best / best, paired x = median [min-max] over rounds of this round's time / plain's"
     )
     print(
         f"{'family':6s} {'L':>5s} {'images':>6s} {'mode':8s} {'time s':>8s} {'peak MB':>9s} "
-        f"{'time x':>7s} {'mem x':>7s}  status"
+        f"{'time x':>7s} {'paired x':>17s} {'mem x':>7s}  status"
     )
     modes = [m for m in MODES if not (m == "eager" and args.no_eager)]
     rows: list[dict] = []

@@ -140,7 +140,8 @@ class AttentionEvent:
 
 @dataclass
 class GateEvent:
-    """Owl3 240728 adaptive gate of one hyper layer (fusion happens before ``o_proj``).
+    """Owl3 240728 adaptive gate of one hyper layer (fusion happens before ``o_proj``; the event is
+    emitted after ``o_proj``, with its output).
 
     Attributes:
         layer: decoder layer index.
@@ -154,6 +155,9 @@ class GateEvent:
             the exact text/vision split of the attention output is ``F.linear(self*(1-g), W)`` and
             ``F.linear(cross*g, W)``.
         query_index: [L] absolute sequence index of each row.
+        output: [B, L, hidden] the layer's attention output ``o_proj(fused)`` (the event fires after
+            ``o_proj``), so text part = output − vision part needs one product; None when ``hook_z``
+            was hooked (it may have replaced the ``o_proj`` input) or the emitter has no output.
     """
 
     layer: int
@@ -163,3 +167,4 @@ class GateEvent:
     cross_context: torch.Tensor
     o_proj_weight: torch.Tensor
     query_index: torch.Tensor
+    output: torch.Tensor | None = None

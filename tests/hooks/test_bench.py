@@ -46,6 +46,8 @@ def test_bench_quick_writes_csv(tmp_path, capsys):
         assert float(r["seconds"]) > 0 and float(r["peak_mb"]) >= 0
         if r["mode"] == "plain":
             assert float(r["time_ratio"]) == 1.0
+            assert float(r["ratio_median"]) == float(r["ratio_min"]) == float(r["ratio_max"]) == 1.0
+        assert float(r["ratio_min"]) <= float(r["ratio_median"]) <= float(r["ratio_max"])
     assert "capture" in capsys.readouterr().out
 
 

@@ -205,3 +205,36 @@ def test_design_form_captures_the_gates_of_gated_owl3(golden):
     with torch.no_grad(), capture(model, attention=True, gates=True, abstractor=True) as rec:
         model(**mm_batch(inputs))
     assert not rec.gates.empty and not rec.attention_mass.empty
+
+
+def test_gate_split_from_the_output_equals_the_two_product_split(golden, mm):
+    """The gate event fires after o_proj with the layer's output; with hook_z hooked (it could have
+    changed the o_proj input) the model withholds it and the split falls back to two products."""
+    model, inputs, _ = golden
+    seen = []
+    layers = model.language_model.model.layers
+    spy = [
+        layers[i].self_attn.hook_gate_event.register_forward_hook(lambda m, a, o: seen.append(o))
+        for i in HYPER
+    ]
+    try:
+        with torch.no_grad():
+            model(**mm_batch(inputs))
+    finally:
+        for h in spy:
+            h.remove()
+    assert len(seen) == len(HYPER) and all(ev.output is not None for ev in seen)
+    handles = [layers[i].self_attn.hook_z.register_forward_hook(lambda m, a, o: None) for i in HYPER]
+    try:
+        with torch.no_grad(), capture(model, gate_vectors=True) as direct:
+            model(**mm_batch(inputs))
+    finally:
+        for h in handles:
+            h.remove()
+    one = mm[0]
+    for layer in HYPER:
+        a, b = one.gate_vectors(layer), direct.gate_vectors(layer)
+        scale = float(a.text_out.abs().max() + a.vision_out.abs().max())
+        torch.testing.assert_close(a.text_out, b.text_out, rtol=0, atol=1e-6 * scale)
+        torch.testing.assert_close(a.vision_out, b.vision_out, rtol=0, atol=1e-6 * scale)
+        assert torch.equal(a.mean, b.mean)

@@ -244,11 +244,18 @@ class Owl3HyperAttention(Owl3Attention):
         if image_normed is None and self.kind != "fused":
             return super().forward(x, ctx)  # text-only batch: plain Qwen2 attention (gate never runs)
         q, k, v = self.text_qkv(x, ctx)
+        gate_event = None
         if self.kind == "fused":
             out, probs = self.joint(q, k, v, ctx, image_normed)
         else:
-            out, probs = self.separate(q, k, v, ctx, image_normed)
-        return self.project_out(out), probs
+            out, probs, gate_event = self.separate(q, k, v, ctx, image_normed)
+        attn_out = self.project_out(out)
+        if gate_event is not None:
+            # Fired after o_proj so an observer can split the output with one product (the other part
+            # is the output minus it); only when nothing could have edited hook_z between the two.
+            gate_event.output = None if self.hook_z.active else attn_out
+            self.hook_gate_event(gate_event)
+        return attn_out, probs
 
     def joint(self, q, k, v, ctx: AttnContext, image_normed):
         """241101: one softmax over [image keys ; text keys] → context, (text probs, image probs)."""
@@ -265,7 +272,10 @@ class Owl3HyperAttention(Owl3Attention):
         return out, (probs[..., n_img:], probs[..., :n_img])
 
     def separate(self, q, k, v, ctx: AttnContext, image_normed):
-        """240728 lineage: self softmax, cross softmax over image keys, gate / sum mix before o_proj."""
+        """240728 lineage: self softmax, cross softmax over image keys, gate / sum mix before o_proj.
+
+        Returns (context [B, nH, L, D], (self probs, cross probs), the :class:`GateEvent` to emit
+        after ``o_proj`` or None when nobody observes the gate)."""
         c, self_probs = self.self_attention(q, k, v, ctx)  # [B, nH, L, D]
         k_img, v_img = self.image_kv(image_normed, ctx)
         # rows that see no image get a discarded dummy softmax in the core (no NaN)
@@ -275,6 +285,7 @@ class Owl3HyperAttention(Owl3Attention):
         applied = used.tensor().any(-1)  # [B, L] rows that see >= 1 image ([B, nH, L] per-head knockout)
         keep = applied[..., None] if applied.dim() == 3 else applied[:, None, :, None]  # [B, 1 | nH, L, 1]
         x = self.hook_cross_z(x.transpose(1, 2)).transpose(1, 2)  # site [B, L, nH, D]
+        event = None
         if self.kind == "sum":
             fused = c + x
         else:
@@ -285,16 +296,14 @@ class Owl3HyperAttention(Owl3Attention):
             g = self.hook_gate(g.transpose(1, 2)).transpose(1, 2)  # site [B, L, nH, D]
             fused = c * (1 - g) + x * g
             if self.hook_gate_event.active:
-                self.hook_gate_event(
-                    GateEvent(
-                        layer=self.layer_idx,
-                        gate=g.transpose(1, 2),
-                        applied=applied,
-                        self_context=c.transpose(1, 2),
-                        cross_context=(x * keep).transpose(1, 2),
-                        o_proj_weight=self.o_proj.weight,
-                        query_index=ctx.query_index,
-                    )
+                event = GateEvent(
+                    layer=self.layer_idx,
+                    gate=g.transpose(1, 2),
+                    applied=applied,
+                    self_context=c.transpose(1, 2),
+                    cross_context=(x * keep).transpose(1, 2),
+                    o_proj_weight=self.o_proj.weight,
+                    query_index=ctx.query_index,
                 )
         out = torch.where(keep, fused, c)
-        return out, (self_probs, cross_probs)
+        return out, (self_probs, cross_probs), event
