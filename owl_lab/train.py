@@ -37,6 +37,7 @@ from owl_lab.families import FamilySpec, get_family
 from owl_lab.optim import apply_step
 from owl_lab.pretrain_vision import run_vision_stage
 from owl_lab.recipes import load_recipe, recipes_dir, shipped_recipes, stage_freeze
+from owl_lab.sub_batches import batch_loss
 
 # the recipe helpers live in owl_lab.recipes (analysis reads them too); re-exported for `owl_lab.train` users
 __all__ = [
@@ -226,12 +227,17 @@ def train(
             desc=f"{recipe['name']} stage {si + 1}/{len(recipe['stages'])}",
             mininterval=2.0,
         )
+
+        def to_batch(examples):
+            return collate(processor, examples)
+
         for step, examples in enumerate(bar):
             for group in opt.param_groups:
                 group["lr"] = stage["lr"] * lr_factor(
                     step, steps, warmup, stage.get("schedule", "cosine"), stage.get("final_lr_fraction", 0.05)
                 )
-            loss = model(**collate(processor, examples)).loss
+            # "sub_batches": "modality" runs text-only rows apart from image rows (owl_lab/sub_batches.py)
+            loss = batch_loss(model, to_batch, examples, stage.get("sub_batches", "none"))
             global_step = apply_step(opt, loss, params, stage.get("grad_clip", 1.0), history, global_step, si)
             if callback is not None and callback_every and global_step % callback_every == 0:
                 model.eval()
