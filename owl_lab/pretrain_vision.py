@@ -22,13 +22,16 @@ label tag (or none, half of the time, as single-image prompts show it) and every
 that tag through a linear head. Without it the frozen encoder carries the tag only in background
 patches (linear probe 80 %) and not in patches holding an object (2–13 %, chance 2 %), so a hyper
 layer cannot ask for "the circle of image X" in one look-up; the objective makes the encoder's
-attention broadcast the tag into every patch.
+attention broadcast the tag into every patch. In mode ``frame_tags: "objects"`` the label is drawn only
+into object pixels and only object patches are asked for it (background patches must answer "untagged"),
+see :func:`tag_targets`.
 """
 
 from __future__ import annotations
 
 import random
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -38,7 +41,9 @@ from owl_lab.optim import apply_step
 from owl_lab.synth.shapes import (
     CELL_ATTRIBUTES,
     cell_targets,
+    frame_tag_mode,
     n_frame_tags,
+    patch_object_shares,
     render,
     sample_scene,
     with_frame_tag,
@@ -151,13 +156,11 @@ def run_vision_stage(
     )
     for step in bar:
         scenes = [sample_scene(random.Random(f"{seed}/{step * bs + j}"), lo, hi) for j in range(bs)]
-        images = [render(s, size) for s in scenes]
+        images = plain = [render(s, size) for s in scenes]
         if "tags" in heads:  # half untagged, half a uniform label
             n_tags = n_frame_tags(tag_mode)
             tags = [_draw_tag(random.Random(f"{seed}/{step * bs + j}/tag"), n_tags) for j in range(bs)]
-            images = [
-                with_frame_tag(im, t, tag_mode) if t else im for im, t in zip(images, tags, strict=True)
-            ]
+            images = [with_frame_tag(im, t, tag_mode) if t else im for im, t in zip(plain, tags, strict=True)]
         batch = processor(text=[IMAGE_PLACEHOLDER] * bs, images=[[im] for im in images])
         board = torch.tensor([cell_targets(s) for s in scenes])  # [B, GRID², 4]
         loss = 0.0
@@ -170,9 +173,9 @@ def run_vision_stage(
             loss = loss + _cross_entropy(logits, board, sizes[:-1], weights)
         if "tags" in heads:
             logits = heads["tags"](patch_features(model, batch["pixel_values"]))  # [B, G², tags + 1]
-            target = torch.tensor(tags)[:, None].expand(-1, logits.shape[1])
+            target = tag_targets(tags, plain, tag_mode, int(round(logits.shape[1] ** 0.5)))  # [B, G²]
             loss = loss + stage.get("tag_weight", 1.0) * nn.functional.cross_entropy(
-                logits.flatten(0, 1), target.flatten()
+                logits.flatten(0, 1), target.flatten(), ignore_index=-100
             )
         for group in opt.param_groups:
             group["lr"] = stage["lr"] * min(1.0, (step + 1) / max(1, stage.get("warmup", 50)))
@@ -180,6 +183,27 @@ def run_vision_stage(
         if progress and step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     return global_step
+
+
+def tag_targets(tags: list[int], plain: list, frame_tags: bool | str, grid: int) -> torch.Tensor:
+    """[B, grid²] per-patch class of the ``tags`` objective (0 = untagged, -100 = not scored).
+
+    ``tags[b]`` is image b's label (0: drawn untagged); ``plain[b]`` its untagged render. In the modes that
+    tint the background, every patch of a tagged image must report its label. In mode ``"objects"`` the label
+    is only in the object pixels, and we want it only *there*, in the patches that hold the content: a patch
+    with at least a quarter object pixels must report the label, a pure-background patch must report
+    "untagged" (so the encoder does not copy the label into the background, where find prompts learned to
+    read it), and a patch with a sliver of object is not scored.
+    """
+    if len(tags) != len(plain):
+        raise ValueError(f"tag_targets needs one render per tag; got {len(tags)} tags, {len(plain)} images")
+    label = torch.tensor(tags, dtype=torch.long)[:, None].expand(-1, grid * grid).clone()
+    if frame_tag_mode(frame_tags) != "objects":
+        return label
+    share = torch.tensor(np.stack([patch_object_shares(im, grid) for im in plain]))  # [B, grid²]
+    label[share == 0] = 0
+    label[(share > 0) & (share < 0.25) & (label > 0)] = -100
+    return label
 
 
 def _draw_tag(rng: random.Random, n_tags: int) -> int:

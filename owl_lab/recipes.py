@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from owl_lab.families import FAMILIES
+from owl_lab.synth.shapes import frame_tag_mode
 from owl_lab.zoo import data_dir
 
 __all__ = ["recipes_dir", "load_recipe", "shipped_recipes", "stage_freeze"]
@@ -49,6 +50,14 @@ def load_recipe(name_or_path: str | Path) -> dict:
             f"recipe {path}: needs keys family ∈ {sorted(FAMILIES)}, config, stages; missing "
             f"{missing}, family={recipe.get('family')!r}"
         )
+    for where, world in [("world", recipe.get("world", {}))] + [
+        (f"stages[{i}].world", st.get("world", {})) for i, st in enumerate(recipe["stages"])
+    ]:
+        if "frame_tags" in world:
+            try:
+                frame_tag_mode(world["frame_tags"])
+            except ValueError as err:
+                raise ValueError(f"recipe {path}: {where}: {err}") from None
     return recipe
 
 

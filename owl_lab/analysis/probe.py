@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import random
 
-import numpy as np
 import torch
 from torch import nn
 
 from owl_lab.pretrain_vision import patch_cells, patch_features
 from owl_lab.synth.shapes import (
-    BACKGROUND,
     CELL_ATTRIBUTES,
     cell_targets,
+    patch_object_shares,
     render,
     sample_scene,
     with_frame_tag,
@@ -184,7 +183,4 @@ def probe_frame_tags(
 
 def _object_share(image, grid: int) -> torch.Tensor:
     """[grid²] share of each patch square's native pixels that are not :data:`BACKGROUND` (raster order)."""
-    array = np.asarray(image.convert("RGB"))
-    size = array.shape[0] // grid * grid
-    mask = ~(array[:size, :size] == np.asarray(BACKGROUND, dtype=np.uint8)).all(-1)
-    return torch.tensor(mask.reshape(grid, size // grid, grid, size // grid).mean((1, 3)).reshape(-1))
+    return torch.tensor(patch_object_shares(image, grid))

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping
 
 from owl_lab.synth.distractor import sample_n_images, task_binding, task_find
 from owl_lab.synth.multi import task_multi
+from owl_lab.synth.shapes import frame_tag_mode
 from owl_lab.synth.tasks import IMAGE_TASKS, TASKS, TEXT_TASKS, Example
 
 ALL_TASKS = dict(TASKS, multi=task_multi, binding=task_binding)
@@ -43,6 +44,10 @@ class Mixture:
         if not weights:
             raise ValueError("a task mixture needs at least one task with a positive weight")
         _check_tasks(weights)
+        try:  # fail at construction, not at the first multi-image example thousands of steps in
+            frame_tag_mode(world.get("frame_tags", False))
+        except ValueError as err:
+            raise ValueError(f"world option {err}") from None
         self.names = sorted(weights)  # sorted: the dict's order must not change the stream
         self.weights = [float(weights[n]) for n in self.names]
         self.seed, self.split, self.world = seed, split, world

@@ -185,47 +185,70 @@ _OBJECT_LEVELS = (-18, -6, 6, 18)
 _OBJECT_OFFSETS = [(r, g, b) for r in _OBJECT_LEVELS for g in _OBJECT_LEVELS for b in _OBJECT_LEVELS]
 random.Random("frame-tags/objects").shuffle(_OBJECT_OFFSETS)
 OBJECT_TAG_OFFSETS: tuple[tuple[int, int, int], ...] = tuple(_OBJECT_OFFSETS)
-FRAME_TAG_MODES = ("background", "all")
+# Mode ``"objects"`` (issue 18, session 12): the object offset alone, on a plain (untinted) background.
+# With a tinted background, find prompts ("In which image is the red circle?") taught the answer
+# position to read the label from background patches, which hold no content, so it could not match
+# "the label of the red circle" in one attention step (its mass on the target's objects stayed below
+# chance). Here the label exists only in the object pixels, in the same patches as the object's content.
+FRAME_TAG_MODES = ("background", "all", "objects")
 
 
 def frame_tag_mode(frame_tags: bool | str) -> str | None:
     """The mode a ``frame_tags`` world value names: ``False``/``None`` → None (untagged), ``True`` or
-    ``"background"`` → ``"background"``, ``"all"`` → ``"all"``; anything else raises ValueError."""
+    ``"background"`` → ``"background"``, ``"all"`` / ``"objects"`` → itself; anything else raises
+    ValueError."""
     if frame_tags is False or frame_tags is None:
         return None
     if frame_tags is True:
         return "background"
-    if frame_tags in FRAME_TAG_MODES:
+    if isinstance(frame_tags, str) and frame_tags in FRAME_TAG_MODES:
         return frame_tags
     raise ValueError(f"frame_tags must be false, true or one of {FRAME_TAG_MODES}; got {frame_tags!r}")
 
 
 def n_frame_tags(frame_tags: bool | str = True) -> int:
     """How many distinct labels the mode can draw (the vision ``tags`` objective's classes)."""
-    return len(OBJECT_TAG_OFFSETS) if frame_tag_mode(frame_tags) == "all" else len(FRAME_TAGS)
+    return len(OBJECT_TAG_OFFSETS) if frame_tag_mode(frame_tags) in ("all", "objects") else len(FRAME_TAGS)
 
 
 def object_tag_offset(label: int) -> tuple[int, int, int]:
-    """The RGB shift of image ``label``'s object pixels under ``frame_tags: "all"`` (1-based)."""
+    """The RGB shift of image ``label``'s object pixels (1-based) under ``frame_tags`` "all" or "objects"."""
     if not 1 <= label <= len(OBJECT_TAG_OFFSETS):
         raise ValueError(f"object tag label must be in 1..{len(OBJECT_TAG_OFFSETS)}; got {label}")
     return OBJECT_TAG_OFFSETS[label - 1]
 
 
 def with_frame_tag(image: Image.Image, label: int, frame_tags: bool | str = True) -> Image.Image:
-    """A copy of a rendered image whose background pixels (exactly :data:`BACKGROUND`) take the tint
-    of ``label``; object pixels are untouched (no object tone equals the background), unless
-    ``frame_tags == "all"``: then they are shifted by :func:`object_tag_offset` (clipped to 0..255)."""
+    """A copy of a rendered image carrying image ``label``'s tag (1-based), by ``frame_tags`` mode:
+
+    - ``True`` / ``"background"``: background pixels (exactly :data:`BACKGROUND`) take the tint of ``label``;
+      object pixels are untouched (no object tone equals the background);
+    - ``"all"``: the tint, and every object pixel shifted by :func:`object_tag_offset` (clipped to 0..255);
+    - ``"objects"``: only the object shift; the background stays :data:`BACKGROUND`.
+    """
     mode = frame_tag_mode(frame_tags)
     array = np.asarray(image.convert("RGB")).copy()
     if mode is None:
         return Image.fromarray(array, mode="RGB")
     background = (array == np.asarray(BACKGROUND, dtype=np.uint8)).all(axis=-1)
-    if mode == "all":
+    if mode in ("all", "objects"):
         shifted = array.astype(np.int32) + np.asarray(object_tag_offset(label), dtype=np.int32)
         array[~background] = shifted[~background].clip(0, 255).astype(np.uint8)
-    array[background] = frame_tag_color(label)
+    if mode in ("background", "all"):
+        array[background] = frame_tag_color(label)
     return Image.fromarray(array, mode="RGB")
+
+
+def patch_object_shares(image: Image.Image, grid: int) -> np.ndarray:
+    """[grid²] share of each patch square's pixels that are not :data:`BACKGROUND` (raster order).
+
+    Pass the untagged render: a tinted background would count as object pixels."""
+    array = np.asarray(image.convert("RGB"))
+    if grid < 1 or array.shape[0] < grid:
+        raise ValueError(f"grid must be in 1..{array.shape[0]} for a {array.shape[0]} px image; got {grid}")
+    side = array.shape[0] // grid * grid
+    mask = ~(array[:side, :side] == np.asarray(BACKGROUND, dtype=np.uint8)).all(-1)
+    return mask.reshape(grid, side // grid, grid, side // grid).mean((1, 3)).reshape(-1)
 
 
 def caption(scene: Scene) -> str:

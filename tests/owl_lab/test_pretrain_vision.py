@@ -135,3 +135,26 @@ def test_tags_objective_trains_on_tagged_images_with_a_per_patch_tag_target(monk
         pv.run_vision_stage(
             model, processor, "owl3", {**stage, "objectives": ["frames"]}, "t", {}, history, 0, 0, False
         )
+
+
+def test_tag_targets_in_objects_mode_ask_only_object_patches_for_the_label():
+    """Mode ``frame_tags: "objects"``: patches with ≥ 1/4 object pixels report the label, pure background
+    patches "untagged" (0), slivers are not scored (-100); untagged images and the other modes: one class."""
+    from owl_lab.pretrain_vision import tag_targets
+    from owl_lab.synth.shapes import Obj, Scene, patch_object_shares, render
+
+    scene = Scene((Obj("circle", "red", "large", "plain", 0, 0), Obj("square", "blue", "small", "plain", 2, 2)))
+    plain = render(scene, 112)
+    share = torch.tensor(patch_object_shares(plain, 8))
+    assert share.max() == 1.0 and (share == 0).any() and ((share > 0) & (share < 0.25)).any()
+    got = tag_targets([7, 0], [plain, plain], "objects", 8)
+    assert got.shape == (2, 64)
+    assert (got[0][share >= 0.25] == 7).all() and (got[0][share == 0] == 0).all()
+    assert (got[0][(share > 0) & (share < 0.25)] == -100).all()
+    assert (got[1] == 0).all()  # an untagged image: every patch says "untagged"
+    for mode in (True, "background", "all"):
+        assert (tag_targets([7, 0], [plain, plain], mode, 8) == torch.tensor([[7], [0]])).all()
+    with pytest.raises(ValueError, match="one render per tag"):
+        tag_targets([7], [plain, plain], "objects", 8)
+    with pytest.raises(ValueError, match="frame_tags"):
+        tag_targets([7], [plain], "object", 8)

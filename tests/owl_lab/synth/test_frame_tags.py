@@ -114,7 +114,7 @@ def test_all_mode_shifts_object_pixels_by_the_label_offset_and_tints_the_backgro
         == np.asarray(with_frame_tag(render(scene, 112), 9))
     ).all()
     with pytest.raises(ValueError, match="frame_tags"):
-        with_frame_tag(render(scene, 112), 9, "objects")
+        with_frame_tag(render(scene, 112), 9, "object")
 
 
 def test_all_mode_keeps_every_colour_nearest_to_its_own_name_under_every_offset():
@@ -163,3 +163,57 @@ def test_sparse_labels_name_slots_by_other_numbers_and_the_tags_follow_the_label
         for i in range(8)
     ]
     assert [e.text for e in a] == [e.text for e in b]
+
+
+# --- mode "objects": the label only in object pixels, plain background (issue 18, session 12) -------
+
+
+def test_objects_mode_shifts_only_object_pixels_and_keeps_the_background_plain():
+    from owl_lab.synth.shapes import n_frame_tags, object_tag_offset
+
+    scene = sample_scene(random.Random(5), 4, 4)
+    plain = np.asarray(render(scene, 112)).astype(int)
+    background = (plain == np.asarray(BACKGROUND)).all(-1)
+    for label in (1, 9, 50):
+        tagged = np.asarray(with_frame_tag(render(scene, 112), label, "objects")).astype(int)
+        assert (tagged[background] == np.asarray(BACKGROUND)).all()
+        expected = (plain[~background] + np.asarray(object_tag_offset(label))).clip(0, 255)
+        assert (tagged[~background] == expected).all() and (tagged[~background] != plain[~background]).any()
+        # the object pixels are exactly those of mode "all"; only the background differs
+        both = np.asarray(with_frame_tag(render(scene, 112), label, "all")).astype(int)
+        assert (both[~background] == tagged[~background]).all() and (both[background] != tagged[background]).any()
+    assert n_frame_tags("objects") == n_frame_tags("all") >= MAX_IMAGES
+
+
+def test_objects_mode_find_prompts_tag_each_slot_by_its_label_and_not_the_background():
+    from owl_lab.synth.shapes import object_tag_offset
+
+    ex = task_find(random.Random(3), render_size=56, binding_n=5, frame_tags="objects", binding_sparse_share=1.0)
+    shown = [int(w.rstrip(":")) for w in ex.text.split() if w.endswith(":")]
+    for label, im in zip(shown, ex.images, strict=True):
+        assert _background_color(im) == BACKGROUND
+        pixels = np.asarray(im).reshape(-1, 3).astype(int)
+        objects = pixels[(pixels != np.asarray(BACKGROUND)).any(-1)]
+        # every object tone is some palette tone plus this label's offset: the offset is recoverable
+        from owl_lab.synth.shapes import PATTERN_DELTA, RGB
+
+        tones = {tuple(np.asarray(c) + d) for c in RGB.values() for d in (-PATTERN_DELTA, 0, PATTERN_DELTA)}
+        offset = np.asarray(object_tag_offset(label))
+        assert all(tuple(p - offset) in tones for p in objects if (p > 0).all() and (p < 255).all())
+
+
+def test_bad_frame_tags_values_fail_early_with_a_clear_error(tmp_path):
+    import json
+
+    from owl_lab.recipes import load_recipe
+
+    with pytest.raises(ValueError, match="world option frame_tags must be"):
+        Mixture({"binding": 1}, seed=0, frame_tags="object")
+    good = load_recipe("owl3-bind-tags3")
+    bad = tmp_path / "bad.json"
+    stages = [dict(st) for st in good["stages"]]
+    stages[1] = {**stages[1], "world": {**stages[1].get("world", {}), "frame_tags": "bg"}}
+    bad.write_text(json.dumps({**good, "stages": stages}))
+    with pytest.raises(ValueError, match=r"stages\[1\]\.world: frame_tags must be"):
+        load_recipe(bad)
+    assert good["world"]["frame_tags"] == "objects"
