@@ -143,7 +143,9 @@ def test_tag_targets_in_objects_mode_ask_only_object_patches_for_the_label():
     from owl_lab.pretrain_vision import tag_targets
     from owl_lab.synth.shapes import Obj, Scene, patch_object_shares, render
 
-    scene = Scene((Obj("circle", "red", "large", "plain", 0, 0), Obj("square", "blue", "small", "plain", 2, 2)))
+    scene = Scene(
+        (Obj("circle", "red", "large", "plain", 0, 0), Obj("square", "blue", "small", "plain", 2, 2))
+    )
     plain = render(scene, 112)
     share = torch.tensor(patch_object_shares(plain, 8))
     assert share.max() == 1.0 and (share == 0).any() and ((share > 0) & (share < 0.25)).any()

@@ -181,14 +181,18 @@ def test_objects_mode_shifts_only_object_pixels_and_keeps_the_background_plain()
         assert (tagged[~background] == expected).all() and (tagged[~background] != plain[~background]).any()
         # the object pixels are exactly those of mode "all"; only the background differs
         both = np.asarray(with_frame_tag(render(scene, 112), label, "all")).astype(int)
-        assert (both[~background] == tagged[~background]).all() and (both[background] != tagged[background]).any()
+        assert (both[~background] == tagged[~background]).all() and (
+            both[background] != tagged[background]
+        ).any()
     assert n_frame_tags("objects") == n_frame_tags("all") >= MAX_IMAGES
 
 
 def test_objects_mode_find_prompts_tag_each_slot_by_its_label_and_not_the_background():
     from owl_lab.synth.shapes import object_tag_offset
 
-    ex = task_find(random.Random(3), render_size=56, binding_n=5, frame_tags="objects", binding_sparse_share=1.0)
+    ex = task_find(
+        random.Random(3), render_size=56, binding_n=5, frame_tags="objects", binding_sparse_share=1.0
+    )
     shown = [int(w.rstrip(":")) for w in ex.text.split() if w.endswith(":")]
     for label, im in zip(shown, ex.images, strict=True):
         assert _background_color(im) == BACKGROUND
