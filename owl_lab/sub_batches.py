@@ -1,8 +1,8 @@
 """The loss of one training batch computed as a few shorter sub-batches (a pure speed-up).
 
 Batches are right-padded to their longest row, so the text-only examples of a mixed batch (≈13 tokens)
-pay for the image rows' length (≈80 tokens on llava-tiny, whose 64 patch tokens sit in the decoder's
-sequence): 14–21 % of a language step's tokens are padding that way. Grouping the rows by modality
+pay for the image rows' length (≈80 tokens on the first, 64-patch llava-tiny, whose patch tokens sit in the
+decoder's sequence): 14–21 % of a language step's tokens were padding that way. Grouping the rows by modality
 and running each group as its own forward pass gives the same loss and gradient as the whole batch
 (the loss is a mean over label tokens, so each group's mean is weighted by its share of the label
 tokens), on fewer tokens. Opt-in per stage (``"sub_batches": "modality"``), so recipes that do not set

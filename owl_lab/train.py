@@ -38,6 +38,7 @@ from owl_lab.optim import apply_step
 from owl_lab.pretrain_vision import run_vision_stage
 from owl_lab.recipes import load_recipe, recipes_dir, shipped_recipes, stage_freeze
 from owl_lab.sub_batches import batch_loss
+from owl_lab.weight_average import WeightAverage
 
 # the recipe helpers live in owl_lab.recipes (analysis reads them too); re-exported for `owl_lab.train` users
 __all__ = [
@@ -231,6 +232,9 @@ def train(
         def to_batch(examples):
             return collate(processor, examples)
 
+        # "ema": DECAY: a moving average of the weights, loaded at the stage end (weight_average.py)
+        average = WeightAverage(stage["ema"]) if stage.get("ema") else None
+
         for step, examples in enumerate(bar):
             for group in opt.param_groups:
                 group["lr"] = stage["lr"] * lr_factor(
@@ -239,12 +243,16 @@ def train(
             # "sub_batches": "modality" runs text-only rows apart from image rows (owl_lab/sub_batches.py)
             loss = batch_loss(model, to_batch, examples, stage.get("sub_batches", "none"))
             global_step = apply_step(opt, loss, params, stage.get("grad_clip", 1.0), history, global_step, si)
+            if average is not None:
+                average.update(model)
             if callback is not None and callback_every and global_step % callback_every == 0:
                 model.eval()
                 callback(global_step, model, processor)
                 model.train()
             if progress and step % 20 == 0:
                 bar.set_postfix(loss=f"{sum(history['loss'][-20:]) / len(history['loss'][-20:]):.4f}")
+        if average is not None:
+            average.load_into(model)
         stage_seconds.append(round(time.perf_counter() - stage_start, 3))
         _report_stage(progress, si, steps, stage_seconds[-1])
     train_seconds = time.perf_counter() - start

@@ -9,6 +9,7 @@ Which family a directory holds, and how to load it, is the registry's knowledge
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -23,6 +24,7 @@ __all__ = [
     "resolve_checkpoint",
     "checkpoint_keys",
     "detect_family",
+    "native_render_size",
     "load_owl",
 ]
 
@@ -69,6 +71,19 @@ def detect_family(name_or_path: str | os.PathLike) -> str:
     found when neither ``config.json`` nor the key names identify a registered family.
     """
     return family_of_checkpoint(resolve_checkpoint(name_or_path)).name
+
+
+def native_render_size(name_or_path: str | os.PathLike, default: int = 112) -> int:
+    """The side (px) of the scene renders a checkpoint was trained on: its ``recipe.json``'s
+    ``world.render_size``, else ``default`` (the worlds' native 112, also for checkpoints without a recipe).
+
+    A model whose processor resizes by a non-integer factor loses the 1-px pattern bands (llava-tiny:
+    96 → 48 px keeps them, 112 → 48 px does not), so analyses render held-out scenes at this size.
+    """
+    recipe = resolve_checkpoint(name_or_path) / "recipe.json"
+    if not recipe.is_file():
+        return default
+    return int(json.loads(recipe.read_text()).get("world", {}).get("render_size", default))
 
 
 def load_owl(

@@ -82,3 +82,13 @@ def test_attn_implementation_passes_through(golden, request):
     assert eager.config._attn_implementation == "eager" and sdpa.config._attn_implementation == "sdpa"
     with pytest.raises(ValueError, match=r"'flash_attention_2' is not supported.*\('eager', 'sdpa'\)"):
         zoo.load_owl(directory, attn_implementation="flash_attention_2")
+
+
+def test_native_render_size_reads_the_recipe_world(tmp_path):
+    assert zoo.native_render_size("owl2-tiny") == 112
+    (tmp_path / "recipe.json").write_text(json.dumps({"world": {"render_size": 96}}))
+    assert zoo.native_render_size(tmp_path) == 96
+    (tmp_path / "recipe.json").write_text(json.dumps({"world": {}}))
+    assert zoo.native_render_size(tmp_path, default=84) == 84
+    (tmp_path / "recipe.json").unlink()
+    assert zoo.native_render_size(tmp_path) == 112

@@ -39,7 +39,7 @@ def test_config_is_stock_llava_with_one_token_per_patch():
     recipe = load_recipe("llava-tiny")
     model, processor = build_for_training(recipe["config"], build_tokenizer("llava"))
     assert type(model) is LlavaForConditionalGeneration
-    assert model.config.image_seq_length == 64 == processor.image_seq_length  # (56 / 7)², CLS dropped
+    assert model.config.image_seq_length == 36 == processor.image_seq_length  # (48 / 8)², CLS dropped
     assert (
         model.config.text_config.model_type == "llama"
         and model.config.vision_config.model_type == "clip_vision_model"
