@@ -29,7 +29,7 @@ from owl_lab.families import FamilySpec, family_of, get_family
 from owl_lab.synth import eval_set
 from owl_lab.viz import abstractor_map_figure, gate_heatmap_figure, layer_mass_figure, query_mass_figure
 from owl_lab.viz.pixel_picker import PixelView, answer_pixels_view
-from owl_lab.zoo import load_owl, resolve_checkpoint
+from owl_lab.zoo import load_owl, native_render_size, resolve_checkpoint
 
 
 @dataclass
@@ -121,11 +121,12 @@ DEFAULT_CACHE = ModelCache()
 
 
 @lru_cache(maxsize=64)
-def example(task: str, scene: int, seed: int = 0):
-    """The seeded synthetic example ``scene`` of ``task`` (cached)."""
+def example(task: str, scene: int, seed: int = 0, render_size: int = 112):
+    """The seeded synthetic example ``scene`` of ``task`` (cached), its images rendered at ``render_size``
+    px (the same scene at every size: the seed fixes the scene, the size only its drawing)."""
     if scene < 0:
         raise ValueError(f"scene must be >= 0; got {scene}.")
-    return eval_set(task, scene + 1, seed=seed)[scene]
+    return eval_set(task, scene + 1, seed=seed, render_size=render_size)[scene]
 
 
 def decoder_shape(model) -> tuple[int, int]:
@@ -197,7 +198,9 @@ def explore(state: ExplorerState, cache: ModelCache | None = None) -> ExplorerVi
     """Run the model on the state's example and build every figure and number (no widgets involved)."""
     model, processor = (cache if cache is not None else DEFAULT_CACHE).get(state.model)
     spec = family_of(model)
-    ex = example(state.task, int(state.scene), int(state.seed))
+    # the size the checkpoint was trained on: llava-tiny's processor halves 96-px renders exactly, but
+    # resizing 112 px to its 48 px blurs away the 1-px pattern bands (zoo.native_render_size)
+    ex = example(state.task, int(state.scene), int(state.seed), native_render_size(state.model))
     prompt = state.prompt.strip() or ex.text
     missing = len(ex.images) - prompt.count("<|image|>")
     if missing > 0:

@@ -199,3 +199,28 @@ def test_explore_a_stock_llava_directory(tmp_path, cache):
     assert "pixels" in view.figures
     with pytest.raises(ValueError, match="head must be"):
         explore(ExplorerState(model=str(tmp_path), task="color", scene=1, layer=1, head=4), cache)
+
+
+def test_explore_renders_at_the_checkpoints_training_size(tmp_path, cache):
+    """A checkpoint whose recipe.json trained on 96-px scenes (llava-tiny) is shown the same scene drawn at
+    96 px, not the worlds' default 112 px (resizing 112 → 48 px would blur away the `pattern` bands)."""
+    import json
+
+    from owl_lab.explorer import example
+    from owl_lab.models.llava import build_for_training
+    from owl_lab.synth.tokenizer import build_tokenizer
+
+    config = {
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                          "num_attention_heads": 2, "image_size": 48, "patch_size": 8},
+    }  # fmt: skip
+    model, processor = build_for_training(config, build_tokenizer("llava"), seed=0)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    (tmp_path / "recipe.json").write_text(json.dumps({"family": "llava", "world": {"render_size": 96}}))
+    view = explore(ExplorerState(model=str(tmp_path), task="color", scene=2, layer=0), cache)
+    assert np.asarray(view.figures["image"].data[0].z).shape[:2] == (96, 96)
+    drawn_96, drawn_112 = example("color", 2, 0, 96), example("color", 2, 0)
+    assert drawn_96.text == drawn_112.text and drawn_96.scenes == drawn_112.scenes  # same scene, other size
+    assert drawn_112.images[0].size == (112, 112)
