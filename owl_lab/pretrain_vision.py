@@ -189,16 +189,16 @@ def tag_targets(tags: list[int], plain: list, frame_tags: bool | str, grid: int)
     """[B, grid²] per-patch class of the ``tags`` objective (0 = untagged, -100 = not scored).
 
     ``tags[b]`` is image b's label (0: drawn untagged); ``plain[b]`` its untagged render. In the modes that
-    tint the background, every patch of a tagged image must report its label. In mode ``"objects"`` the label
-    is only in the object pixels, and we want it only *there*, in the patches that hold the content: a patch
-    with at least a quarter object pixels must report the label, a pure-background patch must report
-    "untagged" (so the encoder does not copy the label into the background, where find prompts learned to
-    read it), and a patch with a sliver of object is not scored.
+    tint the background, every patch of a tagged image must report its label. In modes ``"objects"`` and
+    ``"dots"`` the label is only in the object pixels, and we want it only *there*, in the patches that hold
+    the content: a patch with at least a quarter object pixels must report the label, a pure-background patch
+    must report "untagged" (so the encoder does not copy the label into the background, where find prompts
+    learned to read it), and a patch with a sliver of object is not scored.
     """
     if len(tags) != len(plain):
         raise ValueError(f"tag_targets needs one render per tag; got {len(tags)} tags, {len(plain)} images")
     label = torch.tensor(tags, dtype=torch.long)[:, None].expand(-1, grid * grid).clone()
-    if frame_tag_mode(frame_tags) != "objects":
+    if frame_tag_mode(frame_tags) not in ("objects", "dots"):
         return label
     share = torch.tensor(np.stack([patch_object_shares(im, grid) for im in plain]))  # [B, grid²]
     label[share == 0] = 0

@@ -154,6 +154,7 @@ def test_tag_targets_in_objects_mode_ask_only_object_patches_for_the_label():
     assert (got[0][share >= 0.25] == 7).all() and (got[0][share == 0] == 0).all()
     assert (got[0][(share > 0) & (share < 0.25)] == -100).all()
     assert (got[1] == 0).all()  # an untagged image: every patch says "untagged"
+    assert (tag_targets([7, 0], [plain, plain], "dots", 8) == got).all()  # label only in objects there too
     for mode in (True, "background", "all"):
         assert (tag_targets([7, 0], [plain, plain], mode, 8) == torch.tensor([[7], [0]])).all()
     with pytest.raises(ValueError, match="one render per tag"):

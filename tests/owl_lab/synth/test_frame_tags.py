@@ -221,3 +221,82 @@ def test_bad_frame_tags_values_fail_early_with_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"stages\[1\]\.world: frame_tags must be"):
         load_recipe(bad)
     assert good["world"]["frame_tags"] == "objects"
+
+
+# --- mode "dots": absolute label tints on a patch-aligned dot lattice (issue 18, session 12b) --------
+
+
+def test_older_modes_draw_bit_identical_images():
+    """Adding mode "dots" must not change a pixel of the modes shipped checkpoints were trained on: the
+    digest was computed with the code of main at 15e6a81 (before the mode existed)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for i in range(6):
+        scene = sample_scene(random.Random(i), 1, 8)
+        for size in (56, 112):
+            for mode in (True, "background", "all", "objects"):
+                digest.update(np.asarray(with_frame_tag(render(scene, size), 1 + 7 * i, mode)).tobytes())
+    assert digest.hexdigest() == "332da4d562e5cfd0bd26cc6eca1db60e051c6f75d79ffbc7c5041132fae89505"
+
+
+def test_dots_mode_paints_only_lattice_object_pixels_with_the_label_tint():
+    from owl_lab.synth.shapes import dot_lattice, n_frame_tags, object_dot_tint
+
+    scene = sample_scene(random.Random(5), 4, 4)
+    for size in (56, 112):
+        plain = np.asarray(render(scene, size)).astype(int)
+        objects = ~(plain == np.asarray(BACKGROUND)).all(-1)
+        dots = objects & dot_lattice(size)
+        for label in (1, 9, 50, 64):
+            tagged = np.asarray(with_frame_tag(render(scene, size), label, "dots")).astype(int)
+            assert dots.sum() > 0 and (tagged[dots] == np.asarray(object_dot_tint(label))).all()
+            assert (tagged[~dots] == plain[~dots]).all()  # background and off-lattice object pixels unchanged
+    assert n_frame_tags("dots") >= MAX_IMAGES
+    with pytest.raises(ValueError, match="label"):
+        object_dot_tint(n_frame_tags("dots") + 1)
+
+
+def test_dot_lattice_sits_at_the_same_places_of_every_owl3_tiny_patch():
+    """4 dots per 7-px patch of the 56-px image the Owl3 tiny encoder sees (2 × 2 px at 112), the same
+    positions in every patch, so one patch-embedding filter can read them anywhere."""
+    from owl_lab.synth.shapes import dot_lattice
+
+    small = dot_lattice(56).reshape(8, 7, 8, 7).transpose(0, 2, 1, 3)  # [8, 8, 7, 7] per patch
+    assert (small.sum((2, 3)) == 4).all() and (small == small[0, 0]).all()
+    native = dot_lattice(112)
+    assert (native == np.kron(dot_lattice(56), np.ones((2, 2), dtype=bool))).all()
+
+
+def test_dot_tints_are_far_apart_dark_and_far_from_every_object_tone():
+    """The code is absolute: a tint is ≥ 35 (L2) from every other label's tint and ≥ 45 from every tone an
+    object can have (c, c ± PATTERN_DELTA), so reading it needs no knowledge of the object's colour. The
+    offsets of mode "objects" are 12 apart and relative to the colour. Object colours stay readable: the
+    mean of an object's pixels, dots included, stays nearest to its own colour."""
+    import itertools
+
+    from owl_lab.synth.shapes import OBJECT_DOT_TINTS, PATTERN_DELTA, RGB, Obj, Scene
+
+    tints = np.asarray(OBJECT_DOT_TINTS)
+    assert len(set(OBJECT_DOT_TINTS)) == len(tints)
+    assert min(np.linalg.norm(a - b) for a, b in itertools.combinations(tints, 2)) >= 35
+    tones = np.array([np.asarray(c) + d for c in RGB.values() for d in (-PATTERN_DELTA, 0, PATTERN_DELTA)])
+    assert np.linalg.norm(tints[:, None] - tones[None], axis=-1).min() >= 45
+    assert np.linalg.norm(tints - np.asarray(BACKGROUND), axis=-1).min() >= 30
+    for color, label in itertools.product(RGB, (1, 2, 30, 64)):
+        scene = Scene((Obj("square", color, "large", "striped", 1, 1),))
+        image = with_frame_tag(render(scene, 112), label, "dots")
+        pixels = np.asarray(image).reshape(-1, 3).astype(float)
+        mean = pixels[(pixels != np.asarray(BACKGROUND)).any(-1)].mean(0)
+        assert min(RGB, key=lambda c: np.linalg.norm(mean - np.asarray(RGB[c]))) == color
+
+
+def test_dots_mode_find_prompts_carry_each_slot_label_tint():
+    from owl_lab.synth.shapes import OBJECT_DOT_TINTS, object_dot_tint
+
+    ex = task_find(random.Random(3), render_size=56, binding_n=5, frame_tags="dots", binding_sparse_share=1.0)
+    shown = [int(w.rstrip(":")) for w in ex.text.split() if w.endswith(":")]
+    for label, im in zip(shown, ex.images, strict=True):
+        pixels = {tuple(int(v) for v in p) for p in np.asarray(im).reshape(-1, 3)}
+        assert _background_color(im) == BACKGROUND
+        assert object_dot_tint(label) in pixels and len(pixels & set(OBJECT_DOT_TINTS)) == 1
