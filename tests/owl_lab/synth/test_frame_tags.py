@@ -300,3 +300,11 @@ def test_dots_mode_find_prompts_carry_each_slot_label_tint():
         pixels = {tuple(int(v) for v in p) for p in np.asarray(im).reshape(-1, 3)}
         assert _background_color(im) == BACKGROUND
         assert object_dot_tint(label) in pixels and len(pixels & set(OBJECT_DOT_TINTS)) == 1
+
+
+def test_dots_recipe_loads_with_the_dots_world():
+    from owl_lab.recipes import load_recipe
+
+    recipe = load_recipe("owl3-bind-tags4")
+    assert recipe["world"]["frame_tags"] == "dots" and recipe["ship"] is False
+    assert recipe["stages"] == load_recipe("owl3-bind-tags3")["stages"]
