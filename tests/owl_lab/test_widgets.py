@@ -179,20 +179,26 @@ def test_app_pixels_panel_follows_answer_token_layer_and_map(data_root, cache, m
     assert "token must be in" in app.text.value and app.outputs["pixels"].outputs == ()
 
 
-def test_explore_a_stock_llava_directory(tmp_path, cache):
-    """The explorer reads a stock transformers LLaVA like the Owls: decoder shape from its text config,
-    one row per patch, a pixels panel without rollout (the stock tower has no hook points)."""
+def _save_tiny_llava(path, image_size: int, patch_size: int, layers: int = 2):
+    """A random stock LLaVA (width 32) with its processor saved to ``path``; returns ``path`` as str."""
     from owl_lab.models.llava import build_for_training
     from owl_lab.synth.tokenizer import build_tokenizer
 
     config = {
-        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": layers, "num_attention_heads": 4,
         "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                          "num_attention_heads": 2, "image_size": 56, "patch_size": 14},
+                          "num_attention_heads": 2, "image_size": image_size, "patch_size": patch_size},
     }  # fmt: skip
     model, processor = build_for_training(config, build_tokenizer("llava"), seed=0)
-    model.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
+
+
+def test_explore_a_stock_llava_directory(tmp_path, cache):
+    """The explorer reads a stock transformers LLaVA like the Owls: decoder shape from its text config,
+    one row per patch, a pixels panel without rollout (the stock tower has no hook points)."""
+    _save_tiny_llava(tmp_path, image_size=56, patch_size=14)
     view = explore(ExplorerState(model=str(tmp_path), task="color", scene=1, layer=1, head=3), cache)
     assert view.family == "llava" and view.labels.count("<|image|>") == 16  # 4×4 patches, one row each
     assert 0 < view.numbers["visual_share_layer"] < 1
@@ -207,17 +213,8 @@ def test_explore_renders_at_the_checkpoints_training_size(tmp_path, cache):
     import json
 
     from owl_lab.explorer import example
-    from owl_lab.models.llava import build_for_training
-    from owl_lab.synth.tokenizer import build_tokenizer
 
-    config = {
-        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
-        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                          "num_attention_heads": 2, "image_size": 48, "patch_size": 8},
-    }  # fmt: skip
-    model, processor = build_for_training(config, build_tokenizer("llava"), seed=0)
-    model.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
+    _save_tiny_llava(tmp_path, image_size=48, patch_size=8, layers=1)
     (tmp_path / "recipe.json").write_text(json.dumps({"family": "llava", "world": {"render_size": 96}}))
     view = explore(ExplorerState(model=str(tmp_path), task="color", scene=2, layer=0), cache)
     assert np.asarray(view.figures["image"].data[0].z).shape[:2] == (96, 96)
