@@ -105,7 +105,7 @@ def question_label_probe(
     processor,
     n_images: int = 10,
     *,
-    position: str = "answer",
+    positions: Sequence[str] = ("answer", "label"),
     n_train: int = 320,
     n_test: int = 160,
     seed: int | str = 0,
@@ -121,24 +121,25 @@ def question_label_probe(
     layer, then the last ``hook_resid_post``), a softmax-linear probe (:func:`~owl_lab.analysis.probe.
     linear_probe`) from the residual [n, hidden] at ``position`` to X - 1 on ``n_train`` benchmark
     prompts with ``n_images`` images (slots labelled 1..N, fresh scenes from ``seed``), scored on
-    ``n_test`` others. ``position="answer"`` reads the last prompt token (where the answer is made);
+    ``n_test`` others. Position ``"answer"`` reads the last prompt token (where the answer is made);
     ``"label"`` reads the X token itself, a positive control: its own embedding names X, so layer 0
     must read ~100 %. ``suffix`` asks in the open "… in Image X?" form, where X is the second-to-last
-    token.
+    token. One forward pass per prompt serves every position.
 
     Returns:
-        DataFrame, one row per site: ``site``, ``layer`` (the block index; ``L`` for the final
-        ``resid_post``), ``accuracy`` (%), ``chance`` (100 / N).
+        DataFrame, one row per (position, site): ``position``, ``site``, ``layer`` (the block index;
+        ``L`` for the final ``resid_post``), ``accuracy`` (%), ``chance`` (100 / N).
     """
-    if position not in ("answer", "label"):
-        raise ValueError(f'position must be "answer" or "label"; got {position!r}')
+    positions = [positions] if isinstance(positions, str) else list(positions)
+    if not positions or any(p not in ("answer", "label") for p in positions):
+        raise ValueError(f'positions must be a non-empty list of "answer" / "label"; got {positions!r}')
     if n_images < 2 or n_train < 1 or n_test < 1:
         raise ValueError(f"need n_images >= 2 and n_train, n_test >= 1; got {n_images}, {n_train}, {n_test}")
     n_layers = model.config.get_text_config().num_hidden_layers
     names = [f"blocks.{i}.hook_resid_pre" for i in range(n_layers)]
     names.append(f"blocks.{n_layers - 1}.hook_resid_post")
 
-    def features(split: str, count: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def features(split: str, count: int) -> tuple[dict[tuple[str, str], torch.Tensor], torch.Tensor]:
         examples = [
             task_binding(
                 random.Random(f"{seed}/label-probe/{split}/{i}"),
@@ -150,31 +151,36 @@ def question_label_probe(
             )
             for i in range(count)
         ]
-        feats: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        feats: dict[tuple[str, str], list[torch.Tensor]] = {(p, n): [] for p in positions for n in names}
         for i in range(0, count, batch_size):
             chunk = examples[i : i + batch_size]
             batch = processor(text=[e.text for e in chunk], images=[list(e.images) for e in chunk])
-            if position == "answer":
-                at = batch["attention_mask"].sum(1) - 1  # right padding: the last real token
-            else:
-                at = _label_positions(processor, batch["input_ids"])
+            at = {
+                "answer": batch["attention_mask"].sum(1) - 1,  # right padding: the last real token
+                "label": _label_positions(processor, batch["input_ids"]),
+            }
             with record(model, names) as cache:
                 model(**batch)
             rows = torch.arange(len(chunk))
-            for n in names:
-                feats[n].append(cache[n][rows, at].float())  # [b, hidden]
+            for p, n in feats:
+                feats[(p, n)].append(cache[n][rows, at[p]].float())  # [b, hidden]
         targets = torch.tensor([e.meta["target"] - 1 for e in examples])  # [count] slot of X, 0-based
         return {n: torch.cat(v) for n, v in feats.items()}, targets
 
     train, train_y = features("train", n_train)
     test, test_y = features("test", n_test)
+    layer = {n: str(i) for i, n in enumerate(names[:-1])} | {names[-1]: "L"}
     return pd.DataFrame(
-        {
-            "site": names,
-            "layer": [str(i) for i in range(n_layers)] + ["L"],
-            "accuracy": [linear_probe(train[n], train_y, test[n], test_y) for n in names],
-            "chance": 100.0 / n_images,
-        }
+        [
+            {
+                "position": p,
+                "site": n,
+                "layer": layer[n],
+                "accuracy": linear_probe(train[(p, n)], train_y, test[(p, n)], test_y),
+                "chance": 100.0 / n_images,
+            }
+            for p, n in train
+        ]
     )
 
 
