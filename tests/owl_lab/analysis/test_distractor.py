@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from hooks import capture
 from owl_lab.analysis.distractor import circular_scores, target_share
 from owl_lab.evaluate import exact_match
 from owl_lab.synth import distractor_eval
+from owl_lab.synth.distractor import task_binding
 
 
 @pytest.fixture(scope="module", params=["owl3", "owl3-fused"])
@@ -89,3 +92,36 @@ def test_target_share_needs_hyper_layers(build_tiny_owl):
     model, processor = build_tiny_owl("owl2")
     with pytest.raises(ValueError, match="hyper layers"):
         target_share(model, processor, [])
+
+
+def test_question_label_probe_reads_the_label_token_and_not_a_constant(build_tiny_owl):
+    from owl_lab.analysis.distractor import question_label_probe
+
+    model, processor = build_tiny_owl("owl3")
+    kw = dict(n_images=3, n_train=24, n_test=12, render_size=28, seed=5)
+    table = question_label_probe(model, processor, **kw)
+    assert list(table["position"].unique()) == ["answer", "label"]
+    at_label = table[table["position"] == "label"]
+    assert list(at_label["layer"]) == [str(i) for i in range(model.config.num_hidden_layers)] + ["L"]
+    assert list(at_label["chance"]) == pytest.approx([100 / 3] * len(at_label))
+    assert at_label["accuracy"].iloc[0] == 100.0  # the X token's own embedding names X
+    # the answer position's layer-0 input is the embedding of "?" in every prompt: a constant feature
+    # can do no better than the most frequent slot of the test prompts
+    at_answer = table[table["position"] == "answer"]
+    slots = [
+        task_binding(
+            random.Random(f"5/label-probe/test/{i}"), render_size=28, binding_n=3, distractor_pool=0
+        ).meta["target"]
+        for i in range(12)
+    ]
+    assert at_answer["accuracy"].iloc[0] <= 100 * max(slots.count(s) for s in set(slots)) / 12 + 1e-3
+
+
+def test_question_label_probe_rejects_bad_input(build_tiny_owl):
+    from owl_lab.analysis.distractor import question_label_probe
+
+    model, processor = build_tiny_owl("owl3")
+    with pytest.raises(ValueError, match="positions"):
+        question_label_probe(model, processor, positions=["middle"])
+    with pytest.raises(ValueError, match="n_images"):
+        question_label_probe(model, processor, n_images=1)
