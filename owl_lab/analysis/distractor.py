@@ -119,7 +119,7 @@ def question_label_probe(
     The paper's lookup "In Image X, {question}" needs X where the lookup happens: the answer position's
     query must prefer image X's keys. This fits, per residual site (``blocks.i.hook_resid_pre`` for each
     layer, then the last ``hook_resid_post``), a softmax-linear probe (:func:`~owl_lab.analysis.probe.
-    linear_probe`) from the residual [n, hidden] at ``position`` to X - 1 on ``n_train`` benchmark
+    linear_probe`) from the residual [n, hidden] at each of ``positions`` to X - 1 on ``n_train`` benchmark
     prompts with ``n_images`` images (slots labelled 1..N, fresh scenes from ``seed``), scored on
     ``n_test`` others. Position ``"answer"`` reads the last prompt token (where the answer is made);
     ``"label"`` reads the X token itself, a positive control: its own embedding names X, so layer 0
@@ -138,6 +138,7 @@ def question_label_probe(
     n_layers = model.config.get_text_config().num_hidden_layers
     names = [f"blocks.{i}.hook_resid_pre" for i in range(n_layers)]
     names.append(f"blocks.{n_layers - 1}.hook_resid_post")
+    layer_of = dict(zip(names, [str(i) for i in range(n_layers)] + ["L"], strict=True))
 
     def features(split: str, count: int) -> tuple[dict[tuple[str, str], torch.Tensor], torch.Tensor]:
         examples = [
@@ -155,10 +156,11 @@ def question_label_probe(
         for i in range(0, count, batch_size):
             chunk = examples[i : i + batch_size]
             batch = processor(text=[e.text for e in chunk], images=[list(e.images) for e in chunk])
-            at = {
-                "answer": batch["attention_mask"].sum(1) - 1,  # right padding: the last real token
-                "label": _label_positions(processor, batch["input_ids"]),
-            }
+            at = {}  # [b] token index per requested position
+            if "answer" in positions:
+                at["answer"] = batch["attention_mask"].sum(1) - 1  # right padding: the last real token
+            if "label" in positions:
+                at["label"] = _label_positions(processor, batch["input_ids"])
             with record(model, names) as cache:
                 model(**batch)
             rows = torch.arange(len(chunk))
@@ -169,13 +171,12 @@ def question_label_probe(
 
     train, train_y = features("train", n_train)
     test, test_y = features("test", n_test)
-    layer = {n: str(i) for i, n in enumerate(names[:-1])} | {names[-1]: "L"}
     return pd.DataFrame(
         [
             {
                 "position": p,
                 "site": n,
-                "layer": layer[n],
+                "layer": layer_of[n],
                 "accuracy": linear_probe(train[(p, n)], train_y, test[(p, n)], test_y),
                 "chance": 100.0 / n_images,
             }

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hooks import capture
-from owl_lab.analysis.distractor import circular_scores, target_share
+from owl_lab.analysis.distractor import circular_scores, question_label_probe, target_share
 from owl_lab.evaluate import exact_match
 from owl_lab.synth import distractor_eval
 from owl_lab.synth.distractor import task_binding
@@ -95,8 +95,6 @@ def test_target_share_needs_hyper_layers(build_tiny_owl):
 
 
 def test_question_label_probe_reads_the_label_token_and_not_a_constant(build_tiny_owl):
-    from owl_lab.analysis.distractor import question_label_probe
-
     model, processor = build_tiny_owl("owl3")
     kw = dict(n_images=3, n_train=24, n_test=12, render_size=28, seed=5)
     table = question_label_probe(model, processor, **kw)
@@ -118,8 +116,6 @@ def test_question_label_probe_reads_the_label_token_and_not_a_constant(build_tin
 
 
 def test_question_label_probe_rejects_bad_input(build_tiny_owl):
-    from owl_lab.analysis.distractor import question_label_probe
-
     model, processor = build_tiny_owl("owl3")
     with pytest.raises(ValueError, match="positions"):
         question_label_probe(model, processor, positions=["middle"])
