@@ -319,4 +319,6 @@ def test_turns_recipe_uses_the_official_rotary_base_multi_turn_binding_and_n_pha
     vision, *language = recipe["stages"]
     assert "tags" in vision["objectives"] and vision["tag_weight"] > 1
     phases = [st["world"]["binding_n_choices"] for st in language]
-    assert max(phases[-1]) == 50 and all(max(a) <= max(b) for a, b in zip(phases, phases[1:]))
+    assert max(phases[-1]) == 50 and all(
+        max(a) <= max(b) for a, b in zip(phases[:-1], phases[1:], strict=True)
+    )
