@@ -65,13 +65,20 @@ def expand_labels(
 
 
 def collate(processor, examples: Sequence[Example], with_answers: bool = True):
-    """Examples → the processor's batch (labels on the answer + eos when ``with_answers``)."""
+    """Examples → the processor's batch (labels on the answer + eos when ``with_answers``).
+
+    Training examples whose ``meta["turns"]`` holds follow-up chat turns (the ``binding`` task's
+    ``binding_turns_per_image``) are sent as multi-turn chats with every answer labelled; without
+    ``with_answers`` (generation, scoring) only the first turn is sent."""
     images = [list(e.images) for e in examples]
+    turns = [e.meta.get("turns", []) for e in examples]
+    extra = {"turns": turns} if with_answers and any(turns) else {}
     return processor(
         text=[e.text for e in examples],
         images=images if any(images) else None,
         answers=[e.answer for e in examples] if with_answers else None,
         return_tensors="pt",
+        **extra,
     )
 
 

@@ -59,17 +59,21 @@ def encode_prompts(
     tokenizer,
     pad_token_id: int,
     apply_template: bool = True,
+    turns: Sequence[Sequence[tuple[str, str]]] | None = None,
 ) -> dict[str, list[list[int]]]:
     """Token rows of a batch, right-padded to the longest: ``input_ids`` and ``attention_mask`` [B][L],
     plus ``labels`` [B][L] when ``answers`` (one per prompt) are given.
 
     ``tokenize_prompt(prompt) -> ids`` is the family's rule (BOS and image markers included); answers
-    are tokenized without specials and end with ``tokenizer.eos_token_id``.
+    are tokenized without specials and end with ``tokenizer.eos_token_id``. ``turns`` (training, with
+    answers): per prompt, follow-up ``(user text, answer)`` turns appended as ``USER: … ASSISTANT: answer``
+    + eos (Vicuna's multi-turn form), every answer labelled; text only (see :func:`check_turns`).
     """
     if answers is not None:
         answers = [answers] if isinstance(answers, str) else list(answers)
         if len(answers) != len(texts):
             raise ValueError(f"Got {len(texts)} prompts but {len(answers)} answers.")
+    turns = check_turns(turns, len(texts), answers is not None, apply_template)
     rows, label_rows = [], []
     for i, text in enumerate(texts):
         ids = tokenize_prompt(PROMPT_TEMPLATE.format(text=text) if apply_template else text)
@@ -77,6 +81,10 @@ def encode_prompts(
         if answers is not None:
             answer = tokenizer(answers[i], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
             ids, labels = ids + answer, labels + answer
+        for user, reply in turns[i]:
+            ask = tokenizer(PROMPT_TEMPLATE.format(text=user), add_special_tokens=False).input_ids
+            answer = tokenizer(reply, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            ids, labels = ids + ask + answer, labels + [IGNORE_INDEX] * len(ask) + answer
         rows.append(ids)
         label_rows.append(labels)
     length = max(len(r) for r in rows)
@@ -87,6 +95,29 @@ def encode_prompts(
     if answers is not None:
         data["labels"] = [r + [IGNORE_INDEX] * (length - len(r)) for r in label_rows]
     return data
+
+
+def check_turns(turns, n_prompts: int, with_answers: bool, apply_template: bool, placeholder="<|image|>"):
+    """Validate follow-up chat turns (one list per prompt); returns them, or empty lists when None.
+
+    Raises:
+        ValueError: turns without answers or template, a count that does not match the prompts, or an
+            image placeholder inside a follow-up turn (its images must come with the first message).
+    """
+    if turns is None:
+        return [[] for _ in range(n_prompts)]
+    turns = [list(t) for t in turns]
+    if len(turns) != n_prompts:
+        raise ValueError(f"Got {n_prompts} prompts but {len(turns)} per-prompt turn lists.")
+    if any(turns) and not (with_answers and apply_template):
+        raise ValueError("Follow-up turns need answers= and the chat template (they are training data).")
+    for i, conv in enumerate(turns):
+        for user, _ in conv:
+            if placeholder in user:
+                raise ValueError(
+                    f"Prompt {i}: a follow-up turn holds {placeholder}; images go in the first turn."
+                )
+    return turns
 
 
 def batch_feature(data: dict, return_tensors: str | None) -> BatchFeature:

@@ -72,15 +72,22 @@ class Mixture:
         Owl3 pads every sample of a batch to the batch's largest image count and sequence length, so
         one 50-image prompt would make a whole batch of one-image questions cost as much as 32
         fifty-image prompts. Each step is therefore either a *binding batch* (probability = the task's
-        weight share) whose prompts all share one N (drawn per step), with ``binding_images_per_batch``
-        / N prompts (at least 2, at most ``batch_size``), or an ordinary batch of the other tasks.
+        weight share) whose prompts all share one N (drawn per step from ``binding_n_choices`` when the
+        world sets it, else by ``binding_curve`` up to ``binding_max_images``), with
+        ``binding_images_per_batch`` / N prompts (at least 2, at most ``batch_size``), or an ordinary
+        batch of the other tasks.
         """
         rng = random.Random(f"{self.seed}/{self.split}/step{step}")
         share = self.weights[self.names.index("binding")] / sum(self.weights)
         if rng.random() < share:
-            n = sample_n_images(
-                rng, self.world.get("binding_max_images", 50), self.world.get("binding_curve", "loguniform")
-            )
+            if self.world.get("binding_n_choices"):  # a curriculum phase: N uniform over a fixed set
+                n = rng.choice(list(self.world["binding_n_choices"]))
+            else:
+                n = sample_n_images(
+                    rng,
+                    self.world.get("binding_max_images", 50),
+                    self.world.get("binding_curve", "loguniform"),
+                )
             size = max(2, min(batch_size, self.world.get("binding_images_per_batch", 256) // n))
             find = self.world.get("binding_find_share", 0.0)  # share of reverse-lookup prompts (task_find)
             out = []

@@ -30,7 +30,7 @@ from functools import lru_cache
 from PIL import Image
 
 from owl_lab.synth.shapes import NATIVE_SIZE, Scene, render, sample_scene, with_frame_tag
-from owl_lab.synth.tasks import N_OBJECTS, Example, scene_question
+from owl_lab.synth.tasks import N_OBJECTS, SCENE_QUESTIONS, Example, scene_question
 from owl_lab.synth.vocab import COLORS, IMAGE_PLACEHOLDER, NUMBERS, POSITIONS, SHAPES
 
 CHOICE_KINDS = ("color", "shape", "count", "exist", "position")
@@ -76,9 +76,15 @@ def paper_prompt(
         raise ValueError(f"a multiple-choice question needs at least 2 options; got {options}")
     names = _labels(n_images, labels)
     images = " ".join(f"Image {i}: {IMAGE_PLACEHOLDER}" for i in names)
+    return f"{images} {named_question(names[target - 1], question, options)}"
+
+
+def named_question(label: int, question: str, options: list[str]) -> str:
+    """``"In Image X, {question}, o1, o2, o3 or o4?"``: the part of the paper's prompt after the images
+    (also the text of a follow-up chat turn, world option ``binding_turns_per_image``)."""
     body = question.rstrip("?")
     listed = ", ".join(options[:-1]) + f" or {options[-1]}"
-    return f"{images} In Image {names[target - 1]}, {body[0].lower()}{body[1:]}, {listed}?"
+    return f"In Image {label}, {body[0].lower()}{body[1:]}, {listed}?"
 
 
 def suffix_prompt(n_images: int, target: int, question: str, labels: list[int] | None = None) -> str:
@@ -100,11 +106,45 @@ def choice_question(rng: random.Random, kind: str, balanced_counts: bool = False
     if kind not in ANSWER_SPACE:
         raise ValueError(f"unknown multiple-choice kind {kind!r}; expected one of {CHOICE_KINDS}")
     scene, question, answer = scene_question(rng, kind, balanced_counts=balanced_counts)
+    return scene, question, answer, _options(rng, kind, answer)
+
+
+def _options(rng: random.Random, kind: str, answer: str) -> list[str]:
     space = ANSWER_SPACE[kind]
-    others = rng.sample([a for a in space if a != answer], min(N_OPTIONS, len(space)) - 1)
-    options = others + [answer]
+    options = rng.sample([a for a in space if a != answer], min(N_OPTIONS, len(space)) - 1) + [answer]
     rng.shuffle(options)
-    return scene, question, answer, options
+    return options
+
+
+def question_about(rng: random.Random, scene: Scene) -> tuple[str, str, list[str], str]:
+    """(question, answer, options, kind): a multiple-choice question about a *given* scene, its kind
+    drawn from the askable ones of :data:`CHOICE_KINDS` (``exist`` is always askable)."""
+    for kind in rng.sample(CHOICE_KINDS, len(CHOICE_KINDS)):
+        qa = SCENE_QUESTIONS[kind][0](rng, scene)
+        if qa is not None:
+            return qa[0], qa[1], _options(rng, kind, qa[1]), kind
+    raise ValueError(f"no multiple-choice question is askable about {scene}")  # unreachable: exist
+
+
+def follow_up_turns(
+    rng: random.Random, example: Example, turns_per_image: float, max_turns: int = 6
+) -> list[tuple[str, str]]:
+    """Extra chat turns for a ``binding`` prompt (training aid, world option ``binding_turns_per_image``).
+
+    One prompt of N images teaches one look-up; K − 1 further turns ask, each in the paper's form, about
+    other slots of the same images, with every answer supervised, so a step teaches K look-ups for the
+    price of one set of images. K = clip(round(``turns_per_image`` · N), 1, ``max_turns``); the slots are
+    distinct and differ from the first question's. Returns ``[(user text, answer), …]`` (K − 1 items).
+    """
+    n = example.meta["n_images"]
+    k = max(1, min(max_turns, round(turns_per_image * n), n))
+    slots = [s for s in range(1, n + 1) if s != example.meta["target"]]
+    names = example.meta.get("labels") or list(range(1, n + 1))
+    turns = []
+    for slot in rng.sample(slots, k - 1):
+        question, answer, options, _ = question_about(rng, example.scenes[slot - 1])
+        turns.append((named_question(names[slot - 1], question, options), answer))
+    return turns
 
 
 def rotate(options: list[str], r: int) -> list[str]:
@@ -243,6 +283,8 @@ def task_binding(
     binding_suffix_share: float = 0.0,
     binding_sparse_share: float = 0.0,
     binding_label_max: int = 50,
+    binding_turns_per_image: float = 0.0,
+    binding_max_turns: int = 6,
     **_,
 ) -> Example:
     """Training generator for the benchmark's format: 1..``binding_max_images`` images, one named
@@ -252,13 +294,16 @@ def task_binding(
     ``binding_sparse_share`` of them (training aid, issue 18) label the N slots with a sorted random
     sample of 1..``binding_label_max`` instead of 1..N, so every label up to 50 is trained at small N:
     with frame tags the lookup "Image X" → X's tag is by content, and a model trained only on
-    1..N at N ≤ 10 would never have seen "Image 37"."""
+    1..N at N ≤ 10 would never have seen "Image 37".
+
+    ``binding_turns_per_image`` > 0 adds :func:`follow_up_turns` (at most ``binding_max_turns`` turns in
+    all) to ``meta["turns"]``; :func:`owl_lab.evaluate.collate` supervises their answers too."""
     kind = rng.choice(CHOICE_KINDS)
     scene, question, answer, options = choice_question(rng, kind, balanced_counts)
     n = binding_n or sample_n_images(rng, binding_max_images, binding_curve)
     suffix = binding_suffix_share > 0 and rng.random() < binding_suffix_share  # no draw when off
     labels = _sparse_labels(rng, n, binding_sparse_share, binding_label_max)
-    return binding_instance(
+    example = binding_instance(
         rng,
         n,
         scene,
@@ -272,6 +317,9 @@ def task_binding(
         suffix=suffix,
         labels=labels,
     )
+    if binding_turns_per_image > 0 and not suffix:  # no draw when off: old streams stay bit for bit
+        example.meta["turns"] = follow_up_turns(rng, example, binding_turns_per_image, binding_max_turns)
+    return example
 
 
 def _sparse_labels(rng: random.Random, n: int, share: float, label_max: int) -> list[int] | None:
@@ -336,6 +384,9 @@ __all__ = [
     "chance_levels",
     "choice_question",
     "circular_eval",
+    "follow_up_turns",
+    "named_question",
+    "question_about",
     "paper_prompt",
     "rotate",
     "sample_n_images",

@@ -75,12 +75,13 @@ class LlavaProcessor:
         answers=None,
         apply_template: bool = True,
         return_tensors: str | None = "pt",
+        turns=None,
     ) -> BatchFeature:
         """Batch of prompts → BatchFeature (see module doc). Image-count errors as in the Owl2 processor."""
         texts = [text] if isinstance(text, str) else list(text)
         flat = flatten_images(images, [t.count(IMAGE_PLACEHOLDER) for t in texts], IMAGE_PLACEHOLDER)
         data = encode_prompts(
-            texts, answers, self.tokenize_prompt, self.tokenizer, self.pad_token_id, apply_template
+            texts, answers, self.tokenize_prompt, self.tokenizer, self.pad_token_id, apply_template, turns
         )
         if flat:
             data["pixel_values"] = self.preprocess_images(flat)

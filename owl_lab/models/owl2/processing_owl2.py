@@ -136,6 +136,7 @@ class Owl2Processor(AutoMapProcessorMixin, ProcessorMixin):
         answers=None,
         apply_template: bool = True,
         return_tensors: str | None = "pt",
+        turns=None,
     ) -> BatchFeature:
         """Batch of prompts → BatchFeature.
 
@@ -152,7 +153,7 @@ class Owl2Processor(AutoMapProcessorMixin, ProcessorMixin):
         texts = [text] if isinstance(text, str) else list(text)
         flat = flatten_images(images, [t.count(DEFAULT_IMAGE_TOKEN) for t in texts], DEFAULT_IMAGE_TOKEN)
         data = encode_prompts(
-            texts, answers, self.tokenize_prompt, self.tokenizer, self.pad_token_id, apply_template
+            texts, answers, self.tokenize_prompt, self.tokenizer, self.pad_token_id, apply_template, turns
         )
         if flat:
             data["pixel_values"] = self.preprocess_images(flat)

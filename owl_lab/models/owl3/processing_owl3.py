@@ -33,6 +33,7 @@ from owl_lab.models.owl3.image_processing_owl3 import (  # noqa: F401  (GRID_SQU
     select_anchor,
 )
 from owl_lab.models.owl3.media_owl3 import NO_IMAGE_MARKER
+from owl_lab.models.prompt_batch import check_turns
 from owl_lab.models.remote_code import AutoMapProcessorMixin
 
 IMAGE_TOKEN = "<|image|>"
@@ -169,9 +170,11 @@ class Owl3Processor(AutoMapProcessorMixin, ProcessorMixin):
         apply_template: bool = True,
         return_tensors="pt",
         cut_enable: bool | None = None,
+        turns=None,
     ) -> BatchFeature:
         """See the module docstring; returns input_ids, attention_mask, pixel_values,
-        media_offset(, labels)."""
+        media_offset(, labels). ``turns`` (training, with ``answers``): per sample, follow-up
+        ``(user text, answer)`` chat turns after the first answer, every answer labelled, text only."""
         if return_tensors not in ("pt", None):
             raise ValueError(f"Only return_tensors='pt' is supported; got {return_tensors!r}.")
         texts = [text] if isinstance(text, str) else list(text)
@@ -179,6 +182,7 @@ class Owl3Processor(AutoMapProcessorMixin, ProcessorMixin):
             answers = [answers] if isinstance(answers, str) else list(answers)
             if len(answers) != len(texts):
                 raise ValueError(f"{len(answers)} answers for {len(texts)} texts.")
+        turns = check_turns(turns, len(texts), answers is not None, apply_template, IMAGE_TOKEN)
         cut = self.cut_enable if cut_enable is None else cut_enable
         pixels, rows = [], []
         for b, (content, imgs) in enumerate(zip(texts, self._split_images(texts, images), strict=True)):
@@ -193,6 +197,10 @@ class Owl3Processor(AutoMapProcessorMixin, ProcessorMixin):
             if answers is not None:
                 answer_ids = self._encode(answers[b] + ANSWER_END)
                 ids, labels = ids + answer_ids, labels + answer_ids
+            for user, reply in turns[b]:  # the chat template's next user / assistant turn
+                ask = self._encode(USER.format(user)) + self._encode(ASSISTANT)
+                answer_ids = self._encode(reply + ANSWER_END)
+                ids, labels = ids + ask + answer_ids, labels + [-100] * len(ask) + answer_ids
             rows.append((ids, starts, labels))
         return self._collate(rows, pixels, answers is not None)
 

@@ -54,3 +54,41 @@ def test_batch_feature_tensors_or_lists():
     assert batch_feature(dict(data), None)["input_ids"] == [[1, 2]]
     with pytest.raises(ValueError, match="Only return_tensors='pt'"):
         batch_feature(dict(data), "np")
+
+
+def test_follow_up_turns_are_labelled_after_each_answer():
+    tok = _WordTokenizer()
+    data = encode_prompts(
+        ["what", "a"],
+        ["red", "circle"],
+        lambda p: tok(p).input_ids,
+        tok,
+        0,
+        turns=[[("a circle", "red")], []],
+    )
+    ids, labels = torch.tensor(data["input_ids"]), torch.tensor(data["labels"])
+    w = {x: tok.words.index(x) + 1 for x in tok.words}
+    # USER: what ASSISTANT: red </s> USER: a circle ASSISTANT: red </s>
+    assert ids[0].tolist() == [
+        w["USER:"],
+        w["what"],
+        w["ASSISTANT:"],
+        w["red"],
+        2,
+        w["USER:"],
+        w["a"],
+        w["circle"],
+        w["ASSISTANT:"],
+        w["red"],
+        2,
+    ]
+    assert labels[0].tolist() == [IGNORE_INDEX] * 3 + [w["red"], 2] + [IGNORE_INDEX] * 4 + [w["red"], 2]
+    assert (labels[1] != IGNORE_INDEX).sum() == 2  # the prompt without turns: answer + eos only
+    with pytest.raises(ValueError, match="need answers"):
+        encode_prompts(["what"], None, lambda p: tok(p).input_ids, tok, 0, turns=[[("a", "red")]])
+    with pytest.raises(ValueError, match="follow-up turn holds"):
+        encode_prompts(
+            ["what"], ["red"], lambda p: tok(p).input_ids, tok, 0, turns=[[("<|image|> a", "red")]]
+        )
+    with pytest.raises(ValueError, match="turn lists"):
+        encode_prompts(["what"], ["red"], lambda p: tok(p).input_ids, tok, 0, turns=[[], []])

@@ -195,3 +195,47 @@ def test_binding_batches_mix_in_the_find_task_at_its_share():
     )
     tasks = [e.task for b in mix.batches(16, 10) for e in b]
     assert 0.1 < tasks.count("find") / len(tasks) < 0.4 and set(tasks) == {"find", "binding"}
+
+
+def test_follow_up_turns_ask_other_slots_in_the_papers_form():
+    from owl_lab.synth.distractor import follow_up_turns, named_question, question_about
+
+    ex = task_binding(
+        random.Random(3), render_size=28, binding_n=10, distractor_pool=16, binding_turns_per_image=0.6
+    )
+    turns = ex.meta["turns"]
+    assert len(turns) == 5  # K = round(0.6 * 10) = 6 turns, the first is the prompt itself
+    asked = [int(u.split(",")[0].removeprefix("In Image ")) for u, _ in turns]
+    assert len(set(asked)) == 5 and ex.meta["target"] not in asked
+    for (user, answer), slot in zip(turns, asked, strict=True):
+        parts = user.rstrip("?").split(", ")  # "In Image Y", question, o1, …, "o3 or o4"
+        options = parts[2:-1] + parts[-1].split(" or ")
+        assert answer in options and len(options) in (2, 4) and "<|image|>" not in user
+        assert user.startswith(f"In Image {slot}, ")
+    # every follow-up answer is right about its own slot's scene: re-ask the same draws
+    q, a, opts, _ = question_about(random.Random(0), ex.scenes[0])
+    assert a in opts and named_question(7, q, opts).startswith("In Image 7, ")
+    # capped by binding_max_turns and by N; off (0) draws nothing, so old streams are unchanged
+    ex50 = task_binding(
+        random.Random(3), render_size=28, binding_n=50, distractor_pool=16, binding_turns_per_image=0.6
+    )
+    assert len(ex50.meta["turns"]) == 5
+    assert (
+        follow_up_turns(random.Random(0), task_binding(random.Random(4), render_size=28, binding_n=1), 0.6)
+        == []
+    )
+    plain = task_binding(random.Random(3), render_size=28, binding_n=10, distractor_pool=16)
+    assert "turns" not in plain.meta and plain.text == ex.text and plain.answer == ex.answer
+
+
+def test_curriculum_phase_draws_n_from_the_listed_set():
+    mix = Mixture(
+        {"binding": 1},
+        seed=2,
+        render_size=28,
+        binding_images_per_batch=64,
+        distractor_pool=16,
+        binding_n_choices=[2, 7],
+    )
+    ns = {len(b[0].images) for b in mix.batches(8, 12)}
+    assert ns == {2, 7}

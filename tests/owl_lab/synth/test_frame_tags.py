@@ -308,3 +308,17 @@ def test_dots_recipe_loads_with_the_dots_world():
     recipe = load_recipe("owl3-bind-tags4")
     assert recipe["world"]["frame_tags"] == "dots" and recipe["ship"] is False
     assert recipe["stages"] == load_recipe("owl3-bind-tags3")["stages"]
+
+
+def test_turns_recipe_uses_the_official_rotary_base_multi_turn_binding_and_n_phases():
+    from owl_lab.recipes import load_recipe
+
+    recipe = load_recipe("owl3-bind-turns")
+    assert recipe["config"]["rope_theta"] == 1e6 and recipe["ship"] is False
+    assert recipe["world"]["frame_tags"] == "dots" and recipe["world"]["binding_turns_per_image"] > 0
+    vision, *language = recipe["stages"]
+    assert "tags" in vision["objectives"] and vision["tag_weight"] > 1
+    phases = [st["world"]["binding_n_choices"] for st in language]
+    assert max(phases[-1]) == 50 and all(
+        max(a) <= max(b) for a, b in zip(phases[:-1], phases[1:], strict=True)
+    )

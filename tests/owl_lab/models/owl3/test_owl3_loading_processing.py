@@ -183,3 +183,24 @@ def test_auto_classes_on_the_official_golden_folder(owl3_golden_dir):
     )
     out = logits(half, inp["input_ids"], inp["pixel_values"], inp["media_offset"])
     assert out.dtype == torch.float32 and (out - ref).abs().max() < 0.5
+
+
+def test_processor_follow_up_turns_label_every_answer(owl3, make_processor):
+    from owl_lab.models.owl3.processing_owl3 import ASSISTANT, USER
+
+    processor = make_processor(owl3.model("gated", seed=3))
+    im = Image.new("RGB", (30, 30), (10, 200, 10))
+    one = processor(["<|image|>what color ?"], images=[im], answers=["red"])
+    two = processor(
+        ["<|image|>what color ?"], images=[im], answers=["red"], turns=[[("which shape ?", "a circle")]]
+    )
+    n = one["input_ids"].shape[1]
+    assert torch.equal(two["input_ids"][0, :n], one["input_ids"][0]) and torch.equal(
+        two["labels"][0, :n], one["labels"][0]
+    )
+    enc = lambda text: processor.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ask = enc(USER.format("which shape ?")) + enc(ASSISTANT)
+    assert two["input_ids"][0, n:].tolist() == ask + enc("a circle<|im_end|>")
+    assert two["labels"][0, n:].tolist() == [-100] * len(ask) + enc("a circle<|im_end|>")
+    with pytest.raises(ValueError, match="need answers"):
+        processor(["<|image|>what ?"], images=[im], turns=[[("x ?", "y")]])
