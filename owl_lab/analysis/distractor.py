@@ -22,7 +22,7 @@ from hooks.capture import capture
 from hooks.sites import record
 from owl_lab.analysis.probe import linear_probe
 from owl_lab.evaluate import circular_curve, circular_scores  # re-exported: they live with evaluate()
-from owl_lab.synth.distractor import task_binding
+from owl_lab.synth.binding_train import task_binding
 
 IMAGE_KINDS = ("cross", "joint")  # gated/static Owl3: a cross softmax over images; fused: one joint softmax
 

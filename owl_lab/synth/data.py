@@ -14,7 +14,8 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator, Mapping
 
-from owl_lab.synth.distractor import sample_n_images, task_binding, task_find
+from owl_lab.synth.binding_train import task_binding, task_find
+from owl_lab.synth.distractor import sample_n_images
 from owl_lab.synth.multi import task_multi
 from owl_lab.synth.shapes import frame_tag_mode
 from owl_lab.synth.tasks import IMAGE_TASKS, TASKS, TEXT_TASKS, Example

@@ -17,8 +17,9 @@ answer happens to be its constant (:func:`chance_levels`).
 
 Distractors are drawn like the target scene's distribution (1–4 objects, attributes uniform), so a
 distractor often holds an object the question names with other attributes: only binding "Image X" to
-the X-th image answers it. The eval draws fresh scenes; training (:func:`task_binding`) may draw them
-from a finite pool of seeded scenes (world option ``distractor_pool``) so their renders are cached.
+the X-th image answers it. The eval draws fresh scenes; training
+(:func:`owl_lab.synth.binding_train.task_binding`) may draw them from a finite pool of seeded scenes
+(world option ``distractor_pool``) so their renders are cached.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from functools import lru_cache
 from PIL import Image
 
 from owl_lab.synth.shapes import NATIVE_SIZE, Scene, render, sample_scene, with_frame_tag
-from owl_lab.synth.tasks import N_OBJECTS, SCENE_QUESTIONS, Example, scene_question
+from owl_lab.synth.tasks import N_OBJECTS, Example, answer_question, scene_question
 from owl_lab.synth.vocab import COLORS, IMAGE_PLACEHOLDER, NUMBERS, POSITIONS, SHAPES
 
 CHOICE_KINDS = ("color", "shape", "count", "exist", "position")
@@ -116,37 +117,6 @@ def _options(rng: random.Random, kind: str, answer: str) -> list[str]:
     return options
 
 
-def question_about(rng: random.Random, scene: Scene) -> tuple[str, str, list[str], str]:
-    """(question, answer, options, kind): a multiple-choice question about a *given* scene, its kind
-    drawn from the askable ones of :data:`CHOICE_KINDS` (``exist`` is always askable)."""
-    for kind in rng.sample(CHOICE_KINDS, len(CHOICE_KINDS)):
-        qa = SCENE_QUESTIONS[kind][0](rng, scene)
-        if qa is not None:
-            return qa[0], qa[1], _options(rng, kind, qa[1]), kind
-    raise ValueError(f"no multiple-choice question is askable about {scene}")  # unreachable: exist
-
-
-def follow_up_turns(
-    rng: random.Random, example: Example, turns_per_image: float, max_turns: int = 6
-) -> list[tuple[str, str]]:
-    """Extra chat turns for a ``binding`` prompt (training aid, world option ``binding_turns_per_image``).
-
-    One prompt of N images teaches one look-up; K − 1 further turns ask, each in the paper's form, about
-    other slots of the same images, with every answer supervised, so a step teaches K look-ups for the
-    price of one set of images. K = clip(round(``turns_per_image`` · N), 1, ``max_turns``); the slots are
-    distinct and differ from the first question's. Returns ``[(user text, answer), …]`` (K − 1 items).
-    """
-    n = example.meta["n_images"]
-    k = max(1, min(max_turns, round(turns_per_image * n), n))
-    slots = [s for s in range(1, n + 1) if s != example.meta["target"]]
-    names = example.meta.get("labels") or list(range(1, n + 1))
-    turns = []
-    for slot in rng.sample(slots, k - 1):
-        question, answer, options, _ = question_about(rng, example.scenes[slot - 1])
-        turns.append((named_question(names[slot - 1], question, options), answer))
-    return turns
-
-
 def rotate(options: list[str], r: int) -> list[str]:
     """The r-th circular rotation of the option list (r = 0 keeps it)."""
     r %= len(options)
@@ -157,6 +127,19 @@ def rotate(options: list[str], r: int) -> list[str]:
 def _pool_image(pool_seed: str, index: int, render_size: int) -> tuple[Scene, Image.Image]:
     scene = sample_scene(random.Random(f"{pool_seed}/{index}"), *N_OBJECTS)
     return scene, render(scene, render_size)
+
+
+def _pool_distractor(
+    rng: random.Random, pool: int, pool_seed: str, render_size: int, question: str | None, answer: str
+) -> tuple[Scene, Image.Image]:
+    """A pool scene; with ``question``, one on which the question is askable and answered otherwise
+    than ``answer`` (a *hard* distractor: a model that reads the question off any image that holds
+    its object, instead of off image X, is wrong on it). After 64 misses any pool scene is kept."""
+    for _ in range(64 if question else 1):
+        scene, image = _pool_image(pool_seed, rng.randrange(pool), render_size)
+        if question is None or answer_question(question, scene) not in (None, answer):
+            return scene, image
+    return scene, image
 
 
 def binding_instance(
@@ -174,6 +157,7 @@ def binding_instance(
     frame_tags: bool | str = False,
     suffix: bool = False,
     labels: list[int] | None = None,
+    hard: bool = False,
 ) -> Example:
     """One prompt: the true scene at a random slot among ``n_images - 1`` distractors.
 
@@ -181,8 +165,11 @@ def binding_instance(
     0 draws fresh scenes (evaluation). ``frame_tags`` tints image k's background with k's tag
     (:func:`owl_lab.synth.shapes.with_frame_tag`; the world option of the same name). ``suffix``
     asks in :func:`suffix_prompt`'s open form instead of the paper's multiple choice. ``labels`` names
-    the slots (default 1..N; the frame tags follow the labels).
+    the slots (default 1..N; the frame tags follow the labels). ``hard`` (training, needs ``pool``)
+    draws distractors that answer the question too, differently (:func:`_pool_distractor`).
     """
+    if hard and not pool:
+        raise ValueError("hard distractors are drawn from the distractor pool; set pool > 0")
     names = _labels(n_images, labels)
     target = rng.randint(1, n_images)
     scenes, images = [], []
@@ -191,7 +178,7 @@ def binding_instance(
             scenes.append(scene)
             images.append(render(scene, render_size))
         elif pool:
-            s, im = _pool_image(pool_seed, rng.randrange(pool), render_size)
+            s, im = _pool_distractor(rng, pool, pool_seed, render_size, question if hard else None, answer)
             scenes.append(s)
             images.append(im)
         else:
@@ -271,112 +258,7 @@ def sample_n_images(rng: random.Random, max_images: int, curve: str = "logunifor
     raise ValueError(f"n_images curve must be loguniform or uniform; got {curve!r}")
 
 
-def task_binding(
-    rng: random.Random,
-    render_size: int = NATIVE_SIZE,
-    binding_max_images: int = 50,
-    binding_curve: str = "loguniform",
-    distractor_pool: int = 4096,
-    balanced_counts: bool = False,
-    binding_n: int | None = None,
-    frame_tags: bool | str = False,
-    binding_suffix_share: float = 0.0,
-    binding_sparse_share: float = 0.0,
-    binding_label_max: int = 50,
-    binding_turns_per_image: float = 0.0,
-    binding_max_turns: int = 6,
-    **_,
-) -> Example:
-    """Training generator for the benchmark's format: 1..``binding_max_images`` images, one named
-    (``binding_n`` fixes N, as :meth:`owl_lab.synth.data.Mixture.binding_batch` does per batch);
-    a ``binding_suffix_share`` of them asked in :func:`suffix_prompt`'s form (a curriculum aid).
-
-    ``binding_sparse_share`` of them (training aid, issue 18) label the N slots with a sorted random
-    sample of 1..``binding_label_max`` instead of 1..N, so every label up to 50 is trained at small N:
-    with frame tags the lookup "Image X" → X's tag is by content, and a model trained only on
-    1..N at N ≤ 10 would never have seen "Image 37".
-
-    ``binding_turns_per_image`` > 0 adds :func:`follow_up_turns` (at most ``binding_max_turns`` turns in
-    all) to ``meta["turns"]``; :func:`owl_lab.evaluate.collate` supervises their answers too."""
-    kind = rng.choice(CHOICE_KINDS)
-    scene, question, answer, options = choice_question(rng, kind, balanced_counts)
-    n = binding_n or sample_n_images(rng, binding_max_images, binding_curve)
-    suffix = binding_suffix_share > 0 and rng.random() < binding_suffix_share  # no draw when off
-    labels = _sparse_labels(rng, n, binding_sparse_share, binding_label_max)
-    example = binding_instance(
-        rng,
-        n,
-        scene,
-        question,
-        answer,
-        options,
-        kind,
-        render_size,
-        pool=distractor_pool,
-        frame_tags=frame_tags,
-        suffix=suffix,
-        labels=labels,
-    )
-    if binding_turns_per_image > 0 and not suffix:  # no draw when off: old streams stay bit for bit
-        example.meta["turns"] = follow_up_turns(rng, example, binding_turns_per_image, binding_max_turns)
-    return example
-
-
-def _sparse_labels(rng: random.Random, n: int, share: float, label_max: int) -> list[int] | None:
-    """None (labels 1..n) or, with probability ``share``, n sorted distinct labels from 1..label_max.
-    Draws nothing when ``share`` is 0, so streams without the option are unchanged."""
-    if share <= 0 or rng.random() >= share:
-        return None
-    return sorted(rng.sample(range(1, max(n, min(label_max, MAX_IMAGES)) + 1), n))
-
-
-def task_find(
-    rng: random.Random,
-    render_size: int = NATIVE_SIZE,
-    binding_max_images: int = 50,
-    binding_curve: str = "loguniform",
-    distractor_pool: int = 4096,
-    binding_n: int | None = None,
-    frame_tags: bool | str = False,
-    binding_sparse_share: float = 0.0,
-    binding_label_max: int = 50,
-    **_,
-) -> Example:
-    """The reverse lookup, an auxiliary training task: "… In which image is there a red circle?" → "X".
-
-    Exactly one image holds an object of that colour and shape (pool distractors holding one are
-    skipped). It trains the same association as the benchmark (label X ⇔ the X-th image's content)
-    from the other side, with the label as the answer.
-    """
-    scene = sample_scene(rng, *N_OBJECTS)
-    obj = rng.choice(scene.objects)
-    n = binding_n or sample_n_images(rng, binding_max_images, binding_curve)
-    target = rng.randint(1, n)
-    names = _sparse_labels(rng, n, binding_sparse_share, binding_label_max) or list(range(1, n + 1))
-    scenes, images = [], []
-    for slot in range(1, n + 1):
-        if slot == target:
-            s, im = scene, render(scene, render_size)
-        else:
-            while True:
-                s, im = _pool_image("pool", rng.randrange(max(1, distractor_pool)), render_size)
-                if not any((o.color, o.shape) == (obj.color, obj.shape) for o in s.objects):
-                    break
-        scenes.append(s)
-        images.append(with_frame_tag(im, names[slot - 1], frame_tags) if frame_tags else im)
-    labels = " ".join(f"Image {i}: {IMAGE_PLACEHOLDER}" for i in names)
-    return Example(
-        "find",
-        f"{labels} In which image is there a {obj.color} {obj.shape}?",
-        str(names[target - 1]),
-        images,
-        scenes,
-        {"kind": "find", "n_images": n, "target": target},
-    )
-
-
 __all__ = [
-    "task_find",
     "ANSWER_SPACE",
     "CHOICE_KINDS",
     "PAPER_N",
@@ -384,11 +266,9 @@ __all__ = [
     "chance_levels",
     "choice_question",
     "circular_eval",
-    "follow_up_turns",
     "named_question",
-    "question_about",
     "paper_prompt",
     "rotate",
     "sample_n_images",
-    "task_binding",
+    "suffix_prompt",
 ]

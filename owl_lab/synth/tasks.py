@@ -145,6 +145,33 @@ SCENE_QUESTIONS = {
 }
 
 
+_POSITION_OF = {position_name(r, c): (r, c) for r in range(GRID) for c in range(GRID)}
+
+
+def answer_question(question: str, scene: Scene) -> str | None:
+    """The answer ``scene`` gives to one of the multiple-choice question forms (``color``, ``shape``,
+    ``count``, ``exist``, ``position``), or None where the question is not askable on it (e.g. "What
+    color is the circle?" on a scene with no circle, or two). The inverse of the askers above: used to
+    draw *hard* distractors, scenes that answer the asked question differently (issue 18)."""
+    words = question.rstrip("?").split()
+    if question.startswith("What color is the ") and len(words) == 5:
+        objs = [o for o in scene.objects if o.shape == words[4]]
+        return objs[0].color if len(objs) == 1 else None
+    if question.startswith("What shape is at the "):
+        o = scene.at(*_POSITION_OF[" ".join(words[5:])])
+        return o.shape if o else "nothing"
+    if question == "How many objects are there?":
+        return str(len(scene.objects))
+    if question.startswith("How many ") and len(words) == 6:
+        return str(sum(o.color == words[2] for o in scene.objects))
+    if question.startswith("Is there a "):
+        return "yes" if any((o.color, o.shape) == (words[3], words[4]) for o in scene.objects) else "no"
+    if question.startswith("Where is the "):
+        objs = [o for o in scene.objects if (o.color, o.shape) == (words[3], words[4])]
+        return objs[0].position if len(objs) == 1 else None
+    raise ValueError(f"not a multiple-choice question form: {question!r}")
+
+
 def scene_question(
     rng: random.Random, kind: str, n_objects=None, balanced_counts: bool = False
 ) -> tuple[Scene, str, str]:

@@ -131,7 +131,7 @@ def test_bad_input(owl3, build_tiny_owl):
 def test_cross_focus_multi_image_focus_is_the_target(owl3):
     import random
 
-    from owl_lab.synth.distractor import task_find
+    from owl_lab.synth.binding_train import task_find
 
     model, processor = owl3
     exs = [task_find(random.Random(i), render_size=112, binding_n=3, distractor_pool=16) for i in range(3)]

@@ -11,7 +11,7 @@ from hooks import capture
 from owl_lab.analysis.distractor import circular_scores, question_label_probe, target_share
 from owl_lab.evaluate import exact_match
 from owl_lab.synth import distractor_eval
-from owl_lab.synth.distractor import task_binding
+from owl_lab.synth.binding_train import task_binding
 
 
 @pytest.fixture(scope="module", params=["owl3", "owl3-fused"])

@@ -1,5 +1,5 @@
-"""owl_lab.synth.distractor: the paper's distractor benchmark (prompt, rotations, CircularEval) and its
-training task; scored by null and perfect answerers through analysis.distractor."""
+"""owl_lab.synth.distractor: the paper's distractor benchmark (prompt, rotations, CircularEval), scored
+by null and perfect answerers through analysis.distractor (its training task: test_binding_train.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import random
 import pytest
 
 from owl_lab.analysis.distractor import circular_curve, circular_scores
-from owl_lab.synth.data import Mixture
 from owl_lab.synth.distractor import (
     ANSWER_SPACE,
     CHOICE_KINDS,
@@ -17,8 +16,6 @@ from owl_lab.synth.distractor import (
     circular_eval,
     paper_prompt,
     rotate,
-    sample_n_images,
-    task_binding,
 )
 from owl_lab.synth.tokenizer import build_tokenizer
 
@@ -133,109 +130,3 @@ def test_choice_question_answer_among_options_and_rejects_unknown_kinds():
             assert answer in options and set(options) <= set(ANSWER_SPACE[kind])
     with pytest.raises(ValueError, match="multiple-choice kind"):
         choice_question(random.Random(0), "caption")
-
-
-def test_training_task_and_binding_batches():
-    ex = task_binding(random.Random(1), render_size=28, binding_n=7, distractor_pool=16)
-    assert len(ex.images) == 7 and ex.answer in ex.meta["options"]
-    ns = [sample_n_images(random.Random(i), 50) for i in range(2000)]
-    assert min(ns) == 1 and max(ns) == 50 and sum(n <= 5 for n in ns) > sum(n > 25 for n in ns)
-    with pytest.raises(ValueError, match="curve"):
-        sample_n_images(random.Random(0), 5, "cubic")
-    mix = Mixture(
-        {"binding": 1, "color": 1},
-        seed=0,
-        render_size=28,
-        binding_max_images=20,
-        binding_images_per_batch=40,
-        distractor_pool=32,
-    )
-    batches = list(mix.batches(8, 12))
-    kinds = [{e.task for e in b} for b in batches]
-    assert {"binding"} in kinds and {"color"} in kinds and all(len(k) == 1 for k in kinds)
-    for b in batches:
-        if b[0].task == "binding":  # one N per batch, images per batch bounded
-            assert len({len(e.images) for e in b}) == 1 and len(b) == max(2, min(8, 40 // len(b[0].images)))
-    again = list(
-        Mixture(
-            {"binding": 1, "color": 1},
-            seed=0,
-            render_size=28,
-            binding_max_images=20,
-            binding_images_per_batch=40,
-            distractor_pool=32,
-        ).batches(8, 12)
-    )
-    assert [[e.text for e in b] for b in again] == [[e.text for e in b] for b in batches]
-
-
-def test_find_task_has_exactly_one_image_with_the_object():
-    from owl_lab.synth.distractor import task_find
-
-    for i in range(20):
-        ex = task_find(random.Random(i), render_size=28, binding_n=6, distractor_pool=64)
-        color, shape = ex.text.rstrip("?").split()[-2:]
-        holders = [
-            k + 1
-            for k, s in enumerate(ex.scenes)
-            if any((o.color, o.shape) == (color, shape) for o in s.objects)
-        ]
-        assert holders == [int(ex.answer)] == [ex.meta["target"]] and len(ex.images) == 6
-
-
-def test_binding_batches_mix_in_the_find_task_at_its_share():
-    mix = Mixture(
-        {"binding": 1},
-        seed=1,
-        render_size=28,
-        binding_max_images=4,
-        binding_images_per_batch=64,
-        distractor_pool=32,
-        binding_find_share=0.25,
-    )
-    tasks = [e.task for b in mix.batches(16, 10) for e in b]
-    assert 0.1 < tasks.count("find") / len(tasks) < 0.4 and set(tasks) == {"find", "binding"}
-
-
-def test_follow_up_turns_ask_other_slots_in_the_papers_form():
-    from owl_lab.synth.distractor import follow_up_turns, named_question, question_about
-
-    ex = task_binding(
-        random.Random(3), render_size=28, binding_n=10, distractor_pool=16, binding_turns_per_image=0.6
-    )
-    turns = ex.meta["turns"]
-    assert len(turns) == 5  # K = round(0.6 * 10) = 6 turns, the first is the prompt itself
-    asked = [int(u.split(",")[0].removeprefix("In Image ")) for u, _ in turns]
-    assert len(set(asked)) == 5 and ex.meta["target"] not in asked
-    for (user, answer), slot in zip(turns, asked, strict=True):
-        parts = user.rstrip("?").split(", ")  # "In Image Y", question, o1, …, "o3 or o4"
-        options = parts[2:-1] + parts[-1].split(" or ")
-        assert answer in options and len(options) in (2, 4) and "<|image|>" not in user
-        assert user.startswith(f"In Image {slot}, ")
-    # every follow-up answer is right about its own slot's scene: re-ask the same draws
-    q, a, opts, _ = question_about(random.Random(0), ex.scenes[0])
-    assert a in opts and named_question(7, q, opts).startswith("In Image 7, ")
-    # capped by binding_max_turns and by N; off (0) draws nothing, so old streams are unchanged
-    ex50 = task_binding(
-        random.Random(3), render_size=28, binding_n=50, distractor_pool=16, binding_turns_per_image=0.6
-    )
-    assert len(ex50.meta["turns"]) == 5
-    assert (
-        follow_up_turns(random.Random(0), task_binding(random.Random(4), render_size=28, binding_n=1), 0.6)
-        == []
-    )
-    plain = task_binding(random.Random(3), render_size=28, binding_n=10, distractor_pool=16)
-    assert "turns" not in plain.meta and plain.text == ex.text and plain.answer == ex.answer
-
-
-def test_curriculum_phase_draws_n_from_the_listed_set():
-    mix = Mixture(
-        {"binding": 1},
-        seed=2,
-        render_size=28,
-        binding_images_per_batch=64,
-        distractor_pool=16,
-        binding_n_choices=[2, 7],
-    )
-    ns = {len(b[0].images) for b in mix.batches(8, 12)}
-    assert ns == {2, 7}

@@ -8,8 +8,9 @@ import random
 import numpy as np
 import pytest
 
+from owl_lab.synth.binding_train import task_find
 from owl_lab.synth.data import Mixture
-from owl_lab.synth.distractor import MAX_IMAGES, circular_eval, task_find
+from owl_lab.synth.distractor import MAX_IMAGES, circular_eval
 from owl_lab.synth.multi import task_multi
 from owl_lab.synth.shapes import BACKGROUND, FRAME_TAGS, frame_tag_color, render, sample_scene, with_frame_tag
 from owl_lab.synth.tasks import scene_question
@@ -69,7 +70,8 @@ def test_option_leaves_the_untagged_streams_and_single_image_tasks_unchanged():
 
 
 def test_suffix_prompts_put_the_label_before_the_answer():
-    from owl_lab.synth.distractor import suffix_prompt, task_binding
+    from owl_lab.synth.binding_train import task_binding
+    from owl_lab.synth.distractor import suffix_prompt
     from owl_lab.synth.tokenizer import build_tokenizer
 
     assert suffix_prompt(2, 2, "What color is the circle?") == (
@@ -136,7 +138,7 @@ def test_all_mode_keeps_every_colour_nearest_to_its_own_name_under_every_offset(
 
 
 def test_sparse_labels_name_slots_by_other_numbers_and_the_tags_follow_the_labels():
-    from owl_lab.synth.distractor import task_binding
+    from owl_lab.synth.binding_train import task_binding
 
     exs = [
         task_binding(
@@ -322,3 +324,15 @@ def test_turns_recipe_uses_the_official_rotary_base_multi_turn_binding_and_n_pha
     assert max(phases[-1]) == 50 and all(
         max(a) <= max(b) for a, b in zip(phases[:-1], phases[1:], strict=True)
     )
+
+
+def test_lineage_recipe_runs_the_label_curriculum_after_the_base_stages():
+    from owl_lab.recipes import load_recipe
+
+    base, lineage = load_recipe("owl3-bind-base"), load_recipe("owl3-bind-lineage")
+    assert lineage["ship"] is False and lineage["config"]["rope_theta"] == 1e6
+    assert lineage["stages"][:3] == base["stages"][:3]  # vision + the two language stages, unchanged
+    phases = [st["world"] for st in lineage["stages"][3:]]
+    assert phases[0]["binding_find_share"] == 1.0 and max(phases[0]["binding_n_choices"]) <= 3
+    assert all(p.get("binding_echo_share", 0) > 0 and p.get("binding_hard_share", 0) > 0 for p in phases[1:])
+    assert max(phases[-1]["binding_n_choices"]) == 50
