@@ -8,6 +8,7 @@ from pathlib import Path
 from owl_lab import zoo
 from owl_lab.recipes import load_recipe
 from owl_lab.train import estimate_seconds, train
+from owl_lab.train_curve import HeldOutCurve
 
 
 def add_arguments(parser):
@@ -34,6 +35,20 @@ def add_arguments(parser):
         "stage's steps; saves nothing",
     )
     parser.add_argument(
+        "--seed", type=int, default=None, help="override the recipe's seed (a second-seed run without a file)"
+    )
+    parser.add_argument(
+        "--curve",
+        type=int,
+        default=0,
+        metavar="EVERY",
+        help="every EVERY steps, score a small held-out sample (QA, text, CircularEval N=1/5/10 for "
+        "binding recipes) into OUT/curve.jsonl (owl_lab/train_curve.py)",
+    )
+    parser.add_argument(
+        "--curve-from", type=int, default=0, metavar="STEP", help="first global step of the --curve"
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -43,6 +58,8 @@ def add_arguments(parser):
 
 def run(args) -> int:
     recipe = load_recipe(args.recipe)
+    if args.seed is not None:
+        recipe = {**recipe, "seed": args.seed}
     if args.estimate is not None:
         if args.steps:
             raise SystemExit("--estimate scales each stage's own steps; it cannot be combined with --steps")
@@ -54,6 +71,9 @@ def run(args) -> int:
         )
         return 0
     out = args.out or zoo.checkpoints_dir() / recipe["name"]
+    if args.curve < 0:
+        raise SystemExit(f"--curve takes a positive step interval; got {args.curve}")
+    curve = HeldOutCurve(recipe, Path(out) / "curve.jsonl", start=args.curve_from) if args.curve else None
     metrics = train(
         recipe,
         out,
@@ -61,6 +81,8 @@ def run(args) -> int:
         evaluate_after=not args.no_eval,
         steps_override=args.steps,
         threads=args.threads,
+        callback=curve,
+        callback_every=args.curve,
     )
     public = {k: v for k, v in metrics.items() if not k.startswith("_") and k != "eval"}
     print(json.dumps(public, indent=1))
