@@ -87,7 +87,26 @@ def build(recipe: dict):
     if recipe.get("vision_branch_from_text", False):
         copy_text_branch_to_vision(model)
     processor = Processor.from_config(config, tokenizer)
+    if recipe.get("init"):
+        _load_init(model, recipe["init"])
     return model, processor
+
+
+def _load_init(model, init: str) -> None:
+    """Start from a checkpoint's weights (recipe key ``init``: a shipped name or a checkpoint folder), for a
+    continuation recipe; the architecture must match the recipe's config exactly."""
+    from owl_lab.zoo import load_owl  # late: zoo imports the model classes this module builds
+
+    source, _ = load_owl(init)
+    try:
+        missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
+    except RuntimeError as err:  # a shape mismatch
+        raise ValueError(f"init {init!r} does not fit the recipe's config: {err}") from None
+    if missing or unexpected:
+        raise ValueError(
+            f"init {init!r} does not fit the recipe's config: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
 
 
 def copy_text_branch_to_vision(model) -> int:

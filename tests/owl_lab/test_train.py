@@ -256,3 +256,26 @@ def test_multi_image_questions_are_scored_on_their_own():
     assert set(metrics["accuracy"]) == {"color", "multi", "parity"}
     assert metrics["image_accuracy"] == metrics["accuracy"]["color"]  # multi is not pooled with single-image
     assert metrics["text_accuracy"] == metrics["accuracy"]["parity"]
+
+
+def test_init_continues_from_a_checkpoint_and_rejects_another_architecture(smoke, tmp_path):
+    from owl_lab.train import build
+
+    _, out, _ = smoke
+    shipped, _ = load_owl(out)
+    model, _ = build({**load_recipe("smoke-owl2"), "init": str(out)})
+    assert _same_weights(model, shipped)
+    fresh, _ = build(load_recipe("smoke-owl2"))
+    assert not _same_weights(fresh, shipped)
+    wider = load_recipe("smoke-owl2")
+    wider = {
+        **wider,
+        "config": {**wider["config"], "intermediate_size": wider["config"]["intermediate_size"] + 8},
+    }
+    with pytest.raises(ValueError, match="does not fit"):
+        build({**wider, "init": str(out)})
+
+
+def _same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
