@@ -39,6 +39,7 @@ from owl_lab.pretrain_vision import run_vision_stage
 from owl_lab.recipes import load_recipe, recipes_dir, shipped_recipes, stage_freeze
 from owl_lab.sub_batches import batch_loss
 from owl_lab.weight_average import WeightAverage
+from owl_lab.zoo import load_owl
 
 # the recipe helpers live in owl_lab.recipes (analysis reads them too); re-exported for `owl_lab.train` users
 __all__ = [
@@ -95,8 +96,6 @@ def build(recipe: dict):
 def _load_init(model, init: str) -> None:
     """Start from a checkpoint's weights (recipe key ``init``: a shipped name or a checkpoint folder), for a
     continuation recipe; the architecture must match the recipe's config exactly."""
-    from owl_lab.zoo import load_owl  # late: zoo imports the model classes this module builds
-
     source, _ = load_owl(init)
     try:
         missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
